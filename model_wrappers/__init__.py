@@ -1,0 +1,1 @@
+"""lmms-eval model classes, one module per architecture family."""

@@ -1,0 +1,85 @@
+"""The glue every family wrapper shares: parse the plugin's ``model_args``, scope the intervention per request.
+
+A family wrapper is ``class LostAttnX(LostAttnMixin, <lmms-eval's own class>)`` and nothing more (see llava.py).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+from lmms_eval.api.instance import Instance
+from lmms_eval.utils import _smart_comma_split
+from loguru import logger
+from transformers import AutoConfig
+
+from lmms_lostattn.adapters import adapter_for
+from lmms_lostattn.scope import intervene
+from lmms_lostattn.spec import InterventionSpec
+
+_PLUGIN_PREFIXES = ("attn", "stats")
+
+
+def bracket_list_values(arg_string: str) -> str:
+    """Let list values be written plainly in ``model_args``: ``attn_layers=18,19,20`` -> ``attn_layers=[18,19,20]``.
+
+    lmms-eval splits ``model_args`` at commas outside brackets and quotes, so a bare ``18,19,20`` would otherwise
+    arrive as stray ``19`` and ``20`` pieces without ``=`` and crash its parser.
+    """
+    pieces: list[str] = []
+    for piece in _smart_comma_split(arg_string.strip()):
+        if "=" in piece or not pieces:
+            pieces.append(piece)
+        else:
+            pieces[-1] += "," + piece
+    bracketed = []
+    for piece in pieces:
+        name, _, value = piece.partition("=")
+        if "," in value and value[:1] not in "[{\"'":
+            value = f"[{value}]"
+        bracketed.append(f"{name}={value}" if _ else piece)
+    return ",".join(bracketed)
+
+
+class LostAttnMixin:
+    """Adds the intervention arguments of SPEC §2 to an lmms-eval model class; everything else is the base class."""
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> Any:
+        return super().create_from_arg_string(bracket_list_values(arg_string), additional_config)
+
+    def __init__(self, **kwargs: Any) -> None:
+        plugin_args = {key: kwargs.pop(key) for key in list(kwargs) if key.startswith(_PLUGIN_PREFIXES)}
+        spec = InterventionSpec.from_model_args(plugin_args)
+        pretrained = kwargs.get("pretrained", inspect.signature(super().__init__).parameters["pretrained"].default)
+        config = AutoConfig.from_pretrained(
+            pretrained,
+            revision=kwargs.get("revision", "main"),
+            trust_remote_code=bool(kwargs.get("trust_remote_code", False)),
+        )
+        self.adapter = adapter_for(config)
+        text = config.get_text_config()
+        self.intervention = spec.resolve(text.num_hidden_layers, text.num_attention_heads, self.adapter.preset(config))
+        self.stats_config = spec.stats
+        super().__init__(**kwargs)
+        logger.info(f"lostattn: intervention {self.intervention.hash} {self.intervention.to_dict()}")
+
+    def generate_until(self, requests: list[Instance]) -> list[Any]:
+        return self._run_scoped(requests, super().generate_until)
+
+    def loglikelihood(self, requests: list[Instance]) -> list[Any]:
+        return self._run_scoped(requests, super().loglikelihood)
+
+    def _run_scoped(self, requests: list[Instance], run: Callable[[list[Instance]], list[Any]]) -> list[Any]:
+        """Run the base class one request at a time inside one intervention scope (nothing stays attached)."""
+        if self.intervention.mode == "none":
+            return run(requests)
+        results: list[Any] = []
+        with intervene(self.model, self.intervention, self.adapter) as scope:
+            for request in requests:
+                task, split = request.task_name, request.metadata.get("split")
+                scope.set_samples([f"{task}/{split}/{request.doc_id}"])
+                results.extend(run([request]))
+                scope.raise_pending()  # the base class logs and swallows errors raised inside generate()
+        return results

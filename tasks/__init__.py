@@ -1,0 +1,73 @@
+"""Local lmms-eval tasks shipped with lmms-lostattn.
+
+The ``*.yaml`` files next to this module are templates: ``lostattn_pope.yaml`` must ``include:`` lmms-eval's
+own ``pope.yaml`` by file path and both tasks read parquet files shipped in ``data/``, and neither location is
+fixed relative to this package (editable checkout vs. wheel). :func:`tasks_path` fills in the absolute paths
+and returns a directory holding only the rendered task YAMLs, for ``lmms-eval --include_path``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from string import Template
+
+TEMPLATE_DIR = Path(__file__).resolve().parent
+DATA_DIR = TEMPLATE_DIR / "data"
+TASK_NAMES = ("lostattn_pope", "lostattn_shapes_color")
+
+
+def pope_yaml_path() -> Path:
+    """Absolute path of the installed lmms-eval ``tasks/pope/pope.yaml`` (found without importing lmms_eval)."""
+    spec = importlib.util.find_spec("lmms_eval")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("lmms_eval is not installed; the lostattn tasks need lmms-eval==0.7.3")
+    path = Path(next(iter(spec.submodule_search_locations))).resolve() / "tasks" / "pope" / "pope.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"lmms-eval's POPE config {path} is missing; lostattn_pope includes it")
+    return path
+
+
+def render_tasks() -> dict[str, str]:
+    """Rendered YAML text of every task, keyed by file name."""
+    # json.dumps escapes the value for the double-quoted YAML scalars in the templates
+    values = {
+        key: json.dumps(path.as_posix())[1:-1]
+        for key, path in {"pope_yaml": pope_yaml_path(), "data_dir": DATA_DIR}.items()
+    }
+    return {
+        f"{name}.yaml": Template((TEMPLATE_DIR / f"{name}.yaml").read_text(encoding="utf-8")).substitute(values)
+        for name in TASK_NAMES
+    }
+
+
+def tasks_path(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Directory with the rendered task YAMLs (only those), for ``lmms-eval --include_path``.
+
+    Lives in ``<cache>/tasks-<hash>``, where ``<cache>`` is ``cache_dir``, else ``$LOSTATTN_CACHE``, else
+    ``~/.cache/lmms_lostattn``, and ``<hash>`` covers the rendered text (templates, lmms-eval and data
+    locations). Idempotent; created atomically (temporary directory, then rename).
+    """
+    rendered = render_tasks()
+    digest = hashlib.sha256(json.dumps(rendered, sort_keys=True).encode()).hexdigest()[:16]
+    root = Path(cache_dir or os.environ.get("LOSTATTN_CACHE") or "~/.cache/lmms_lostattn").expanduser().resolve()
+    target = root / f"tasks-{digest}"
+    if target.is_dir():
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
+    tmp.chmod(0o755)  # mkdtemp makes it private
+    for name, text in rendered.items():
+        (tmp / name).write_text(text, encoding="utf-8")
+    try:
+        tmp.rename(target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not target.is_dir():  # not a lost race with a concurrent caller
+            raise
+    return target

@@ -1,0 +1,28 @@
+"""Shared pytest fixtures."""
+
+from __future__ import annotations
+
+import pathlib
+
+import pytest
+
+
+def _tiny_model(tmp_path_factory: pytest.TempPathFactory, variant: str) -> pathlib.Path:
+    """Build (once per session) a tiny random LLaVA-family model in a session temp cache, not the user cache."""
+    from lmms_lostattn.testing import tiny_llava_dir
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LOSTATTN_CACHE", str(tmp_path_factory.getbasetemp() / "lostattn_cache"))
+        return tiny_llava_dir(variant)
+
+
+@pytest.fixture(scope="session")
+def tiny_llava(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    """Directory of a tiny random-weight LLaVA-1.5-style model + processor (16 image tokens per image)."""
+    return _tiny_model(tmp_path_factory, "llava")
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_next(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    """Directory of a tiny random-weight LLaVA-NeXT-style model + processor (36-88 image tokens per image)."""
+    return _tiny_model(tmp_path_factory, "llava_next")

@@ -1,0 +1,163 @@
+"""Each mode does what SPEC §2 says, checked on the attention weights themselves."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmms_lostattn import rng
+from lmms_lostattn.patterns import Coordinates, band_heads, edited_weights, masked_softmax, shuffle_within
+from lmms_lostattn.spec import Intervention
+
+B, H, Q, K = 2, 3, 4, 6
+
+
+@pytest.fixture
+def block() -> dict[str, torch.Tensor]:
+    """Random logits, a causal mask (queries at positions 2..5), and edits on the keys 1..3 ("image")."""
+    torch.manual_seed(0)
+    scores = torch.randn(B, H, Q, K) * 2
+    query_abs, key_abs = torch.arange(2, 6), torch.arange(K)
+    allowed = (key_abs[None, :] <= query_abs[:, None])[None, None]
+    image = torch.zeros(K, dtype=torch.bool)
+    image[1:4] = True
+    edit = (allowed & image).expand(B, H, Q, K)
+    coords = Coordinates(torch.tensor([11, 12]), 0, key_abs.expand(B, K), query_abs.expand(B, Q))
+    return {
+        "scores": scores,
+        "allowed": allowed,
+        "edit": edit,
+        "coords": coords,
+        "key_abs": key_abs,
+        "query_abs": query_abs,
+    }
+
+
+def run(block: dict, mode: str, space: str = "probs", lam: float = 1.0, **extra: object) -> torch.Tensor:
+    inter = Intervention(mode=mode, space=space, lam=lam, **extra)
+    return edited_weights(
+        block["scores"], block["allowed"], block["edit"], inter, block["coords"], block["key_abs"], block["query_abs"]
+    )
+
+
+def learned(block: dict) -> torch.Tensor:
+    return masked_softmax(block["scores"], block["allowed"])
+
+
+@pytest.mark.parametrize("mode", ["gaussian", "uniform", "sink", "shuffle"])
+@pytest.mark.parametrize("lam", [0.0, 0.3, 1.0])
+def test_probs_space_keeps_learned_mass_and_unedited_weights(block: dict, mode: str, lam: float) -> None:
+    weights, base = run(block, mode, lam=lam), learned(block)
+    edit = block["edit"]
+    torch.testing.assert_close(weights.sum(-1), torch.ones(B, H, Q))
+    torch.testing.assert_close((weights * edit).sum(-1), (base * edit).sum(-1))
+    torch.testing.assert_close(weights[~edit], base[~edit], rtol=0, atol=0)
+    assert (weights[~block["allowed"].expand_as(weights)] == 0).all()
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.25, 0.5, 1.0])
+def test_uniform_probs_blend_formula(block: dict, lam: float) -> None:
+    base, edit = learned(block), block["edit"]
+    mass = (base * edit).sum(-1, keepdim=True)
+    expected = torch.where(edit, (1 - lam) * base + lam * mass / edit.sum(-1, keepdim=True).clamp_min(1), base)
+    torch.testing.assert_close(run(block, "uniform", lam=lam), expected)
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.4, 1.0])
+def test_logits_space_blend_formula(block: dict, lam: float) -> None:
+    scores, edit, allowed = block["scores"], block["edit"], block["allowed"]
+    count = edit.sum(-1, keepdim=True).clamp_min(1)
+    blended = torch.where(edit, (1 - lam) * scores + lam / count, scores)
+    expected = torch.softmax(blended.masked_fill(~allowed, torch.finfo(torch.float32).min), -1)
+    torch.testing.assert_close(run(block, "uniform", space="logits", lam=lam), expected)
+
+
+def test_gaussian_logits_uses_a_dirichlet_vector_shared_by_rows(block: dict) -> None:
+    """p over the edited keys is -log(U) normalised, one vector per (sample, head), whatever the row."""
+    weights = run(block, "gaussian", space="logits")
+    scores, edit, allowed = block["scores"], block["edit"], block["allowed"]
+    heads = torch.arange(H).view(1, H, 1, 1)
+    u = rng.uniform(block["coords"].sample_key.view(B, 1, 1, 1), 0, heads, block["key_abs"].view(1, 1, 1, K))
+    p = torch.where(edit, -torch.log(u), 0.0)
+    p = p / p.sum(-1, keepdim=True)
+    expected = torch.softmax(torch.where(edit, p, scores).masked_fill(~allowed, torch.finfo(torch.float32).min), -1)
+    torch.testing.assert_close(weights, expected)
+    assert not torch.allclose(p[0, 0, -1], p[0, 1, -1])  # heads draw independently
+
+
+def test_gaussian_normal_dist_is_a_softmax_of_scaled_normals(block: dict) -> None:
+    weights = run(block, "gaussian", space="probs", dist="normal", sigma=2.0)
+    base, edit = learned(block), block["edit"]
+    target = (weights * edit) / (base * edit).sum(-1, keepdim=True)
+    heads = torch.arange(H).view(1, H, 1, 1)
+    z = rng.normal(block["coords"].sample_key.view(B, 1, 1, 1), 0, heads, block["key_abs"].view(1, 1, 1, K))
+    expected = torch.softmax((2.0 * z).expand(B, H, Q, K).masked_fill(~edit, float("-inf")), -1)
+    torch.testing.assert_close(target[:, :, 1:], expected[:, :, 1:])  # row 0 sees key 1-2 only: still a softmax
+
+
+def test_knockout_zeroes_exactly_the_edited_keys_without_renormalising(block: dict) -> None:
+    weights, base, edit = run(block, "knockout"), learned(block), block["edit"]
+    assert (weights[edit] == 0).all()
+    torch.testing.assert_close(weights[~edit], base[~edit], rtol=0, atol=0)
+    torch.testing.assert_close(weights.sum(-1), 1 - (base * edit).sum(-1))
+    torch.testing.assert_close(run(block, "knockout", lam=0.5)[edit], 0.5 * base[edit])
+
+
+def test_identity_puts_the_row_on_its_own_key(block: dict) -> None:
+    everything = block["allowed"].expand(B, H, Q, K)
+    block = {**block, "edit": everything}
+    weights = run(block, "identity")
+    expected = (block["key_abs"][None, :] == block["query_abs"][:, None]).float().expand(B, H, Q, K)
+    torch.testing.assert_close(weights, expected)
+
+
+def test_sink_puts_all_edited_mass_on_the_first_edited_key(block: dict) -> None:
+    weights, base, edit = run(block, "sink"), learned(block), block["edit"]
+    torch.testing.assert_close(weights[..., 1], (base * edit).sum(-1))
+    assert (weights[..., 2:4] == 0).all()
+
+
+def test_shuffle_permutes_the_learned_weights_within_the_edited_keys(block: dict) -> None:
+    weights, base, edit = run(block, "shuffle"), learned(block), block["edit"]
+    for b, h, q in [(0, 0, 3), (1, 2, 2), (0, 1, 1)]:
+        keys = edit[b, h, q]
+        torch.testing.assert_close(weights[b, h, q][keys].sort().values, base[b, h, q][keys].sort().values)
+    assert not torch.equal(weights, base)
+
+
+def test_shuffle_within_is_a_permutation_on_the_mask_only() -> None:
+    values = torch.arange(10.0).expand(2, 10)
+    edit = torch.tensor([[False, True, True, False, True, True, False, False, True, False]] * 2)
+    draws = torch.rand(2, 10)
+    shuffled = shuffle_within(values, edit, draws)
+    assert torch.equal(shuffled[~edit], values[~edit])
+    assert torch.equal(shuffled[0][edit[0]].sort().values, values[0][edit[0]])
+    order = draws[0][edit[0]].argsort()
+    assert torch.equal(shuffled[0][edit[0]], values[0][edit[0]][order])
+
+
+def test_band_heads_keeps_the_quantile_band() -> None:
+    scores = torch.zeros(1, 5, 1, 4)
+    scores[0, :, 0, 0] = torch.tensor([4.0, 0.0, 3.0, 1.0, 2.0])  # v_h = -score on the text key 0
+    allowed = torch.ones(1, 1, 1, 4, dtype=torch.bool)
+    visual = torch.tensor([False, True, True, True]).view(1, 1, 1, 4)
+    chosen = band_heads(scores, allowed, visual, (0.25, 0.5)).flatten()
+    # ascending v: head0 (-4), head2 (-3), head4 (-2), head3 (-1), head1 (0) -> quantiles 0, .25, .5, .75, 1
+    assert chosen.tolist() == [False, False, True, False, True]
+
+
+def test_coordinates_depend_on_sample_layer_head_and_position_only() -> None:
+    pos = torch.arange(5).expand(1, 5)
+    a = Coordinates(torch.tensor([7]), 3, pos, pos).key_draws(2)
+    assert torch.equal(a, Coordinates(torch.tensor([7]), 3, pos, pos + 4).key_draws(2))  # rows do not matter
+    assert not torch.equal(a, Coordinates(torch.tensor([8]), 3, pos, pos).key_draws(2))
+    assert not torch.equal(a, Coordinates(torch.tensor([7]), 4, pos, pos).key_draws(2))
+    assert not torch.equal(a[0, 0], a[0, 1])
+    assert ((a > 0) & (a < 1)).all()
+
+
+def test_uniform_draws_look_uniform() -> None:
+    u = rng.uniform(123, torch.arange(100_000))
+    assert abs(u.mean().item() - 0.5) < 0.01 and abs(u.var().item() - 1 / 12) < 0.002
+    z = rng.normal(123, torch.arange(100_000))
+    assert abs(z.mean().item()) < 0.02 and abs(z.std().item() - 1) < 0.02

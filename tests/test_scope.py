@@ -1,0 +1,245 @@
+"""The intervention on a live tiny LLaVA: parity with HF eager attention, scoping, determinism, restoration."""
+
+from __future__ import annotations
+
+import contextlib
+import pathlib
+
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from lmms_lostattn.adapters import adapter_for
+from lmms_lostattn.scope import _EDITED, InterventionError, intervene
+from lmms_lostattn.spec import InterventionSpec
+
+MODES = ["gaussian", "uniform", "identity", "sink", "shuffle", "knockout", "noise_delta", "noise_qkv"]
+QUESTIONS = ["Is there a red circle?", "What colour is the big square in the picture on the left?"]
+
+
+@pytest.fixture(scope="module")
+def processor(tiny_llava: pathlib.Path):
+    proc = AutoProcessor.from_pretrained(tiny_llava)
+    proc.tokenizer.padding_side = "left"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def model(tiny_llava: pathlib.Path):
+    return AutoModelForImageTextToText.from_pretrained(tiny_llava, dtype=torch.float32).eval()
+
+
+def prompt(processor, question: str, image: bool = True) -> str:
+    content = ([{"type": "image"}] if image else []) + [{"type": "text", "text": question}]
+    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+
+
+def images(n: int) -> list[Image.Image]:
+    return [Image.new("RGB", (40, 32), (40 + 90 * i, 200 - 60 * i, 90)) for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def batch(processor) -> dict[str, torch.Tensor]:
+    """Two samples of different prompt lengths, left-padded into one batch."""
+    return processor(
+        images=images(2), text=[prompt(processor, q) for q in QUESTIONS], padding=True, return_tensors="pt"
+    )
+
+
+@pytest.fixture(scope="module")
+def singles(processor) -> list[dict[str, torch.Tensor]]:
+    return [
+        processor(images=[img], text=[prompt(processor, q)], return_tensors="pt")
+        for img, q in zip(images(2), QUESTIONS, strict=True)
+    ]
+
+
+def resolve(model, **args: object):
+    text = model.config.get_text_config()
+    return InterventionSpec.from_model_args(args).resolve(text.num_hidden_layers, text.num_attention_heads)
+
+
+def logits(model, inputs, **args: object) -> torch.Tensor:
+    with torch.no_grad():
+        if not args:
+            return model(**inputs).logits
+        with intervene(model, resolve(model, **args), adapter_for(model.config)):
+            return model(**inputs).logits
+
+
+def generate(model, inputs, use_cache: bool = True, **args: object) -> torch.Tensor:
+    kwargs = {"max_new_tokens": 4, "do_sample": False, "use_cache": use_cache, "pad_token_id": 3}
+    with torch.no_grad(), intervene(model, resolve(model, **args), adapter_for(model.config)):
+        return model.generate(**inputs, **kwargs)[:, inputs["input_ids"].shape[1] :]
+
+
+def test_nothing_edited_matches_hf_eager_attention(tiny_llava: pathlib.Path, model, batch) -> None:
+    """Every row of every layer through our materialised path, with lambda=0, equals HF's eager attention."""
+    eager = AutoModelForImageTextToText.from_pretrained(
+        tiny_llava, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
+    with torch.no_grad():
+        reference = eager(**batch).logits
+    ours = logits(model, batch, attn="uniform", attn_lambda=0, attn_rows="all", attn_keys="all")
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(ours[real], reference[real], atol=1e-5, rtol=0)
+
+
+def test_attn_none_and_unedited_layers_are_bitwise_the_original(model, batch) -> None:
+    with torch.no_grad():
+        base = model(**batch, output_hidden_states=True).hidden_states
+        with intervene(model, resolve(model, attn="uniform", attn_layers="2"), adapter_for(model.config)):
+            edited = model(**batch, output_hidden_states=True).hidden_states
+    for layer in range(3):  # hidden_states[i] is the input of layer i: layers 0 and 1 ran the original kernel
+        assert torch.equal(base[layer], edited[layer])
+    assert not torch.allclose(base[3], edited[3])
+    assert torch.equal(logits(model, batch), logits(model, batch, attn="none"))
+
+
+def _head_outputs(model, inputs, layer: int, **args: object) -> torch.Tensor:
+    """Per-head attention outputs ``(B, S, H, D)`` of one layer (the input of its o_proj)."""
+    seen = {}
+    attention = adapter_for(model.config).decoder_layers(model)[layer].self_attn
+    handle = attention.o_proj.register_forward_pre_hook(lambda m, a: seen.setdefault("x", a[0]))
+    try:
+        logits(model, inputs, **args)
+    finally:
+        handle.remove()
+    heads = model.config.get_text_config().num_attention_heads
+    return seen["x"].unflatten(-1, (heads, -1))
+
+
+@pytest.mark.parametrize("mode", ["gaussian", "uniform", "sink", "shuffle", "knockout"])
+def test_only_selected_layer_heads_and_rows_change(model, batch, mode: str) -> None:
+    base = _head_outputs(model, batch, 1)
+    edited = _head_outputs(model, batch, 1, attn=mode, attn_layers="1", attn_heads="0,2")
+    last = batch["input_ids"].shape[1] - 1
+    assert torch.equal(edited[:, :last], base[:, :last])  # rows before the last prompt token: untouched
+    assert torch.equal(edited[:, :, [1, 3]], base[:, :, [1, 3]])  # heads not selected: untouched
+    assert not torch.allclose(edited[:, last, [0, 2]], base[:, last, [0, 2]])
+
+
+def test_rows_image_edits_image_rows_only(model, batch) -> None:
+    base = _head_outputs(model, batch, 0)
+    edited = _head_outputs(model, batch, 0, attn="uniform", attn_layers="0", attn_rows="image")
+    image = batch["input_ids"] == model.config.image_token_id
+    assert torch.equal(edited[~image], base[~image])
+    assert not torch.allclose(edited[image], base[image])
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_cached_decoding_equals_recomputation(model, batch, mode: str) -> None:
+    with_cache = generate(model, batch, attn=mode)
+    assert torch.equal(with_cache, generate(model, batch, use_cache=False, attn=mode))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_batch_of_two_equals_two_batches_of_one(model, batch, singles, mode: str) -> None:
+    together = logits(model, batch, attn=mode)[:, -1]
+    alone = torch.cat([logits(model, single, attn=mode)[:, -1] for single in singles])
+    torch.testing.assert_close(together, alone, atol=1e-4, rtol=0)
+    tokens = generate(model, batch, attn=mode)
+    for row, single in enumerate(singles):
+        assert torch.equal(tokens[row], generate(model, single, attn=mode)[0])
+
+
+@pytest.mark.parametrize("mode", ["gaussian", "shuffle", "noise_delta", "noise_qkv"])
+def test_same_seed_same_outputs_other_seed_other_outputs(model, batch, mode: str) -> None:
+    first = logits(model, batch, attn=mode, attn_seed=3)
+    assert torch.equal(first, logits(model, batch, attn=mode, attn_seed=3))
+    assert not torch.allclose(first, logits(model, batch, attn=mode, attn_seed=4))
+
+
+def test_sample_ids_key_the_draws(model, singles) -> None:
+    adapter, inter = adapter_for(model.config), resolve(model, attn="gaussian")
+    outputs = []
+    with torch.no_grad(), intervene(model, inter, adapter) as scope:
+        for name in ["pope/test/1", "pope/test/1", "pope/test/2"]:
+            scope.set_samples([name])
+            outputs.append(model(**singles[0]).logits[:, -1])
+    assert torch.equal(outputs[0], outputs[1]) and not torch.allclose(outputs[0], outputs[2])
+
+
+def test_noise_qkv_restores_weights_bit_for_bit(model, batch) -> None:
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    with intervene(model, resolve(model, attn="noise_qkv", attn_layers="0,2"), adapter_for(model.config)):
+        changed = {name for name, tensor in model.state_dict().items() if not torch.equal(tensor, before[name])}
+    assert changed == {f"model.language_model.layers.{i}.self_attn.{p}_proj.weight" for i in (0, 2) for p in "qkv"}
+    assert all(torch.equal(tensor, before[name]) for name, tensor in model.state_dict().items())
+
+
+def test_noise_delta_keeps_the_per_token_rms(model, batch) -> None:
+    seen: list[torch.Tensor] = []
+    attention = adapter_for(model.config).decoder_layers(model)[1].self_attn
+
+    def keep(module, args, output):
+        seen.append(output[0])
+
+    with intervene(model, resolve(model, attn="noise_delta", attn_layers="1"), adapter_for(model.config)):
+        handle = attention.register_forward_hook(keep)  # registered after ours: sees the replaced update
+        try:
+            logits(model, batch)
+            base = _original_update(model, batch, attention)
+        finally:
+            handle.remove()
+    real = batch["attention_mask"].bool()
+    noise = seen[0]
+    torch.testing.assert_close(noise.pow(2).mean(-1).sqrt()[real], base.pow(2).mean(-1).sqrt()[real])
+    assert (noise - base).abs()[real].max() > 1e-3
+
+
+def _original_update(model, batch, attention) -> torch.Tensor:
+    seen = []
+    handle = attention.register_forward_hook(lambda m, a, out: seen.append(out[0]), prepend=True)
+    try:
+        with torch.no_grad():
+            model(**batch)
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_nothing_stays_attached(model, batch, mode: str) -> None:
+    def hooks() -> list[tuple[int, ...]]:  # transformers keeps its own output-capturing hooks; ours must go
+        return [(*m._forward_pre_hooks, *m._forward_hooks) for m in model.modules()]
+
+    logits(model, batch)
+    before = hooks()
+    logits(model, batch, attn=mode)
+    assert hooks() == before
+    assert not _EDITED
+    assert model.config.get_text_config()._attn_implementation == "sdpa"
+    assert model.config.vision_config._attn_implementation == "sdpa"
+
+
+def test_image_keys_on_a_prompt_without_image_is_an_error(model, processor) -> None:
+    inputs = processor.tokenizer([prompt(processor, "Hello there", image=False)], return_tensors="pt")
+    with pytest.raises(InterventionError, match=r"attn_keys=image.*no image|none \(image token ids"):
+        logits(model, inputs, attn="gaussian")
+    torch.testing.assert_close(
+        logits(model, inputs, attn="uniform", attn_keys="text"), logits(model, inputs, attn="uniform", attn_keys="text")
+    )
+
+
+def test_right_padding_is_refused(model, processor) -> None:
+    processor.tokenizer.padding_side = "right"
+    try:
+        inputs = processor(
+            images=images(2), text=[prompt(processor, q) for q in QUESTIONS], padding=True, return_tensors="pt"
+        )
+    finally:
+        processor.tokenizer.padding_side = "left"
+    with pytest.raises(InterventionError, match="left padding"):
+        logits(model, inputs, attn="uniform")
+
+
+def test_errors_inside_generate_are_kept_for_the_caller(model, processor) -> None:
+    inputs = processor.tokenizer([prompt(processor, "Hello", image=False)], return_tensors="pt")
+    with intervene(model, resolve(model, attn="gaussian"), adapter_for(model.config)) as scope:
+        with contextlib.suppress(InterventionError):  # what lmms-eval's llava_hf does: log and carry on
+            model.generate(**inputs, max_new_tokens=2)
+        with pytest.raises(InterventionError):
+            scope.raise_pending()
+        scope.raise_pending()  # reported once

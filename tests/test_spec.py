@@ -1,0 +1,148 @@
+"""The intervention spec: parsing, validation, presets, hashing."""
+
+from __future__ import annotations
+
+import pytest
+
+from lmms_lostattn.adapters import adapter_for
+from lmms_lostattn.spec import (
+    FamilyPreset,
+    HeadSelection,
+    InterventionSpec,
+    SpecError,
+    parse_heads,
+    parse_layers,
+)
+
+
+def spec(**args: object) -> InterventionSpec:
+    return InterventionSpec.from_model_args(args)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("all", tuple(range(32))),
+        ("1-31", tuple(range(1, 32))),
+        ("18,19,20", (18, 19, 20)),
+        ("[18,19,20]", (18, 19, 20)),
+        ("18;19;20", (18, 19, 20)),
+        ('"18,19,20"', (18, 19, 20)),
+        ("-6:", tuple(range(26, 32))),
+        ("1:", tuple(range(1, 32))),
+        ("2:5", (2, 3, 4)),
+        (7, (7,)),
+        ("-1", (31,)),
+        ("0,18-19,-1", (0, 18, 19, 31)),
+    ],
+)
+def test_parse_layers(text: object, expected: tuple[int, ...]) -> None:
+    assert parse_layers(text, 32) == expected
+
+
+@pytest.mark.parametrize("text", ["40", "30-33", "-33", "5-3", "x", "", "40:", "1.5"])
+def test_parse_layers_rejects_and_names_the_range(text: str) -> None:
+    with pytest.raises(SpecError, match=r"attn_layers=.*layers 0-31"):
+        parse_layers(text, 32)
+
+
+def test_parse_heads() -> None:
+    assert parse_heads("all") == HeadSelection("all")
+    assert parse_heads("p0.3-0.9") == HeadSelection("band", band=(0.3, 0.9))
+    assert parse_heads("7,0,5") == HeadSelection("indices", indices=(0, 5, 7))
+    assert parse_heads(3) == HeadSelection("indices", indices=(3,))
+    for bad in ("p0.9-0.3", "p1.2-1.5", "a,b", "p-1"):
+        with pytest.raises(SpecError, match="attn_heads"):
+            parse_heads(bad)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ({"attn": "gausian"}, r"attn='gausian'.*gaussian"),
+        ({"attn_layer": "1"}, r"unknown argument.*attn_layer.*accepted"),
+        ({"attn": "uniform", "attn_lambda": 1.5}, r"attn_lambda=1.5.*\[0, 1\]"),
+        ({"attn": "uniform", "attn_lambda": -0.1}, r"attn_lambda"),
+        ({"attn": "uniform", "attn_lambda": "nan"}, r"attn_lambda"),
+        ({"attn": "gaussian", "attn_dist": "normal", "attn_sigma": 0}, r"attn_sigma=0"),
+        ({"attn": "uniform", "attn_space": "log"}, r"attn_space.*logits \| probs"),
+        ({"attn": "uniform", "attn_rows": "first"}, r"attn_rows"),
+        ({"attn": "uniform", "attn_keys": "video"}, r"attn_keys"),
+        ({"attn": "gaussian", "attn_seed": 1.5}, r"attn_seed"),
+        ({"attn": "gaussian", "attn_preset": "authors"}, r"attn_preset.*paper"),
+        ({"attn": "none", "attn_layers": "3"}, r"attn_layers has no effect with attn=none"),
+        ({"attn": "uniform", "attn_dist": "normal"}, r"attn_dist has no effect with attn=uniform"),
+        ({"attn": "noise_qkv", "attn_heads": "0"}, r"attn_heads has no effect with attn=noise_qkv"),
+        ({"attn": "noise_delta", "attn_keys": "all"}, r"attn_keys has no effect"),
+        ({"attn": "knockout", "attn_space": "logits"}, r"knockout.*accepted: probs"),
+        ({"attn": "identity", "attn_keys": "image"}, r"identity.*attn_keys=all"),
+        ({"attn": "gaussian", "attn_sigma": 2}, r"attn_sigma only shapes attn_dist=normal"),
+        ({"stats": "some"}, r"stats='some'"),
+        ({"stats": "paper", "stats_groups": "all,video"}, r"stats_groups"),
+        ({"stats": "paper", "stats_max_tokens": 1}, r"stats_max_tokens"),
+        ({"stats_max_tokens": 64}, r"no effect with stats=none"),
+    ],
+)
+def test_bad_arguments_name_the_argument(args: dict[str, object], message: str) -> None:
+    with pytest.raises(SpecError, match=message):
+        spec(**args)
+
+
+def test_resolve_defaults_per_mode() -> None:
+    gaussian = spec(attn="gaussian").resolve(4, 8)
+    assert (gaussian.space, gaussian.rows, gaussian.keys, gaussian.lam, gaussian.dist) == (
+        "logits",
+        "last",
+        "image",
+        1.0,
+        "dirichlet",
+    )
+    assert gaussian.layers == (0, 1, 2, 3) and gaussian.heads == HeadSelection("all")
+    assert spec(attn="uniform").resolve(4, 8).space == "probs"
+    assert spec(attn="identity").resolve(4, 8).keys == "all"
+    assert spec(attn="noise_delta").resolve(4, 8).rows == "all"
+
+
+def test_paper_preset_follows_the_family_and_explicit_args_override() -> None:
+    llava = adapter_for(_config("llava"))
+    onevision_preset = adapter_for(_config("llava_onevision")).preset(_config("llava_onevision"))
+    resolved = spec(attn="gaussian", attn_preset="paper").resolve(32, 32, llava.preset(_config("llava")))
+    assert resolved.layers == tuple(range(18, 24)) and resolved.heads.band == (0.3, 0.6)
+    assert spec(attn="gaussian", attn_preset="paper").resolve(28, 14, onevision_preset).layers == tuple(range(21, 28))
+    generic = spec(attn="gaussian", attn_preset="paper").resolve(12, 8, FamilyPreset())
+    assert generic.layers == tuple(range(1, 12)) and generic.heads.band == (0.3, 0.9)
+    override = spec(attn="gaussian", attn_preset="paper", attn_layers="2", attn_heads="all")
+    resolved = override.resolve(32, 32, llava.preset(_config("llava")))
+    assert resolved.layers == (2,) and resolved.heads == HeadSelection("all") and resolved.preset == "paper"
+
+
+def test_preset_outside_a_small_model_asks_for_explicit_layers() -> None:
+    with pytest.raises(SpecError, match=r"attn_preset=paper selects layers 18-23.*layers 0-3.*attn_layers"):
+        spec(attn="gaussian", attn_preset="paper").resolve(4, 4, FamilyPreset(layers="18-23"))
+
+
+def test_head_indices_checked_against_the_model() -> None:
+    with pytest.raises(SpecError, match=r"attn_heads=.*0-3"):
+        spec(attn="uniform", attn_heads="0,4").resolve(2, 4)
+
+
+def test_hash_is_stable_and_tracks_every_choice() -> None:
+    first = spec(attn="gaussian", attn_layers="1,2").resolve(4, 4)
+    again = spec(attn_layers="[1,2]", attn="GAUSSIAN").resolve(4, 4)
+    assert first.hash == again.hash and len(first.hash) == 12
+    variants = [
+        spec(attn="gaussian", attn_layers="1,2", attn_seed=1),
+        spec(attn="gaussian", attn_layers="1,2", attn_lambda=0.5),
+        spec(attn="gaussian", attn_layers="1,3"),
+        spec(attn="gaussian", attn_layers="1,2", attn_space="probs"),
+        spec(attn="uniform", attn_layers="1,2"),
+    ]
+    assert len({first.hash, *(v.resolve(4, 4).hash for v in variants)}) == 6
+    # A known value pins the canonical form: changing it silently would orphan earlier results.
+    assert spec(attn="none").resolve(4, 4).hash == spec().resolve(32, 32).hash
+
+
+def _config(model_type: str):
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(model_type)

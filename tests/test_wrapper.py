@@ -1,0 +1,202 @@
+"""``lostattn_llava`` against lmms-eval's own ``llava_hf``: registration, parity, bad input, errors, the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+from lmms_eval.api.instance import Instance
+from lmms_eval.models import get_model
+from lmms_eval.models.chat.llava_hf import LlavaHf as LlavaHfChat
+from lmms_eval.models.simple.llava_hf import LlavaHf as LlavaHfSimple
+from PIL import Image
+from transformers import LlavaForConditionalGeneration
+
+from lmms_lostattn.model_wrappers.base import bracket_list_values
+from lmms_lostattn.model_wrappers.llava import LostAttnLlavaChat, LostAttnLlavaSimple
+from lmms_lostattn.scope import InterventionError, Scope
+from lmms_lostattn.spec import SpecError
+from lmms_lostattn.tasks import tasks_path
+
+CPU = {"device": "cpu", "device_map": "cpu", "dtype": "float32"}
+MODES = ["none", "gaussian", "uniform", "identity", "sink", "shuffle", "knockout", "noise_delta", "noise_qkv"]
+DOCS = [
+    {"question": "Is there a red circle in the image?", "image": Image.new("RGB", (48, 48), (200, 40, 40))},
+    {"question": "Is there a blue star?", "image": Image.new("RGB", (48, 48), (30, 60, 210))},
+    {"question": "Say hello.", "image": None},
+]
+
+
+def test_list_values_can_be_written_plainly() -> None:
+    assert bracket_list_values("pretrained=x,attn_layers=18,19,20,attn=gaussian") == (
+        "pretrained=x,attn_layers=[18,19,20],attn=gaussian"
+    )
+    assert bracket_list_values("attn_heads=0,5,7") == "attn_heads=[0,5,7]"
+    assert bracket_list_values('a={"k":1,"j":2},b=[1,2],c=3') == 'a={"k":1,"j":2},b=[1,2],c=3'
+
+
+def test_model_id_resolves_to_chat_and_simple_classes() -> None:
+    assert get_model("lostattn_llava") is LostAttnLlavaChat
+    assert get_model("lostattn_llava", force_simple=True) is LostAttnLlavaSimple
+    assert issubclass(LostAttnLlavaChat, LlavaHfChat) and issubclass(LostAttnLlavaSimple, LlavaHfSimple)
+
+
+def _requests(kind: str, doc_ids: list[int]) -> list[Instance]:
+    gen_kwargs = {"max_new_tokens": 5, "temperature": 0, "until": ["\n\n"]}
+
+    def to_visual(doc: dict) -> list:
+        return [doc["image"]] if doc["image"] is not None else []
+
+    def to_messages(doc: dict) -> list[dict]:
+        content = [{"type": "image", "url": doc["image"]}] if doc["image"] is not None else []
+        return [{"role": "user", "content": [*content, {"type": "text", "text": doc["question"]}]}]
+
+    requests = []
+    for doc_id in doc_ids:
+        ctx = DOCS[doc_id]["question"]
+        args = (
+            (ctx, dict(gen_kwargs), to_visual, doc_id, "toy", "test")
+            if kind == "simple"
+            else (ctx, to_messages, dict(gen_kwargs), doc_id, "toy", "test")
+        )
+        requests.append(
+            Instance("generate_until", args, 0, {"task": "toy", "doc_id": doc_id, "repeats": 1, "split": "test"})
+        )
+    return requests
+
+
+def _generate(model_class: type, pretrained: pathlib.Path, kind: str, doc_ids: list[int], **args: object) -> list:
+    lm = model_class(pretrained=str(pretrained), **CPU, **args)
+    lm.task_dict = {"toy": {"test": DOCS}}
+    outputs = lm.generate_until(_requests(kind, doc_ids))
+    return [getattr(output, "text", output) for output in outputs], lm
+
+
+@pytest.mark.parametrize(
+    ("kind", "base", "ours"), [("simple", LlavaHfSimple, LostAttnLlavaSimple), ("chat", LlavaHfChat, LostAttnLlavaChat)]
+)
+def test_attn_none_matches_lmms_eval_llava_hf(tiny_llava: pathlib.Path, kind: str, base: type, ours: type) -> None:
+    expected, base_lm = _generate(base, tiny_llava, kind, [0, 1])
+    got, our_lm = _generate(ours, tiny_llava, kind, [0, 1], attn="none")
+    assert got == expected and all(expected)
+    inputs = base_lm._image_processor(images=DOCS[0]["image"], text="USER: <image>\nHi ASSISTANT:", return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(our_lm.model(**inputs).logits, base_lm.model(**inputs).logits, atol=1e-5, rtol=0)
+    assert our_lm.model.config.get_text_config()._attn_implementation == "sdpa"
+
+
+def test_interventions_change_answers_and_record_their_hash(tiny_llava: pathlib.Path) -> None:
+    base, _ = _generate(LostAttnLlavaChat, tiny_llava, "chat", [0, 1])
+    edited, lm = _generate(
+        LostAttnLlavaChat, tiny_llava, "chat", [0, 1], attn="knockout", attn_layers="all", attn_rows="all"
+    )
+    assert edited != base
+    assert lm.intervention.mode == "knockout" and len(lm.intervention.hash) == 12
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ({"attn": "bogus"}, r"attn='bogus'"),
+        ({"attn_layer": "1"}, r"unknown argument.*attn_layer"),
+        ({"attn": "uniform", "attn_layers": "9"}, r"attn_layers='9'.*layers 0-3"),
+        ({"attn": "uniform", "attn_lambda": 2}, r"attn_lambda=2"),
+        ({"attn": "gaussian", "attn_preset": "paper"}, r"selects layers 18-23.*layers 0-3"),
+    ],
+)
+def test_bad_arguments_fail_before_the_model_loads(
+    tiny_llava: pathlib.Path, monkeypatch: pytest.MonkeyPatch, args: dict, message: str
+) -> None:
+    def no_load(*_: object, **__: object) -> None:
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(LlavaForConditionalGeneration, "from_pretrained", no_load)
+    with pytest.raises(SpecError, match=message):
+        LostAttnLlavaChat(pretrained=str(tiny_llava), **CPU, **args)
+
+
+def test_errors_inside_generate_are_raised_not_swallowed(
+    tiny_llava: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """llava_hf logs exceptions from generate() and answers ""; an intervention that fails must surface instead."""
+
+    def broken(*_: object, **__: object) -> None:
+        raise InterventionError("attention failed")
+
+    monkeypatch.setattr(Scope, "attend", broken)
+    with pytest.raises(InterventionError, match="attention failed"):
+        _generate(LostAttnLlavaSimple, tiny_llava, "simple", [0, 1], attn="gaussian")
+
+
+def run_cli(*args: str, output: pathlib.Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    command = [
+        sys.executable,
+        "-m",
+        "lmms_eval",
+        *args,
+        "--include_path",
+        str(tasks_path()),
+        "--limit",
+        "4",
+        "--gen_kwargs",
+        "max_new_tokens=3",
+        "--output_path",
+        str(output),
+        "--verbosity",
+        "DEBUG",
+    ]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+
+
+def results_of(output: pathlib.Path) -> dict:
+    files = sorted(output.rglob("*_results.json"))
+    assert files, f"no results JSON under {output}"
+    return json.loads(files[-1].read_text())
+
+
+@pytest.mark.cli
+@pytest.mark.parametrize("mode", MODES[1:])
+def test_every_mode_runs_through_the_lmms_eval_cli(tiny_llava: pathlib.Path, tmp_path: pathlib.Path, mode: str) -> None:
+    model_args = f"pretrained={tiny_llava},device=cpu,device_map=cpu,dtype=float32,attn={mode},attn_layers=1,2"
+    done = run_cli("--model", "lostattn_llava", "--model_args", model_args, "--tasks", "lostattn_pope", output=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    metrics = results_of(tmp_path)["results"]["lostattn_pope"]
+    assert {"pope_accuracy,none", "pope_f1_score,none", "pope_yes_ratio,none"} <= set(metrics)
+
+
+@pytest.mark.cli
+@pytest.mark.parametrize("simple", [False, True])
+def test_cli_attn_none_answers_exactly_like_llava_hf(
+    tiny_llava: pathlib.Path, tmp_path: pathlib.Path, simple: bool
+) -> None:
+    model_args = f"pretrained={tiny_llava},device=cpu,device_map=cpu,dtype=float32"
+    answers = []
+    for model, extra in [("llava_hf", ""), ("lostattn_llava", ",attn=none")]:
+        out = tmp_path / model
+        flags = ["--force_simple"] if simple else []
+        done = run_cli(
+            "--model",
+            model,
+            "--model_args",
+            model_args + extra,
+            "--tasks",
+            "lostattn_pope",
+            "--log_samples",
+            *flags,
+            output=out,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        samples = [
+            json.loads(line)
+            for path in out.rglob("*_samples_*.jsonl")
+            for line in path.read_text().split("\n")
+            if line.strip()
+        ]
+        answers.append(sorted((s["doc_id"], s["filtered_resps"]) for s in samples))
+    assert answers[0] == answers[1] and len(answers[0]) == 4
