@@ -33,6 +33,7 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_
 from lmms_lostattn import rng
 from lmms_lostattn.adapters import FamilyAdapter
 from lmms_lostattn.patterns import Coordinates, band_heads, edited_weights
+from lmms_lostattn.recorder import record_residuals
 from lmms_lostattn.spec import Intervention
 
 
@@ -110,6 +111,7 @@ class Scope:
         self.visual_ids = torch.tensor(adapter.visual_token_ids(model.config))
         self.sample_ids: Sequence[str] | None = None
         self.state: PromptState | None = None
+        self.prefill = False  # True while the forward pass of a new prompt runs
         self.error: BaseException | None = None
 
     # -- sample identity and errors -------------------------------------------------------------------------
@@ -148,6 +150,7 @@ class Scope:
         cache = kwargs.get("past_key_values")
         cached = cache.get_seq_length() if cache is not None else 0
         state = self.state
+        self.prefill = False
         if cached:
             if state is None or state.is_visual.shape[0] != input_ids.shape[0]:
                 raise InterventionError("lostattn: a cached decoding step arrived without its prompt")
@@ -156,6 +159,7 @@ class Scope:
             state.is_visual = is_visual  # decoding without a KV cache: the whole sequence again
         else:
             self.state = self._new_prompt(input_ids, is_visual, kwargs.get("attention_mask"))
+            self.prefill = True
 
     @staticmethod
     def _continues(state: PromptState, input_ids: torch.Tensor) -> bool:
@@ -368,8 +372,15 @@ def _attention_implementation(model: nn.Module) -> Iterator[None]:
 
 
 @contextmanager
-def intervene(model: nn.Module, intervention: Intervention, adapter: FamilyAdapter) -> Iterator[Scope]:
-    """Apply ``intervention`` to ``model`` inside the block; every hook, weight and setting is restored after."""
+def intervene(
+    model: nn.Module, intervention: Intervention, adapter: FamilyAdapter, on_layer: Callable[..., None] | None = None
+) -> Iterator[Scope]:
+    """Apply ``intervention`` to ``model`` inside the block; every hook, weight and setting is restored after.
+
+    ``on_layer(layer, x, d_attn, d_ffn, state)``, if given, receives each decoder layer's residual stream and
+    updates on every prefill pass (see :mod:`lmms_lostattn.recorder`), measured after the intervention (e.g. the
+    ``noise_delta`` update), with the :class:`PromptState` that locates padding and image tokens.
+    """
     scope = Scope(model, intervention, adapter)
     layers = adapter.decoder_layers(model)
     with ExitStack() as stack:
@@ -385,4 +396,11 @@ def intervene(model: nn.Module, intervention: Intervention, adapter: FamilyAdapt
                 stack.callback(adapter.attention_module(layers[index]).register_forward_hook(hook).remove)
         elif intervention.mode == "noise_qkv":
             stack.enter_context(_noise_qkv(layers, adapter, intervention))
+        if on_layer is not None:
+
+            def recorded(*args: Any) -> None:
+                with scope.recording_errors():
+                    on_layer(*args, scope.state)
+
+            stack.enter_context(record_residuals(layers, adapter, recorded, lambda: scope.prefill))
         yield scope

@@ -15,8 +15,10 @@ from loguru import logger
 from transformers import AutoConfig
 
 from lmms_lostattn.adapters import adapter_for
+from lmms_lostattn.model_wrappers.reporting import Run, begin_run
 from lmms_lostattn.scope import intervene
 from lmms_lostattn.spec import InterventionSpec
+from lmms_lostattn.stats import StatsCollector
 
 _PLUGIN_PREFIXES = ("attn", "stats")
 
@@ -63,7 +65,12 @@ class LostAttnMixin:
         self.intervention = spec.resolve(text.num_hidden_layers, text.num_attention_heads, self.adapter.preset(config))
         self.stats_config = spec.stats
         super().__init__(**kwargs)
-        logger.info(f"lostattn: intervention {self.intervention.hash} {self.intervention.to_dict()}")
+        self._run = Run(model=str(pretrained), intervention=self.intervention, stats=self.stats_config)
+        begin_run(self._run)
+        logger.info(
+            f"lostattn: intervention {self.intervention.hash} {self.intervention.to_dict()}, "
+            f"stats={self.stats_config.kind}"
+        )
 
     def generate_until(self, requests: list[Instance]) -> list[Any]:
         return self._run_scoped(requests, super().generate_until)
@@ -73,13 +80,20 @@ class LostAttnMixin:
 
     def _run_scoped(self, requests: list[Instance], run: Callable[[list[Instance]], list[Any]]) -> list[Any]:
         """Run the base class one request at a time inside one intervention scope (nothing stays attached)."""
-        if self.intervention.mode == "none":
+        measure = self.stats_config.kind != "none"
+        if self.intervention.mode == "none" and not measure:
             return run(requests)
+        layers = len(self.adapter.decoder_layers(self.model))
+        collector = StatsCollector(self.stats_config, layers) if measure else None
         results: list[Any] = []
-        with intervene(self.model, self.intervention, self.adapter) as scope:
+        with intervene(self.model, self.intervention, self.adapter, on_layer=collector) as scope:
             for request in requests:
                 task, split = request.task_name, request.metadata.get("split")
                 scope.set_samples([f"{task}/{split}/{request.doc_id}"])
                 results.extend(run([request]))
                 scope.raise_pending()  # the base class logs and swallows errors raised inside generate()
+                if collector is not None:
+                    records = collector.take()
+                    if records and not request.metadata.get("__padding_only__"):
+                        self._run.records[(task, request.doc_id)].append(records[0])
         return results

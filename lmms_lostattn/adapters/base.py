@@ -49,3 +49,9 @@ class FamilyAdapter:
 
     def attention_module(self, layer: nn.Module) -> nn.Module:
         return getattr(layer, self.attention)
+
+    def update_modules(self, layer: nn.Module) -> tuple[nn.Module, nn.Module]:
+        """The modules whose outputs are the attention and FFN updates actually added to the residual stream."""
+        if self.layer_style == "sandwich":
+            return layer.post_attention_layernorm, layer.post_feedforward_layernorm
+        return self.attention_module(layer), getattr(layer, self.mlp)

@@ -1,0 +1,151 @@
+"""Per-sample residual statistics (SPEC §3) and their aggregation over samples.
+
+A :class:`StatsCollector` is the ``on_layer`` callback of :func:`lmms_lostattn.scope.intervene`: on each prefill
+pass it computes, for every sample of the batch, decoder layer, module (``attn``, ``ffn``) and token group (``all``,
+``image``, ``text``), the metrics of :func:`lmms_lostattn.metrics.module_stats` on that sample's non-padding rows.
+Only floats are kept. :func:`aggregate` turns a list of per-sample records into per-layer means and stderrs.
+
+A per-sample record is ``{"layers": L, "values": {module: {group: {metric: [value or None per layer]}}}}``; a value
+is ``None`` where a group has fewer than two tokens in that sample (e.g. ``image`` on a text-only prompt).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from lmms_lostattn.metrics import module_stats
+from lmms_lostattn.scope import PromptState
+from lmms_lostattn.spec import StatsConfig
+
+MODULES = ("attn", "ffn")
+TABLE_METRICS = ("rid", "mixig")
+
+
+class StatsCollector:
+    """Collects the statistics of the samples of one prompt batch (call :meth:`take` after each prompt)."""
+
+    def __init__(self, config: StatsConfig, num_layers: int) -> None:
+        self.config = config
+        self.num_layers = num_layers
+        self._records: list[dict[str, Any]] = []
+
+    def __call__(
+        self, layer: int, x: torch.Tensor, d_attn: torch.Tensor, d_ffn: torch.Tensor, state: PromptState
+    ) -> None:
+        """Measure one layer of a prefill pass; ``state`` says where padding and image tokens are."""
+        if not self._records:
+            self._records = [self._empty() for _ in range(x.shape[0])]
+        streams = {"attn": (x, d_attn), "ffn": (x + d_attn, d_ffn)}
+        for sample, record in enumerate(self._records):
+            real = torch.arange(int(state.first_real[sample]), x.shape[1], device=x.device)
+            visual = state.is_visual[sample, real]
+            rows = {"all": real, "image": real[visual], "text": real[~visual]}
+            for module, (before, update) in streams.items():
+                for group in self.config.groups:
+                    values = self._measure(before[sample, rows[group]], update[sample, rows[group]])
+                    for metric, value in values.items():
+                        record["values"][module][group].setdefault(metric, [None] * self.num_layers)[layer] = value
+
+    def _measure(self, x: torch.Tensor, dx: torch.Tensor) -> dict[str, float]:
+        if x.shape[0] < 2:
+            return {}
+        return module_stats(x, dx, kind=self.config.kind, max_tokens=self.config.max_tokens)
+
+    def _empty(self) -> dict[str, Any]:
+        values = {module: {group: {} for group in self.config.groups} for module in MODULES}
+        return {"layers": self.num_layers, "values": values}
+
+    def take(self) -> list[dict[str, Any]]:
+        """The records of the last prompt batch, one per sample; resets the collector."""
+        records, self._records = self._records, []
+        return records
+
+
+def table_group(config: StatsConfig) -> str:
+    """The token group the table rows report: ``all`` when measured, else the first group asked for."""
+    return "all" if "all" in config.groups else config.groups[0]
+
+
+def layer_mean(record: dict[str, Any], module: str, group: str, metric: str) -> float | None:
+    """Mean over layers of one metric of one sample (layers without a value are skipped)."""
+    values = [v for v in record["values"][module].get(group, {}).get(metric, []) if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def mean_records(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Element-wise mean of the records of one document's requests (e.g. the options of a multiple-choice doc)."""
+    if len(records) == 1:
+        return records[0]
+    merged = {"layers": records[0]["layers"], "values": {}}
+    for module, groups in records[0]["values"].items():
+        merged["values"][module] = {}
+        for group, metrics in groups.items():
+            merged["values"][module][group] = {
+                metric: [_mean([r["values"][module][group][metric][i] for r in records]) for i in range(len(per))]
+                for metric, per in metrics.items()
+            }
+    return merged
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return sum(present) / len(present) if present else None
+
+
+def _mean_stderr(values: Sequence[float]) -> tuple[float | None, float | None]:
+    """Mean and standard error of the mean (sample std / sqrt(n); None for n < 2)."""
+    n = len(values)
+    if n == 0:
+        return None, None
+    mean = sum(values) / n
+    if n < 2:
+        return mean, None
+    variance = sum((v - mean) ** 2 for v in values) / (n - 1)
+    return mean, math.sqrt(variance / n)
+
+
+def aggregate(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Per-layer and layer-averaged mean, stderr and count over samples, for every module x group x metric.
+
+    Returns ``{module: {group: {metric: {"layers": {"mean": [...], "stderr": [...], "n": [...]},
+    "overall": {"mean", "stderr", "n"}}}}}``; ``overall`` is taken over the samples' layer means.
+    """
+    if not records:
+        return {}
+    num_layers = max(r["layers"] for r in records)
+    keys = sorted(
+        {
+            (module, group, metric)
+            for r in records
+            for module, groups in r["values"].items()
+            for group, metrics in groups.items()
+            for metric in metrics
+        }
+    )
+    out: dict[str, Any] = {}
+    for module, group, metric in keys:
+        columns = [
+            [v for r in records if (v := _value(r, module, group, metric, layer)) is not None]
+            for layer in range(num_layers)
+        ]
+        per_layer = [_mean_stderr(column) for column in columns]
+        sample_means = [m for r in records if (m := layer_mean(r, module, group, metric)) is not None]
+        mean, stderr = _mean_stderr(sample_means)
+        out.setdefault(module, {}).setdefault(group, {})[metric] = {
+            "layers": {
+                "mean": [m for m, _ in per_layer],
+                "stderr": [s for _, s in per_layer],
+                "n": [len(column) for column in columns],
+            },
+            "overall": {"mean": mean, "stderr": stderr, "n": len(sample_means)},
+        }
+    return out
+
+
+def _value(record: dict[str, Any], module: str, group: str, metric: str, layer: int) -> float | None:
+    values = record["values"][module].get(group, {}).get(metric)
+    return values[layer] if values else None

@@ -1,0 +1,153 @@
+"""Statistics into lmms-eval's own outputs, for any task, without per-task YAMLs.
+
+lmms-eval 0.7.3 has no metric hook for models, so the plugin wraps two of its functions, once per process and
+inert unless a lostattn model registered a :class:`Run`:
+
+* ``lmms_eval.evaluator._process_document_results`` (called per document, on the rank that generated it): adds
+  the document's ``lostattn_*`` values to the task's own per-sample metrics, and registers their aggregations on
+  the task. lmms-eval then gathers them across ranks, aggregates them with stderr, prints them in its table, and
+  writes them to the results JSON and the ``--log_samples`` jsonl like any other metric.
+* ``EvaluationTracker.save_results_aggregated``: moves the per-layer aggregate (an internal metric whose value is a
+  dict) out of the table into a sidecar ``<date>_lostattn.json`` next to the results file, and records the
+  intervention, its hash and the statistics settings in the results JSON under ``"lostattn"``.
+
+Rows per task: ``lostattn_{rid,mixig}_{attn,ffn}`` (mean over samples of each sample's layer mean) and
+``lostattn_samples`` (documents with statistics; fewer than the task's when ``--use_cache`` answered some).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import pathlib
+from collections import defaultdict
+from dataclasses import dataclass, field
+from importlib.metadata import version
+from typing import Any
+
+from lmms_eval import evaluator
+from lmms_eval.api.metrics import mean
+from lmms_eval.loggers.evaluation_tracker import EvaluationTracker
+from loguru import logger
+
+from lmms_lostattn.metrics import RANK_EPS
+from lmms_lostattn.spec import Intervention, StatsConfig
+from lmms_lostattn.stats import MODULES, TABLE_METRICS, aggregate, layer_mean, mean_records, table_group
+
+LAYERS_METRIC = "lostattn_layers"
+SAMPLES_METRIC = "lostattn_samples"
+TABLE_ROWS = tuple(f"lostattn_{metric}_{module}" for metric in TABLE_METRICS for module in MODULES)
+
+
+@dataclass
+class Run:
+    """What one lostattn model contributes to the run's outputs."""
+
+    model: str
+    intervention: Intervention
+    stats: StatsConfig
+    records: dict[tuple[str, Any], list[dict[str, Any]]] = field(default_factory=lambda: defaultdict(list))
+
+    def describe(self) -> dict[str, Any]:
+        settings = {
+            **self.stats.to_dict(),
+            "table_group": table_group(self.stats) if self.stats.kind != "none" else None,
+            "mixig": {"alpha": 8.0, "agg": "last"},
+            "mixig_mean": {"alpha": 1.0, "agg": "mean"} if self.stats.kind == "all" else None,
+            "rank_tolerance": f"max(S, H) * {RANK_EPS:.6g} * sigma_max",
+            "token_cap_rule": "rows round(i*(S-1)/(cap-1)), i=0..cap-1 (first and last kept) when S > cap",
+            "computed_on": "prefill pass of each request, float32, non-padding tokens",
+        }
+        return {
+            "model": self.model,
+            "spec_hash": self.intervention.hash,
+            "intervention": self.intervention.to_dict(),
+            "stats": settings,
+            "versions": {name: version(name) for name in ("lmms-lostattn", "lmms_eval", "torch", "transformers")},
+        }
+
+
+_RUN: Run | None = None
+
+
+def begin_run(run: Run) -> None:
+    """Make ``run`` the one whose statistics and settings go into this process's lmms-eval outputs."""
+    global _RUN
+    _RUN = run
+    _install()
+
+
+def document_metrics(records: list[dict[str, Any]], stats: StatsConfig) -> dict[str, Any]:
+    """The per-document metric values: table rows, coverage, and the per-layer record for the sidecar."""
+    if not records:
+        return {SAMPLES_METRIC: 0}
+    record = mean_records(records)
+    group = table_group(stats)
+    values = {
+        f"lostattn_{metric}_{module}": layer_mean(record, module, group, metric)
+        for metric in TABLE_METRICS
+        for module in MODULES
+    }
+    return {**{k: v for k, v in values.items() if v is not None}, SAMPLES_METRIC: 1, LAYERS_METRIC: record}
+
+
+def _aggregate_layers(items: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"samples": len(items), "per_layer": aggregate(items)}
+
+
+_AGGREGATIONS = {**dict.fromkeys(TABLE_ROWS, mean), SAMPLES_METRIC: sum, LAYERS_METRIC: _aggregate_layers}
+
+
+def _process_document_results(original: Any, item: tuple, *, task: Any, **kwargs: Any) -> Any:
+    processed = original(item, task=task, **kwargs)
+    if _RUN is None or _RUN.stats.kind == "none":
+        return processed
+    doc_id, _, requests = item
+    metrics = document_metrics(_RUN.records.get((requests[0].task_name, doc_id), []), _RUN.stats)
+    aggregations = task.aggregation()
+    for name in metrics:
+        aggregations.setdefault(name, _AGGREGATIONS[name])
+    processed.metrics.update(metrics)
+    if processed.logged_sample is not None:
+        processed.logged_sample.update(metrics)
+    return processed
+
+
+def _save_results_aggregated(
+    original: Any, tracker: EvaluationTracker, results: dict, *args: Any, **kwargs: Any
+) -> Any:
+    if _RUN is None:
+        return original(tracker, results, *args, **kwargs)
+    per_task = {}
+    for task, metrics in results.get("results", {}).items():
+        for key in [k for k in metrics if k.split(",")[0].startswith(LAYERS_METRIC)]:
+            value = metrics.pop(key)
+            if isinstance(value, dict):
+                per_task[task] = value
+    sidecar = {**_RUN.describe(), "tasks": per_task}
+    results["lostattn"] = {k: sidecar[k] for k in ("spec_hash", "intervention", "stats", "versions")}
+    saved = original(tracker, results, *args, **kwargs)
+    if tracker.output_path and per_task:
+        folder = pathlib.Path(tracker.output_path) / tracker.general_config_tracker.model_name_sanitized
+        path = folder / f"{tracker.date_id}_lostattn.json"
+        path.write_text(json.dumps(sidecar, indent=2, default=str))
+        logger.info(f"lostattn: per-layer statistics written to {path}")
+    elif per_task:
+        logger.warning("lostattn: no --output_path, so the per-layer statistics sidecar was not written")
+    return saved
+
+
+@functools.cache
+def _install() -> None:
+    """Wrap the two lmms-eval functions (once per process; inert while no Run is registered)."""
+    original_process = evaluator._process_document_results
+    evaluator._process_document_results = functools.wraps(original_process)(
+        functools.partial(_process_document_results, original_process)
+    )
+    original_save = EvaluationTracker.save_results_aggregated
+
+    @functools.wraps(original_save)
+    def save(tracker: EvaluationTracker, results: dict, *args: Any, **kwargs: Any) -> Any:
+        return _save_results_aggregated(original_save, tracker, results, *args, **kwargs)
+
+    EvaluationTracker.save_results_aggregated = save
