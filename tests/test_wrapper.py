@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import json
-import os
 import pathlib
-import subprocess
-import sys
 
 import pytest
 import torch
+from cli_helpers import results_of, run_cli, samples_of
 from lmms_eval.api.instance import Instance
 from lmms_eval.models import get_model
 from lmms_eval.models.chat.llava_hf import LlavaHf as LlavaHfChat
@@ -21,7 +18,6 @@ from lmms_lostattn.model_wrappers.base import bracket_list_values
 from lmms_lostattn.model_wrappers.llava import LostAttnLlavaChat, LostAttnLlavaSimple
 from lmms_lostattn.scope import InterventionError, Scope
 from lmms_lostattn.spec import SpecError
-from lmms_lostattn.tasks import tasks_path
 
 CPU = {"device": "cpu", "device_map": "cpu", "dtype": "float32"}
 MODES = ["none", "gaussian", "uniform", "identity", "sink", "shuffle", "knockout", "noise_delta", "noise_qkv"]
@@ -133,33 +129,6 @@ def test_errors_inside_generate_are_raised_not_swallowed(
         _generate(LostAttnLlavaSimple, tiny_llava, "simple", [0, 1], attn="gaussian")
 
 
-def run_cli(*args: str, output: pathlib.Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    command = [
-        sys.executable,
-        "-m",
-        "lmms_eval",
-        *args,
-        "--include_path",
-        str(tasks_path()),
-        "--limit",
-        "4",
-        "--gen_kwargs",
-        "max_new_tokens=3",
-        "--output_path",
-        str(output),
-        "--verbosity",
-        "DEBUG",
-    ]
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-
-
-def results_of(output: pathlib.Path) -> dict:
-    files = sorted(output.rglob("*_results.json"))
-    assert files, f"no results JSON under {output}"
-    return json.loads(files[-1].read_text())
-
-
 @pytest.mark.cli
 @pytest.mark.parametrize("mode", MODES[1:])
 def test_every_mode_runs_through_the_lmms_eval_cli(tiny_llava: pathlib.Path, tmp_path: pathlib.Path, mode: str) -> None:
@@ -180,7 +149,7 @@ def test_cli_attn_none_answers_exactly_like_llava_hf(
     for model, extra in [("llava_hf", ""), ("lostattn_llava", ",attn=none")]:
         out = tmp_path / model
         flags = ["--force_simple"] if simple else []
-        done = run_cli(
+        run_cli(
             "--model",
             model,
             "--model_args",
@@ -191,12 +160,5 @@ def test_cli_attn_none_answers_exactly_like_llava_hf(
             *flags,
             output=out,
         )
-        assert done.returncode == 0, done.stderr[-3000:]
-        samples = [
-            json.loads(line)
-            for path in out.rglob("*_samples_*.jsonl")
-            for line in path.read_text().split("\n")
-            if line.strip()
-        ]
-        answers.append(sorted((s["doc_id"], s["filtered_resps"]) for s in samples))
+        answers.append([(s["doc_id"], s["filtered_resps"]) for s in samples_of(out, "lostattn_pope")])
     assert answers[0] == answers[1] and len(answers[0]) == 4

@@ -1,0 +1,162 @@
+"""Residual recording and per-sample statistics on a live tiny LLaVA, and their aggregation."""
+
+from __future__ import annotations
+
+import math
+import pathlib
+
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from lmms_lostattn.adapters import adapter_for
+from lmms_lostattn.metrics import module_stats
+from lmms_lostattn.scope import intervene
+from lmms_lostattn.spec import InterventionSpec, StatsConfig
+from lmms_lostattn.stats import StatsCollector, aggregate, layer_mean, mean_records
+
+QUESTIONS = ["Is there a red circle?", "What colour is the big square in the picture on the left?"]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_llava: pathlib.Path):
+    return AutoModelForImageTextToText.from_pretrained(tiny_llava, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def batch(tiny_llava: pathlib.Path) -> dict[str, torch.Tensor]:
+    processor = AutoProcessor.from_pretrained(tiny_llava)
+    processor.tokenizer.padding_side = "left"
+    prompts = [
+        processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}], add_generation_prompt=True
+        )
+        for q in QUESTIONS
+    ]
+    images = [Image.new("RGB", (32, 32), (200, 40, 40)), Image.new("RGB", (40, 30), (20, 90, 200))]
+    return processor(images=images, text=prompts, padding=True, return_tensors="pt")
+
+
+def resolve(model, **args: object):
+    text = model.config.get_text_config()
+    return InterventionSpec.from_model_args(args).resolve(text.num_hidden_layers, text.num_attention_heads)
+
+
+def record(model, inputs, *, generate: bool = False, use_cache: bool = True, **args: object) -> list[tuple]:
+    calls: list[tuple] = []
+
+    def keep(layer: int, x: torch.Tensor, d_attn: torch.Tensor, d_ffn: torch.Tensor, state) -> None:
+        calls.append((layer, x.clone(), d_attn.clone(), d_ffn.clone(), state.first_real.clone()))
+
+    with torch.no_grad(), intervene(model, resolve(model, **args), adapter_for(model.config), on_layer=keep):
+        if generate:
+            model.generate(**inputs, max_new_tokens=3, do_sample=False, use_cache=use_cache, pad_token_id=3)
+        else:
+            model(**inputs)
+    return calls
+
+
+def test_recorded_stream_is_what_the_model_computes(model, batch) -> None:
+    calls = record(model, batch)
+    layers = adapter_for(model.config).decoder_layers(model)
+    outputs: list[torch.Tensor] = []
+    handle = layers[-1].register_forward_hook(
+        lambda m, a, out: outputs.append(out[0] if isinstance(out, tuple) else out)
+    )
+    try:
+        with torch.no_grad():
+            hidden = model(**batch, output_hidden_states=True).hidden_states
+    finally:
+        handle.remove()
+    assert [c[0] for c in calls] == list(range(len(layers)))
+    for layer, x, d_attn, d_ffn, _ in calls:
+        torch.testing.assert_close(x, hidden[layer], rtol=0, atol=0)  # hidden_states[l] is the input of layer l
+        after = hidden[layer + 1] if layer + 1 < len(layers) else outputs[0]  # the last entry is after the norm
+        torch.testing.assert_close(x + d_attn + d_ffn, after, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_only_the_prefill_pass_is_recorded(model, batch, use_cache: bool) -> None:
+    calls = record(model, batch, generate=True, use_cache=use_cache)
+    prompt_len = batch["input_ids"].shape[1]
+    assert [c[0] for c in calls] == list(range(4)) and all(c[1].shape[1] == prompt_len for c in calls)
+
+
+def test_noise_delta_is_measured_by_the_same_recorder(model, batch) -> None:
+    vanilla = record(model, batch)
+    noisy = record(model, batch, attn="noise_delta", attn_layers="1")
+    assert torch.equal(noisy[0][2], vanilla[0][2])
+    real = batch["attention_mask"].bool()
+    assert not torch.allclose(noisy[1][2][real], vanilla[1][2][real])
+    torch.testing.assert_close(noisy[1][2].pow(2).mean(-1).sqrt()[real], vanilla[1][2].pow(2).mean(-1).sqrt()[real])
+
+
+@pytest.mark.parametrize("kind", ["paper", "all"])
+def test_collector_measures_each_sample_on_its_own_tokens(model, batch, kind: str) -> None:
+    config = StatsConfig(kind=kind, groups=("all", "image", "text"), max_tokens=1024)
+    collector = StatsCollector(config, num_layers=4)
+    with torch.no_grad(), intervene(model, resolve(model), adapter_for(model.config), on_layer=collector):
+        model(**batch)
+    records = collector.take()
+    assert len(records) == 2 and collector.take() == []
+    calls = record(model, batch)
+    image = batch["input_ids"] == model.config.image_token_id
+    for sample, rec in enumerate(records):
+        first = int(calls[0][4][sample])
+        rows = {"all": torch.arange(first, image.shape[1])}
+        rows["image"] = rows["all"][image[sample, first:]]
+        rows["text"] = rows["all"][~image[sample, first:]]
+        for layer, x, d_attn, d_ffn, _ in calls:
+            for module, (before, update) in {"attn": (x, d_attn), "ffn": (x + d_attn, d_ffn)}.items():
+                for group, index in rows.items():
+                    expected = module_stats(before[sample, index], update[sample, index], kind=kind)
+                    got = {m: rec["values"][module][group][m][layer] for m in expected}
+                    assert got == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    assert set(records[0]["values"]["attn"]["all"]) == (
+        {"rid", "mixig"}
+        if kind == "paper"
+        else {"rid", "mixig", "mixig_mean", "delta_s", "delta_d", "erank_x", "erank_x_new"}
+    )
+
+
+def test_batch_of_two_measures_like_two_batches_of_one(model, batch) -> None:
+    config = StatsConfig(kind="paper")
+    together = StatsCollector(config, 4)
+    with torch.no_grad(), intervene(model, resolve(model), adapter_for(model.config), on_layer=together):
+        model(**batch)
+    first_real = batch["attention_mask"].long().argmax(1)
+    for sample, rec in enumerate(together.take()):
+        alone = StatsCollector(config, 4)
+        single = {
+            k: v[sample : sample + 1, int(first_real[sample]) :] if k != "pixel_values" else v[sample : sample + 1]
+            for k, v in batch.items()
+        }
+        with torch.no_grad(), intervene(model, resolve(model), adapter_for(model.config), on_layer=alone):
+            model(**single)
+        expected = alone.take()[0]["values"]["ffn"]["all"]["rid"]
+        assert rec["values"]["ffn"]["all"]["rid"] == pytest.approx(expected, rel=1e-4)
+
+
+def _record(values: dict[str, list[float | None]], module: str = "attn") -> dict:
+    other = "ffn" if module == "attn" else "attn"
+    return {"layers": 2, "values": {module: {"all": values}, other: {"all": {}}}}
+
+
+def test_aggregate_closed_forms() -> None:
+    records = [_record({"rid": [0.1, 0.3]}), _record({"rid": [0.3, 0.5]}), _record({"rid": [0.2, None]})]
+    out = aggregate(records)["attn"]["all"]["rid"]
+    assert out["layers"]["mean"] == pytest.approx([0.2, 0.4])
+    assert out["layers"]["n"] == [3, 2]
+    assert out["layers"]["stderr"][0] == pytest.approx(math.sqrt(0.01 / 3))  # sample var of .1,.3,.2 is .01
+    assert out["layers"]["stderr"][1] == pytest.approx(math.sqrt(0.02 / 2))
+    assert out["overall"]["mean"] == pytest.approx((0.2 + 0.4 + 0.2) / 3)  # layer means: .2, .4, .2
+    assert out["overall"]["n"] == 3
+    assert aggregate([_record({"rid": [0.7, 0.1]})])["attn"]["all"]["rid"]["overall"]["stderr"] is None
+
+
+def test_layer_mean_and_mean_records() -> None:
+    a, b = _record({"rid": [0.2, None]}), _record({"rid": [0.4, 0.6]})
+    assert layer_mean(a, "attn", "all", "rid") == pytest.approx(0.2)
+    assert layer_mean(a, "attn", "image", "rid") is None
+    assert mean_records([a, b])["values"]["attn"]["all"]["rid"] == pytest.approx([0.3, 0.6])
