@@ -31,7 +31,9 @@ def run_cli(*args: str, output: pathlib.Path, limit: int = 4, launcher: tuple[st
         "--verbosity",
         "DEBUG",
     ]
-    done = subprocess.run(command, env={**os.environ, **OFFLINE}, capture_output=True, text=True, timeout=600)
+    output.mkdir(parents=True, exist_ok=True)  # also the working directory: the checkout must not shadow the install
+    done = subprocess.run(command, env={**os.environ, **OFFLINE}, capture_output=True, text=True, timeout=600,
+                          cwd=output)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
 
 
