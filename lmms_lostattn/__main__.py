@@ -4,6 +4,9 @@
 * ``lostattn build-tiny DIR``: a tiny random-weight LLaVA-family model, loadable with ``from_pretrained(DIR)``.
 * ``lostattn demo``: the README's main job: lmms-eval on the tiny model and the local POPE-format task, learned
   attention vs. the paper's Gaussian attention over image tokens, with RID/MixIG, then a side-by-side summary.
+* ``lostattn report RUN...``, ``lostattn compare RUN...``, ``lostattn check RUN --baseline RUN``: per-layer plots and
+  the paper's tables, a leaderboard with paired tests, and a CI regression gate over lmms-eval output folders.
+  Unusable input exits 2 with a message naming the file.
 """
 
 from __future__ import annotations
@@ -15,7 +18,11 @@ import pathlib
 import subprocess
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from lmms_lostattn.compare import Table
 
 DEMO_RUNS = {
     "learned attention": "attn=none",
@@ -58,6 +65,78 @@ def demo(output: pathlib.Path, limit: int) -> None:
         print(f"| {row} | " + " | ".join(cells) + " |")
     print("\nThe tiny model has random weights and does not answer yes/no, so POPE scores stay at 0: the demo shows"
           f" the pipeline (interventions, statistics, lmms-eval outputs), not the paper's effect. Outputs: {output}")
+    folders = [output / name.split()[0] for name in DEMO_RUNS]
+    report(folders, output / "report", force=True)
+
+
+def _write(files: Mapping[pathlib.Path, str | bytes], force: bool) -> None:
+    """Write every file, or none when one exists and ``force`` is off."""
+    from lmms_lostattn.runs import RunError
+
+    existing = [str(path) for path in files if path.exists()]
+    if existing and not force:
+        more = f" (and {len(existing) - 1} more output files)" if len(existing) > 1 else ""
+        raise RunError(f"{existing[0]}{more} already exists; pass --force to overwrite")
+    for path, content in files.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content)
+        print(f"wrote {path}")
+
+
+def _tables(stem: pathlib.Path, table: Table) -> dict[pathlib.Path, str]:
+    from lmms_lostattn.compare import csv_text, markdown
+
+    return {stem.with_suffix(".md"): markdown(table), stem.with_suffix(".csv"): csv_text(table)}
+
+
+def report(paths: Sequence[pathlib.Path], output: pathlib.Path, force: bool = False) -> None:
+    """Per-layer plots (PNG, SVG) and the paper's module-level and accuracy tables (Markdown, CSV) in ``output``."""
+    from lmms_lostattn.compare import accuracy_table, module_table
+    from lmms_lostattn.plots import layer_images
+    from lmms_lostattn.runs import load_runs
+
+    runs = load_runs(list(paths))
+    files: dict[pathlib.Path, str | bytes] = {**_tables(output / "modules", module_table(runs)),
+                                              **_tables(output / "accuracy", accuracy_table(runs))}
+    for task, images in layer_images(runs, ("png", "svg")).items():
+        files.update({output / f"layers_{task}.{fmt}": data for fmt, data in images.items()})
+    _write(files, force)
+
+
+def compare(paths: Sequence[pathlib.Path], baseline: pathlib.Path | None, output: pathlib.Path, force: bool) -> None:
+    """Leaderboard (Markdown, CSV, HTML with the plots) against ``baseline`` (default: the first vanilla run)."""
+    from lmms_lostattn.compare import leaderboard, markdown
+    from lmms_lostattn.html import page
+    from lmms_lostattn.plots import layer_images
+    from lmms_lostattn.runs import find_results, load_runs
+
+    if baseline is not None:
+        chosen = find_results(baseline).resolve()
+        paths = [baseline, *(path for path in paths if find_results(path).resolve() != chosen)]
+    runs = load_runs(list(paths))
+    base = runs[0] if baseline is not None else next((r for r in runs if r.mode == "none"), runs[0])
+    table = leaderboard(runs, base)
+    images = {task: pngs["png"] for task, pngs in layer_images(runs).items()}
+    print(markdown(table))
+    _write({**_tables(output / "leaderboard", table),
+            output / "leaderboard.html": page("lostattn leaderboard", table, images)}, force)
+
+
+def check(path: pathlib.Path, baseline: pathlib.Path, max_drop: float, metrics: Sequence[str]) -> int:
+    """The CI gate: 0 when no selected metric drops beyond ``max_drop`` and noise, 1 otherwise."""
+    from lmms_lostattn.compare import check as gate
+    from lmms_lostattn.runs import load_run, version_changes
+
+    base, run = load_run(baseline), load_run(path)
+    lines = gate(base, run, max_drop, metrics)
+    failures = sum(status == "FAILED" for status, _ in lines)
+    print(f"baseline {base.path} ({base.model}, {base.label}) vs {run.path} ({run.model}, {run.label})")
+    changes = version_changes(base, run)
+    if changes:
+        print(f"note: versions differ ({', '.join(changes)})")
+    print("\n".join(f"{status:8}{line}" for status, line in lines))
+    print(f"{failures} regression(s)" if failures else "no regression")
+    return 1 if failures else 0
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -70,8 +149,35 @@ def main(argv: Sequence[str] | None = None) -> None:
     run = commands.add_parser("demo", help="learned vs. Gaussian attention on the tiny model, with RID/MixIG")
     run.add_argument("--output", type=pathlib.Path, default=None, help="where lmms-eval writes (default: a temp dir)")
     run.add_argument("--limit", type=int, default=40, help="documents of the local POPE-format task per run")
+    rep = commands.add_parser("report", help="per-layer plots and the paper's tables from lmms-eval output folders")
+    rep.add_argument("runs", nargs="+", type=pathlib.Path)
+    rep.add_argument("-o", "--output", type=pathlib.Path, default=pathlib.Path("lostattn-report"))
+    rep.add_argument("--force", action="store_true", help="overwrite existing outputs")
+    cmp = commands.add_parser("compare", help="leaderboard with paired tests against a baseline run")
+    cmp.add_argument("runs", nargs="+", type=pathlib.Path)
+    cmp.add_argument("--baseline", type=pathlib.Path, default=None, help="default: the first run with attn=none")
+    cmp.add_argument("-o", "--output", type=pathlib.Path, default=pathlib.Path("lostattn-compare"))
+    cmp.add_argument("--force", action="store_true", help="overwrite existing outputs")
+    gate = commands.add_parser("check", help="exit 1 when a metric falls below the baseline beyond noise")
+    gate.add_argument("run", type=pathlib.Path)
+    gate.add_argument("--baseline", type=pathlib.Path, required=True)
+    gate.add_argument("--max-drop", type=float, default=0.01, help="allowed absolute drop (default 0.01)")
+    gate.add_argument("--metrics", nargs="+", default=[], help="metric or task/metric (default: every task metric)")
     args = parser.parse_args(argv)
-    if args.command == "tasks-path":
+    if args.command in ("report", "compare", "check"):
+        from lmms_lostattn.runs import RunError
+
+        try:
+            if args.command == "report":
+                report(args.runs, args.output, args.force)
+            elif args.command == "compare":
+                compare(args.runs, args.baseline, args.output, args.force)
+            else:
+                sys.exit(check(args.run, args.baseline, args.max_drop, args.metrics))
+        except RunError as error:
+            print(f"lostattn {args.command}: {error}", file=sys.stderr)
+            sys.exit(2)
+    elif args.command == "tasks-path":
         from lmms_lostattn.tasks import tasks_path
 
         print(tasks_path())

@@ -128,20 +128,26 @@ def test_rows_image_edits_image_rows_only(model, batch) -> None:
     assert not torch.allclose(edited[image], base[image])
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_cached_decoding_equals_recomputation(model, batch, mode: str) -> None:
-    with_cache = generate(model, batch, attn=mode)
-    assert torch.equal(with_cache, generate(model, batch, use_cache=False, attn=mode))
+CASES = [{"attn": mode} for mode in MODES] + [
+    {"attn": "gaussian", "attn_heads": "p0.2-0.7", "attn_dist": "normal", "attn_sigma": 3},
+    {"attn": "uniform", "attn_rows": "text", "attn_keys": "text", "attn_heads": "1,3"},
+]
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_batch_of_two_equals_two_batches_of_one(model, batch, singles, mode: str) -> None:
-    together = logits(model, batch, attn=mode)[:, -1]
-    alone = torch.cat([logits(model, single, attn=mode)[:, -1] for single in singles])
+@pytest.mark.parametrize("args", CASES, ids=lambda args: "-".join(map(str, args.values())))
+def test_cached_decoding_equals_recomputation(model, batch, args: dict) -> None:
+    with_cache = generate(model, batch, **args)
+    assert torch.equal(with_cache, generate(model, batch, use_cache=False, **args))
+
+
+@pytest.mark.parametrize("args", CASES, ids=lambda args: "-".join(map(str, args.values())))
+def test_batch_of_two_equals_two_batches_of_one(model, batch, singles, args: dict) -> None:
+    together = logits(model, batch, **args)[:, -1]
+    alone = torch.cat([logits(model, single, **args)[:, -1] for single in singles])
     torch.testing.assert_close(together, alone, atol=1e-4, rtol=0)
-    tokens = generate(model, batch, attn=mode)
+    tokens = generate(model, batch, **args)
     for row, single in enumerate(singles):
-        assert torch.equal(tokens[row], generate(model, single, attn=mode)[0])
+        assert torch.equal(tokens[row], generate(model, single, **args)[0])
 
 
 @pytest.mark.parametrize("mode", ["gaussian", "shuffle", "noise_delta", "noise_qkv"])

@@ -1,0 +1,385 @@
+"""``lostattn report | compare | check`` on golden run folders made by the real pipeline (``data/make_runs.py``)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import pathlib
+import shutil
+import xml.etree.ElementTree as ET
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lmms_lostattn.__main__ import main
+from lmms_lostattn.compare import mcnemar, paired_bootstrap
+from lmms_lostattn.plots import ALL_TASKS, layer_curve
+from lmms_lostattn.runs import load_run
+
+RUNS = pathlib.Path(__file__).parent / "data" / "runs"
+TASKS = ("lostattn_pope", "lostattn_shapes_color")
+
+
+def lostattn(capsys: pytest.CaptureFixture[str], *args: str | pathlib.Path) -> tuple[int, str, str]:
+    """Run the console script in-process; (exit code, stdout, stderr)."""
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as exit_:
+        code = int(exit_.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def results(name: str | pathlib.Path) -> dict:
+    folder = RUNS / name if isinstance(name, str) else name
+    (path,) = folder.glob("*_results.json")
+    return json.loads(path.read_text())
+
+
+def copy_run(name: str, tmp_path: pathlib.Path, as_name: str | None = None) -> pathlib.Path:
+    return pathlib.Path(shutil.copytree(RUNS / name, tmp_path / (as_name or name)))
+
+
+def edit_json(path: pathlib.Path, edit: Callable[[dict], object]) -> None:
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+def set_scores(folder: pathlib.Path, scores: list[float]) -> None:
+    """Rewrite POPE accuracy in a run copy: per-sample scores (by doc_id) and the aggregate, consistently."""
+    (samples_path,) = folder.glob("*_samples_lostattn_pope.jsonl")
+    samples = [json.loads(line) for line in samples_path.read_text().splitlines()]
+    for sample in samples:
+        sample["pope_accuracy"]["score"] = scores[sample["doc_id"]]
+    samples_path.write_text("".join(json.dumps(s) + "\n" for s in samples))
+    (results_path,) = folder.glob("*_results.json")
+    accuracy = float(np.mean(scores))
+    edit_json(results_path, lambda r: r["results"]["lostattn_pope"].update({"pope_accuracy,none": accuracy}))
+
+
+def read_csv(path: pathlib.Path) -> list[dict[str, str]]:
+    with path.open() as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.fixture(scope="module")
+def report_dir(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    out = tmp_path_factory.mktemp("report") / "out"
+    main(["report", *(str(RUNS / n) for n in ("none", "gaussian", "noise_delta", "knockout")), "-o", str(out)])
+    return out
+
+
+@pytest.fixture(scope="module")
+def compare_dir(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    out = tmp_path_factory.mktemp("compare") / "out"
+    main(["compare", *(str(RUNS / n) for n in ("gaussian", "none", "knockout", "noise_delta")), "-o", str(out)])
+    return out
+
+
+# --- report ------------------------------------------------------------------------------------------------------
+
+
+def test_module_table_has_the_papers_rows_with_the_raw_numbers(report_dir: pathlib.Path) -> None:
+    rows = read_csv(report_dir / "modules.csv")
+    expected = [("attention", "none", "attn"), ("FFN", "none", "ffn"), ("Noise Δ", "noise_delta", "attn")]
+    assert [(r["row"], r["run"]) for r in rows] == [(label, run) for label, run, _ in expected]
+    markdown = (report_dir / "modules.md").read_text()
+    for row, (_, run, module) in zip(rows, expected, strict=True):
+        for task in TASKS:
+            for metric, column in (("rid", "RID"), ("mixig", "MixIG")):
+                raw = results(run)["results"][task]
+                mean, stderr = raw[f"lostattn_{metric}_{module},none"], raw[f"lostattn_{metric}_{module}_stderr,none"]
+                assert float(row[f"{task} {column}"]) == mean
+                assert float(row[f"{task} {column} stderr"]) == stderr
+                assert f"{mean:.4f} ± {stderr:.4f}" in markdown
+
+
+def test_accuracy_table_puts_vanilla_first_with_each_tasks_headline_metric(report_dir: pathlib.Path) -> None:
+    rows = read_csv(report_dir / "accuracy.csv")
+    assert rows[0]["run"] == "none" and {r["run"] for r in rows} == {"none", "gaussian", "noise_delta", "knockout"}
+    for row in rows:
+        raw = results(row["run"])
+        assert row["intervention"].startswith(raw["lostattn"]["intervention"]["mode"])
+        assert raw["lostattn"]["spec_hash"] in row["intervention"]
+        assert float(row["lostattn_pope pope_accuracy"]) == raw["results"]["lostattn_pope"]["pope_accuracy,none"]
+        assert float(row["lostattn_shapes_color exact_match"]) == raw["results"]["lostattn_shapes_color"][
+            "exact_match,none"]
+    assert "| model | intervention | run | lostattn_pope pope_accuracy |" in (report_dir / "accuracy.md").read_text()
+
+
+def test_plots_are_valid_non_blank_images_of_the_fixed_size(report_dir: pathlib.Path) -> None:
+    for task in (*TASKS, ALL_TASKS):
+        with Image.open(report_dir / f"layers_{task}.png") as image:
+            assert image.size == (1100, 420)
+            extrema = image.convert("L").getextrema()
+            assert extrema[0] < 100 < extrema[1]
+        assert ET.parse(report_dir / f"layers_{task}.svg").getroot().tag.endswith("svg")
+
+
+def test_across_tasks_curve_is_the_sample_weighted_mean_of_the_task_curves() -> None:
+    run = load_run(RUNS / "none")
+    layers = [run.sidecar["tasks"][t]["per_layer"]["attn"]["all"]["rid"]["layers"] for t in TASKS]
+    n = np.array([layer["n"] for layer in layers], dtype=float)
+    expected = (n * np.array([layer["mean"] for layer in layers])).sum(axis=0) / n.sum(axis=0)
+    mean, stderr = layer_curve(run, ALL_TASKS, "attn", "rid")
+    np.testing.assert_allclose(mean, expected, rtol=1e-12)
+    np.testing.assert_allclose(layer_curve(run, TASKS[0], "attn", "rid")[1], layers[0]["stderr"], rtol=1e-12)
+    assert np.all(stderr > 0)
+
+
+def test_nothing_is_overwritten_without_force(capsys: pytest.CaptureFixture[str], tmp_path: pathlib.Path) -> None:
+    target = tmp_path / "out"
+    assert lostattn(capsys, "report", RUNS / "none", "-o", target)[0] == 0
+    (target / "modules.md").write_text("mine")
+    code, _, err = lostattn(capsys, "report", RUNS / "none", "-o", target)
+    assert code == 2 and "already exists" in err and "--force" in err
+    assert (target / "modules.md").read_text() == "mine"
+    assert lostattn(capsys, "report", RUNS / "none", "-o", target, "--force")[0] == 0
+    assert (target / "modules.md").read_text() != "mine"
+
+
+# --- paired tests ------------------------------------------------------------------------------------------------
+
+
+def test_mcnemar_is_exact_on_closed_forms() -> None:
+    assert mcnemar([1] * 6 + [0, 0], [0] * 8) == pytest.approx(2 * 0.5**6)  # b=6, c=0
+    assert mcnemar([1, 0, 1, 0], [0, 1, 0, 1]) == 1.0  # b = c
+    assert mcnemar([1, 1, 0], [1, 1, 0]) == 1.0  # no discordant pair
+    assert mcnemar([1] * 10, [0] * 10) == pytest.approx(2 * 0.5**10)
+
+
+def test_paired_bootstrap_is_seeded_and_two_sided() -> None:
+    base = np.linspace(0, 1, 30)
+    assert paired_bootstrap(base, base + 0.1) == 0.0  # every resampled mean difference is positive
+    assert paired_bootstrap(base, base) == 1.0
+    noisy = base + np.where(np.arange(30) % 2, 0.05, -0.05)
+    assert paired_bootstrap(base, noisy) == paired_bootstrap(base, noisy) > 0.5
+
+
+# --- compare -----------------------------------------------------------------------------------------------------
+
+
+def test_leaderboard_deltas_are_against_the_vanilla_baseline(compare_dir: pathlib.Path) -> None:
+    rows = read_csv(compare_dir / "leaderboard.csv")
+    assert [r["run"] for r in rows] == ["none", "gaussian", "knockout", "noise_delta"]
+    base = results("none")["results"]
+    markdown = (compare_dir / "leaderboard.md").read_text()
+    for row in rows[1:]:
+        raw = results(row["run"])["results"]
+        for task in TASKS:
+            for metric in ("lostattn_rid_attn", "lostattn_mixig_ffn"):
+                column = f"{task}/{metric}"
+                assert float(row[column]) == raw[task][f"{metric},none"]
+                assert float(row[f"{column} delta"]) == pytest.approx(
+                    raw[task][f"{metric},none"] - base[task][f"{metric},none"], abs=1e-15)
+                assert row[f"{column} test"] == "bootstrap"
+        assert row["lostattn_pope/pope_accuracy test"] == "McNemar"
+        assert row["lostattn_pope/pope_yes_ratio test"] == "aggregate is not a per-sample mean"
+    noise = rows[3]
+    # the paper's Noise Δ: attention's MixIG collapses, far beyond sampling noise, and the cell is marked
+    assert float(noise["lostattn_pope/lostattn_mixig_attn p"]) < 0.05
+    assert f"{float(noise['lostattn_pope/lostattn_mixig_attn delta']):+.4f}*)" in markdown
+
+
+def test_significance_mark_follows_the_p_value(compare_dir: pathlib.Path) -> None:
+    rows = read_csv(compare_dir / "leaderboard.csv")
+    lines = [line for line in (compare_dir / "leaderboard.md").read_text().splitlines() if line.startswith("| /")]
+    header = [h.strip() for h in (compare_dir / "leaderboard.md").read_text().splitlines()[0].strip("|").split("|")]
+    marked = 0
+    for row, line in zip(rows[1:], lines[1:], strict=True):
+        cells = dict(zip(header, (c.strip() for c in line.strip("|").split("|")), strict=True))
+        for column in header[3:]:
+            significant = row[f"{column} p"] != "" and float(row[f"{column} p"]) < 0.05
+            assert cells[column].endswith("*)") == significant, (row["run"], column)
+            marked += significant
+    assert marked > 0
+
+
+def test_explicit_baseline_comes_first_once(capsys: pytest.CaptureFixture[str], tmp_path: pathlib.Path) -> None:
+    code, _, _ = lostattn(capsys, "compare", RUNS / "none", RUNS / "gaussian", "--baseline", RUNS / "gaussian",
+                          "-o", tmp_path)
+    rows = read_csv(tmp_path / "leaderboard.csv")
+    assert code == 0 and [r["run"] for r in rows] == ["gaussian", "none"]
+    assert rows[0]["lostattn_pope/pope_accuracy test"] == "baseline"
+
+
+def test_runs_with_a_different_limit_are_flagged_not_compared(
+    capsys: pytest.CaptureFixture[str], tmp_path: pathlib.Path
+) -> None:
+    other = copy_run("gaussian", tmp_path)
+
+    def edit(raw: dict) -> None:
+        raw["config"]["limit"] = 6.0
+        raw["lostattn"]["versions"]["torch"] = "0.0"
+
+    edit_json(next(other.glob("*_results.json")), edit)
+    code, out, _ = lostattn(capsys, "compare", RUNS / "none", other, "-o", tmp_path / "out")
+    assert code == 0
+    row = read_csv(tmp_path / "out" / "leaderboard.csv")[1]
+    assert row["lostattn_pope/pope_accuracy delta"] == ""
+    assert "different --limit" in row["lostattn_pope/pope_accuracy test"]
+    assert "(†)" in out and "different --limit (8.0 vs 6.0)" in out
+    assert f"versions differ from the baseline (torch {results('none')['lostattn']['versions']['torch']} -> 0.0)" in out
+
+
+def test_html_leaderboard_renders_sorts_and_is_not_blank(compare_dir: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright not installed (pip install '.[test]')")
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.skip("chromium not installed (apt-get install -y chromium); .ci/run installs it when it can")
+    page_text = (compare_dir / "leaderboard.html").read_text()
+    assert "http://" not in page_text and "https://" not in page_text and page_text.count("data:image/png;base64,") == 3
+    flags = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+             "--disable-sync", "--no-first-run"]
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch_persistent_context(
+            tmp_path / "profile", executable_path=chromium, headless=True, args=flags)
+        page = browser.new_page()
+        errors: list[str] = []
+        page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        page.goto((compare_dir / "leaderboard.html").as_uri())
+        order = "rows => rows.map(row => row.children[2].textContent)"
+        before = page.eval_on_selector_all("#board tbody tr", order)
+        header = page.locator("#board th", has_text="lostattn_pope/lostattn_mixig_attn")
+        header.click()
+        ascending = page.eval_on_selector_all("#board tbody tr", order)
+        header.click()
+        descending = page.eval_on_selector_all("#board tbody tr", order)
+        shot = tmp_path / "shot.png"
+        page.screenshot(path=str(shot), full_page=True)
+        browser.close()
+    assert before == ["none", "gaussian", "knockout", "noise_delta"]
+    assert ascending == ["noise_delta", "knockout", "none", "gaussian"]  # MixIG(attn): 0.0067 < 0.1304 < 0.14378 < ...
+    assert descending == ascending[::-1]
+    assert errors == []
+    with Image.open(shot) as image:
+        assert image.size[1] > 1000 and np.asarray(image.convert("L")).std() > 10
+
+
+# --- check -------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def good(tmp_path: pathlib.Path) -> pathlib.Path:
+    """A copy of the vanilla run whose POPE accuracy is 1 on all 8 documents."""
+    folder = copy_run("none", tmp_path, "good")
+    set_scores(folder, [1.0] * 8)
+    return folder
+
+
+def test_check_passes_identical_configurations(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = lostattn(capsys, "check", RUNS / "gaussian", "--baseline", RUNS / "none")
+    assert code == 0 and "no regression" in out and "lostattn_pope/pope_accuracy" in out
+
+
+def test_check_catches_an_injected_regression(
+    capsys: pytest.CaptureFixture[str], good: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    bad = copy_run("none", tmp_path, "bad")
+    set_scores(bad, [1.0, 1.0] + [0.0] * 6)  # 6 of 8 flipped: McNemar p = 2/2^6 = 0.031
+    code, out, _ = lostattn(capsys, "check", bad, "--baseline", good)
+    assert code == 1
+    (failure,) = [line for line in out.splitlines() if line.startswith("FAILED")]
+    assert "lostattn_pope/pope_accuracy: 1.0000 -> 0.2500" in failure and "McNemar p=0.03125" in failure
+    assert "1 regression(s)" in out
+    assert lostattn(capsys, "check", bad, "--baseline", good, "--max-drop", "0.8")[0] == 0
+
+
+def test_check_ignores_a_drop_within_noise(
+    capsys: pytest.CaptureFixture[str], good: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    slightly = copy_run("none", tmp_path, "slightly")
+    set_scores(slightly, [1.0] * 7 + [0.0])  # drop 0.125 > 0.01, but one discordant pair: p = 1
+    code, out, _ = lostattn(capsys, "check", slightly, "--baseline", good, "--metrics", "pope_accuracy")
+    assert code == 0 and "McNemar p=1" in out
+
+
+def test_check_refuses_different_documents_or_missing_logs(
+    capsys: pytest.CaptureFixture[str], tmp_path: pathlib.Path
+) -> None:
+    other = copy_run("gaussian", tmp_path)
+    (samples_path,) = other.glob("*_samples_lostattn_shapes_color.jsonl")
+    samples_path.write_text(samples_path.read_text().replace('"doc_hash": "', '"doc_hash": "x', 1))
+    code, _, err = lostattn(capsys, "check", other, "--baseline", RUNS / "none")
+    assert code == 2 and "different documents in lostattn_shapes_color" in err
+    samples_path.unlink()
+    code, _, err = lostattn(capsys, "check", other, "--baseline", RUNS / "none")
+    assert code == 2 and "no samples log for lostattn_shapes_color" in err and "--log_samples" in err
+    edit_json(next(other.glob("*_results.json")), lambda r: r["results"].pop("lostattn_shapes_color"))
+    code, _, err = lostattn(capsys, "check", other, "--baseline", RUNS / "none")
+    assert code == 2 and "lostattn_shapes_color is not in both runs" in err
+    code, _, err = lostattn(capsys, "check", RUNS / "gaussian", "--baseline", RUNS / "none", "--metrics", "nope")
+    assert code == 2 and "nope is in no task" in err
+    code, _, err = lostattn(capsys, "check", RUNS / "gaussian", "--baseline", RUNS / "none", "--metrics",
+                            "pope_yes_ratio")
+    assert code == 2 and "pope_yes_ratio: cannot be tested per sample (aggregate is not a per-sample mean)" in err
+
+
+# --- malformed, truncated, mixed-up folders -----------------------------------------------------------------------
+
+
+def _truncate_results(folder: pathlib.Path) -> str:
+    (path,) = folder.glob("*_results.json")
+    path.write_text(path.read_text()[:500])
+    return f"{path}: not valid JSON"
+
+
+def _truncate_samples(folder: pathlib.Path) -> str:
+    (path,) = folder.glob("*_samples_lostattn_pope.jsonl")
+    path.write_text(path.read_text()[:-300])
+    return f"{path}: line 8 is not valid JSON"
+
+
+def _drop_last_sample(folder: pathlib.Path) -> str:
+    (path,) = folder.glob("*_samples_lostattn_pope.jsonl")
+    path.write_text("".join(path.read_text().splitlines(keepends=True)[:-1]))
+    return f"{path}: 7 samples, but"
+
+
+def _foreign_sidecar(folder: pathlib.Path) -> str:
+    (mine,) = folder.glob("*_lostattn.json")
+    (foreign,) = (RUNS / "gaussian").glob("*_lostattn.json")
+    shutil.copy(foreign, mine)
+    return f"{mine}: spec_hash 3857c3ad2ed1 differs"
+
+
+def _stray_file(folder: pathlib.Path) -> str:
+    (foreign,) = (RUNS / "gaussian").glob("*_samples_lostattn_pope.jsonl")
+    shutil.copy(foreign, folder)
+    return f"{folder / foreign.name}: belongs to another run"
+
+
+def _two_results(folder: pathlib.Path) -> str:
+    shutil.copytree(RUNS / "gaussian", folder / "again")
+    return f"{folder}: several results files"
+
+
+def _not_lostattn(folder: pathlib.Path) -> str:
+    (path,) = folder.glob("*_results.json")
+    edit_json(path, lambda r: r.pop("lostattn"))
+    return f"{path}: no 'lostattn' block"
+
+
+def _empty(folder: pathlib.Path) -> str:
+    for path in folder.iterdir():
+        path.unlink()
+    return f"{folder}: no *_results.json"
+
+
+@pytest.mark.parametrize("damage", [_truncate_results, _truncate_samples, _drop_last_sample, _foreign_sidecar,
+                                    _stray_file, _two_results, _not_lostattn, _empty])
+def test_damaged_folders_give_a_clear_error_naming_the_file(
+    damage: Callable[[pathlib.Path], str], capsys: pytest.CaptureFixture[str], tmp_path: pathlib.Path
+) -> None:
+    folder = copy_run("none", tmp_path)
+    expected = damage(folder)
+    for command in (["report", folder, "-o", tmp_path / "r"], ["check", folder, "--baseline", RUNS / "none"]):
+        code, out, err = lostattn(capsys, *command)
+        assert code == 2 and expected in err, err
+        assert "Traceback" not in err
+    assert not (tmp_path / "r").exists()
