@@ -46,3 +46,77 @@ def results_of(output: pathlib.Path) -> dict:
 def samples_of(output: pathlib.Path, task: str) -> list[dict]:
     lines = [line for path in output.rglob(f"*_samples_{task}.jsonl") for line in path.read_text().splitlines()]
     return sorted((json.loads(line) for line in lines if line.strip()), key=lambda sample: sample["doc_id"])
+
+
+def pope_argv(model: str, model_args: str, output: pathlib.Path, *extra: str) -> list[str]:
+    """``lmms-eval`` arguments for a quick run on ``lostattn_pope`` (``--limit 2``, 2 new tokens, failures raise)."""
+    return [
+        "lmms_eval",
+        "--model",
+        model,
+        "--model_args",
+        model_args,
+        "--tasks",
+        "lostattn_pope",
+        "--include_path",
+        str(tasks_path()),
+        "--limit",
+        "2",
+        "--gen_kwargs",
+        "max_new_tokens=2",
+        "--output_path",
+        str(output),
+        "--verbosity",
+        "DEBUG",
+        *extra,
+    ]
+
+
+def run_cli_batch(runs: list[list[str]], cwd: pathlib.Path) -> None:
+    """Run several ``lmms-eval`` command lines in ONE subprocess that imports lmms-eval once and calls its CLI entry
+    point per run. A run that raises leaves its traceback in ``<its --output_path>/error.txt`` and the others go on;
+    check each run's outputs (:func:`run_error`, :func:`results_of`)."""
+    cwd.mkdir(parents=True, exist_ok=True)  # the working directory: the checkout must not shadow the install
+    command = [sys.executable, __file__, json.dumps(runs)]
+    done = subprocess.run(command, env={**os.environ, **OFFLINE}, capture_output=True, text=True, timeout=1800,
+                          cwd=cwd)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+
+
+def run_error(output: pathlib.Path) -> str:
+    """The traceback a :func:`run_cli_batch` run with this ``--output_path`` left, or ``""``."""
+    error = output / "error.txt"
+    return error.read_text() if error.is_file() else ""
+
+
+def _index_tasks_once() -> None:
+    """Reuse lmms-eval's task index (a parse of ~3000 task YAMLs, ~8 s) across the runs of one process."""
+    import copy
+
+    from lmms_eval.tasks import TaskManager
+
+    original, indexes = TaskManager.initialize_tasks, {}
+
+    def initialize_tasks(manager: TaskManager, include_path=None, include_defaults: bool = True) -> dict:
+        key = (repr(include_path), include_defaults)
+        if key not in indexes:
+            indexes[key] = original(manager, include_path=include_path, include_defaults=include_defaults)
+        return copy.deepcopy(indexes[key])
+
+    TaskManager.initialize_tasks = initialize_tasks
+
+
+if __name__ == "__main__":  # run_cli_batch's subprocess: each argv list through lmms-eval's own CLI entry point
+    import traceback
+
+    from lmms_eval.__main__ import cli_evaluate
+
+    _index_tasks_once()
+    for argv in json.loads(sys.argv[1]):
+        sys.argv = argv
+        try:
+            cli_evaluate()
+        except Exception:
+            output = pathlib.Path(argv[argv.index("--output_path") + 1])
+            output.mkdir(parents=True, exist_ok=True)
+            (output / "error.txt").write_text(traceback.format_exc())

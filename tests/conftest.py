@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import pathlib
+from collections.abc import Callable
 
 import pytest
 
 
 def _tiny_model(tmp_path_factory: pytest.TempPathFactory, variant: str) -> pathlib.Path:
-    """Build (once per session) a tiny random LLaVA-family model in a session temp cache, not the user cache."""
-    from lmms_lostattn.testing import tiny_llava_dir
+    """Build (once per session) a tiny random model (any factory variant) in a session temp cache, not the user
+    cache."""
+    from lmms_lostattn.testing import tiny_model_dir
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LOSTATTN_CACHE", str(tmp_path_factory.getbasetemp() / "lostattn_cache"))
-        return tiny_llava_dir(variant)
+        return tiny_model_dir(variant)
 
 
 @pytest.fixture(scope="session")
@@ -26,3 +28,10 @@ def tiny_llava(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
 def tiny_llava_next(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
     """Directory of a tiny random-weight LLaVA-NeXT-style model + processor (36-88 image tokens per image)."""
     return _tiny_model(tmp_path_factory, "llava_next")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], pathlib.Path]:
+    """``tiny_model(variant)``: directory of a tiny model of any ``lmms_lostattn.testing.FAMILY_VARIANTS``, built
+    once per session."""
+    return lambda variant: _tiny_model(tmp_path_factory, variant)

@@ -1,0 +1,19 @@
+"""Qwen2-VL, Qwen2.5-VL and Qwen3-VL (lmms-eval's ``qwen2_vl``, ``qwen2_5_vl``, ``qwen3_vl``).
+
+Pre-norm decoder layers; image and video patches are ``<|image_pad|>`` / ``<|video_pad|>`` tokens (both visual).
+Qwen3-VL's DeepStack adds visual features between the first layers, which the recorder handles by recording X at
+every layer.
+"""
+
+from __future__ import annotations
+
+from lmms_lostattn.adapters.base import FamilyAdapter
+from lmms_lostattn.spec import FamilyPreset
+
+_PAPER = FamilyPreset(layers="1:", heads="p0.3-0.9")
+
+QWEN = FamilyAdapter(
+    family="qwen",
+    model_types=("qwen2_vl", "qwen2_5_vl", "qwen3_vl"),
+    paper_presets=dict.fromkeys(("qwen2_vl", "qwen2_5_vl", "qwen3_vl"), _PAPER),
+)

@@ -1,0 +1,299 @@
+"""Every supported LVLM family against lmms-eval's own wrapper for it, on a tiny random-weight model.
+
+Each family in :data:`FAMILIES` gets the same checks: ``attn=none`` parity with the base wrapper (texts and float32
+logits), image/video positions equal to the family processor's token ids, finite ``stats=paper`` values for every
+layer, the paper preset, and every mode through the lmms-eval command line (``-m cli``). README's support matrix is
+rendered from this table; after adding a family, regenerate it with ``python tests/test_families.py``.
+
+lmms-eval's Qwen, Gemma 3 and InternVL wrappers load models in bfloat16 (hard-coded) and the plugin keeps that (the
+parity test checks it loads in the base's dtype), so the tests move *both* the base and the plugin model to float32
+after construction, where 1e-5 logit agreement is meaningful.
+"""
+
+from __future__ import annotations
+
+import math
+import pathlib
+import re
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from operator import attrgetter
+
+import numpy as np
+import pytest
+import torch
+from cli_helpers import pope_argv, results_of, run_cli_batch, run_error
+from lmms_eval.api.instance import Instance
+from lmms_eval.models import get_model
+from PIL import Image
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+from lmms_lostattn.adapters import adapter_for
+from lmms_lostattn.scope import intervene
+from lmms_lostattn.spec import FamilyPreset, InterventionSpec
+
+MODES = ["none", "gaussian", "uniform", "identity", "sink", "shuffle", "knockout", "noise_delta", "noise_qkv"]
+POPE_METRICS = {"pope_accuracy,none", "pope_f1_score,none", "pope_precision,none", "pope_recall,none"}
+README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+
+
+@dataclass(frozen=True)
+class Family:
+    """One row of the support matrix: a tiny model variant, the plugin's model id and lmms-eval's base id."""
+
+    name: str
+    variant: str  # lmms_lostattn.testing factory variant
+    model_id: str
+    base_id: str
+    kinds: tuple[str, ...]  # lmms-eval classes wrapped: "chat" and/or "simple"
+    preset: FamilyPreset
+    cpu_args: dict[str, object] = field(default_factory=dict)
+    video: bool = False  # the processor takes videos (positions are checked for them too)
+    image_token: str = "image_token_id"  # the processor attribute with the id of the image-patch token
+    stats_args: dict[str, object] = field(default_factory=lambda: {"attn_preset": "paper"})
+
+    @property
+    def test_id(self) -> str:
+        return f"{self.model_id.removeprefix('lostattn_')}-{self.variant}"
+
+    @property
+    def model_args(self) -> str:
+        return ",".join(f"{key}={value}" for key, value in self.cpu_args.items())
+
+
+_CPU = {"device": "cpu", "device_map": "cpu"}
+_LLAVA_CPU = {**_CPU, "dtype": "float32"}
+_QWEN_CPU = {**_CPU, "min_pixels": 28 * 28 * 4, "max_pixels": 28 * 28 * 16}
+_LLAVA_STATS = {"attn_preset": "paper", "attn_layers": "1:"}  # the paper's layers 18-23 / 21-27 exceed 4 layers
+
+FAMILIES = [
+    Family("Qwen2.5-VL", "qwen2_5_vl", "lostattn_qwen2_5_vl", "qwen2_5_vl", ("chat", "simple"),
+           FamilyPreset("1:", "p0.3-0.9"), _QWEN_CPU, video=True),
+    Family("Qwen2-VL", "qwen2_vl", "lostattn_qwen2_vl", "qwen2_vl", ("simple",),
+           FamilyPreset("1:", "p0.3-0.9"), _QWEN_CPU, video=True),
+    Family("Qwen3-VL", "qwen3_vl", "lostattn_qwen3_vl", "qwen3_vl", ("chat", "simple"),
+           FamilyPreset("1:", "p0.3-0.9"), _QWEN_CPU, video=True),
+    Family("LLaVA-1.5", "llava", "lostattn_llava", "llava_hf", ("chat", "simple"),
+           FamilyPreset("18-23", "p0.3-0.6"), _LLAVA_CPU, stats_args=_LLAVA_STATS),
+    Family("LLaVA-NeXT", "llava_next", "lostattn_llava", "llava_hf", ("chat", "simple"),
+           FamilyPreset("18-23", "p0.3-0.6"), _LLAVA_CPU, stats_args=_LLAVA_STATS),
+    Family("LLaVA-OneVision", "llava_onevision", "lostattn_llava", "llava_hf", ("chat", "simple"),
+           FamilyPreset("21-27", "p0.3-0.6"), _LLAVA_CPU, stats_args=_LLAVA_STATS),
+    Family("Gemma 3", "gemma3", "lostattn_gemma3", "gemma3", ("simple",), FamilyPreset("1:", "p0.3-0.9"), _CPU,
+           image_token="tokenizer.image_token_id"),  # Gemma 3's processor.image_token_id is BOI, not the soft token
+    Family("InternVL (HF)", "internvl", "lostattn_internvl", "internvl_hf", ("chat",), FamilyPreset("1:", "p0.3-0.9"),
+           {**_CPU, "max_patches": 4}),
+    Family("Idefics2", "idefics2", "lostattn_idefics", "idefics2", ("simple",), FamilyPreset("1:", "p0.3-0.9"),
+           {**_CPU, "dtype": "float32"}),
+    Family("Mistral 3 (Pixtral)", "mistral3", "lostattn_mistral3_vl", "mistral3_vl", ("simple",),
+           FamilyPreset("1:", "p0.3-0.9"), _CPU),
+]
+FAMILY_IDS = [family.test_id for family in FAMILIES]
+PARITY = [pytest.param(family, kind, id=f"{family.test_id}-{kind}") for family in FAMILIES for kind in family.kinds]
+
+DOCS = [
+    {"question": "Is there a red circle in the image?", "image": Image.new("RGB", (96, 96), (200, 40, 40))},
+    {"question": "Is there a blue star?", "image": Image.new("RGB", (64, 80), (30, 60, 210))},
+]
+
+
+def _requests(kind: str) -> list[Instance]:
+    gen_kwargs = {"max_new_tokens": 5, "temperature": 0, "until": ["\n\n"]}
+
+    def to_messages(doc: dict) -> list[dict]:
+        image = {"type": "image", "url": doc["image"]}
+        return [{"role": "user", "content": [image, {"type": "text", "text": doc["question"]}]}]
+
+    requests = []
+    for doc_id, doc in enumerate(DOCS):
+        args = (
+            (doc["question"], dict(gen_kwargs), lambda d: [d["image"]], doc_id, "toy", "test")
+            if kind == "simple"
+            else (doc["question"], to_messages, dict(gen_kwargs), doc_id, "toy", "test")
+        )
+        requests.append(
+            Instance("generate_until", args, 0, {"task": "toy", "doc_id": doc_id, "repeats": 1, "split": "test"})
+        )
+    return requests
+
+
+def _load(model_id: str, kind: str, path: pathlib.Path, family: Family, **args: object):
+    """An lmms-eval model instance of ``model_id``'s ``kind`` class, ready for the toy requests, moved to float32
+    (several lmms-eval wrappers hard-code bfloat16); ``lm.loaded_dtype`` is the dtype it loaded in."""
+    lm = get_model(model_id, force_simple=kind == "simple")(pretrained=str(path), **family.cpu_args, **args)
+    lm.loaded_dtype = lm.model.dtype
+    lm.model.to(torch.float32)
+    lm.task_dict = {"toy": {"test": DOCS}}
+    return lm
+
+
+def _texts(lm, kind: str) -> list[str]:
+    return [getattr(output, "text", output) for output in lm.generate_until(_requests(kind))]
+
+
+def _inputs(processor, video: bool = False) -> dict[str, torch.Tensor]:
+    """One prompt with an image (and a 4-frame video) through the family's own processor and chat template."""
+    content = [{"type": "image"}, *([{"type": "video"}] if video else []), {"type": "text", "text": "Is it red?"}]
+    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    media = {"images": [DOCS[0]["image"]]}
+    if video:
+        frames = np.stack([np.full((64, 64, 3), 40 * i, dtype=np.uint8) for i in range(4)])
+        media["videos"] = [frames]
+    return processor(text=[text], return_tensors="pt", **media)
+
+
+@pytest.mark.parametrize(("family", "kind"), PARITY)
+def test_attn_none_matches_the_lmms_eval_wrapper(
+    tiny_model: Callable[[str], pathlib.Path], family: Family, kind: str
+) -> None:
+    path = tiny_model(family.variant)
+    base = get_model(family.base_id, force_simple=kind == "simple")
+    ours = get_model(family.model_id, force_simple=kind == "simple")
+    assert issubclass(ours, base) and ours.is_simple == (kind == "simple")
+    base_lm = _load(family.base_id, kind, path, family)
+    our_lm = _load(family.model_id, kind, path, family, attn="none")
+    assert our_lm.loaded_dtype == base_lm.loaded_dtype  # the plugin loads exactly as lmms-eval does
+    expected = _texts(base_lm, kind)
+    assert _texts(our_lm, kind) == expected and any(expected)
+    inputs = _inputs(AutoProcessor.from_pretrained(path))
+    with torch.no_grad():
+        torch.testing.assert_close(our_lm.model(**inputs).logits, base_lm.model(**inputs).logits, atol=1e-5, rtol=0)
+    implementation = base_lm.model.config.get_text_config()._attn_implementation
+    assert our_lm.model.config.get_text_config()._attn_implementation == implementation
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=FAMILY_IDS)
+def test_visual_positions_are_the_processors_image_and_video_tokens(
+    tiny_model: Callable[[str], pathlib.Path], family: Family
+) -> None:
+    path = tiny_model(family.variant)
+    processor = AutoProcessor.from_pretrained(path)
+    model = AutoModelForImageTextToText.from_pretrained(path).eval()
+    inputs = _inputs(processor, video=family.video)
+    token_ids = [attrgetter(family.image_token)(processor)] + ([processor.video_token_id] if family.video else [])
+    expected = torch.isin(inputs["input_ids"], torch.tensor(token_ids))
+    for token_id in token_ids:
+        assert (inputs["input_ids"] == token_id).sum() > 0
+    adapter = adapter_for(model.config)
+    intervention = InterventionSpec.from_model_args({"attn": "uniform"}).resolve(len(adapter.decoder_layers(model)), 4)
+    with torch.no_grad(), intervene(model, intervention, adapter) as scope:
+        model(**inputs)
+        found = scope.state.is_visual
+    assert torch.equal(found, expected)
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=FAMILY_IDS)
+def test_paper_preset_is_the_familys(tiny_model: Callable[[str], pathlib.Path], family: Family) -> None:
+    config = AutoConfig.from_pretrained(tiny_model(family.variant))
+    assert adapter_for(config).preset(config) == family.preset
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=FAMILY_IDS)
+def test_stats_paper_are_finite_for_every_layer(tiny_model: Callable[[str], pathlib.Path], family: Family) -> None:
+    args = {"attn": "gaussian", "stats": "paper", **family.stats_args}
+    lm = _load(family.model_id, family.kinds[0], tiny_model(family.variant), family, **args)
+    text = lm.model.config.get_text_config()
+    spec = InterventionSpec.from_model_args({k: v for k, v in args.items() if k.startswith("attn")})
+    assert lm.intervention == spec.resolve(text.num_hidden_layers, text.num_attention_heads, family.preset)
+    _texts(lm, family.kinds[0])
+    for doc_id in range(len(DOCS)):
+        (record,) = lm._run.records[("toy", doc_id)]
+        for module in ("attn", "ffn"):
+            for metric in ("rid", "mixig"):
+                values = record["values"][module]["all"][metric]
+                assert len(values) == text.num_hidden_layers
+                assert all(value is not None and math.isfinite(value) for value in values), (module, metric, values)
+
+
+@pytest.fixture(scope="module")
+def cli_outputs(tiny_model: Callable[[str], pathlib.Path], tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    """Every family x mode through the lmms-eval command line, in one subprocess (one lmms-eval import and task
+    index for all, ~2 s per run after that); run ``<family>/<mode>`` writes under ``<returned dir>/<family>/<mode>``."""
+    root = tmp_path_factory.mktemp("cli")
+    runs = [
+        pope_argv(
+            family.model_id,
+            f"pretrained={tiny_model(family.variant)},{family.model_args},attn={mode}",
+            root / family.test_id / mode,
+        )
+        for family in FAMILIES
+        for mode in MODES
+    ]
+    run_cli_batch(runs, root)
+    return root
+
+
+@pytest.mark.cli
+@pytest.mark.parametrize("family", FAMILIES, ids=FAMILY_IDS)
+def test_every_mode_runs_through_the_lmms_eval_cli(cli_outputs: pathlib.Path, family: Family) -> None:
+    for mode in MODES:
+        output = cli_outputs / family.test_id / mode
+        assert not run_error(output), f"attn={mode}:\n{run_error(output)}"
+        results = results_of(output)
+        assert set(results["results"]["lostattn_pope"]) >= POPE_METRICS, mode
+        assert results["lostattn"]["intervention"]["mode"] == mode
+
+
+@pytest.mark.parametrize(
+    ("config_class", "reason"),
+    [("MllamaConfig", r"gated cross-attention"), ("BertConfig", r"'bert' is not supported\.")],
+    ids=["mllama", "unknown"],
+)
+def test_unsupported_models_are_refused_before_loading(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, config_class: str, reason: str
+) -> None:
+    import transformers
+
+    getattr(transformers, config_class)().save_pretrained(tmp_path)
+
+    def no_load(*_: object, **__: object) -> None:
+        raise AssertionError("the model was loaded before the architecture was checked")
+
+    monkeypatch.setattr(transformers.Qwen2_5_VLForConditionalGeneration, "from_pretrained", no_load)
+    families = r"Supported: llava \(llava/llava_next/llava_onevision\), qwen \(qwen2_vl/qwen2_5_vl/qwen3_vl\)"
+    with pytest.raises(ValueError, match=rf"{reason}.*{families}.*Adding a family"):
+        get_model("lostattn_qwen2_5_vl")(pretrained=str(tmp_path), **_CPU, attn="gaussian")
+
+
+# -- README support matrix ---------------------------------------------------------------------------------------
+
+_MATRIX_START = "<!-- support-matrix: generated by `python tests/test_families.py`; do not edit -->"
+_MATRIX_END = "<!-- /support-matrix -->"
+_CHECKS = (
+    "`attn=none` parity with the base wrapper (texts, float32 logits to 1e-5), all 9 modes through the lmms-eval "
+    "command line, visual-token positions equal to the processor's token ids, finite `stats=paper` for every layer, "
+    "the paper preset"
+)
+
+
+def render_matrix() -> str:
+    """README's support matrix, from :data:`FAMILIES` (every row is covered by every parametrised test above)."""
+    rows = [
+        "| family | `--model` | lmms-eval base (classes) | `model_type` tested | visual tokens checked "
+        "| `attn_preset=paper` layers / heads |",
+        "|---|---|---|---|---|---|",
+    ]
+    for family in FAMILIES:
+        base = f"`{family.base_id}` ({', '.join(family.kinds)})"
+        preset = f"`{family.preset.layers}` / `{family.preset.heads}`"
+        visual = "image, video" if family.video else "image"
+        rows.append(f"| {family.name} | `{family.model_id}` | {base} | `{family.variant}` | {visual} | {preset} |")
+    footer = f"Every row passes, on a tiny random-weight model of that family: {_CHECKS}."
+    return "\n".join([_MATRIX_START, *rows, "", footer, _MATRIX_END])
+
+
+def _readme_matrix() -> str:
+    match = re.search(re.escape(_MATRIX_START) + r".*?" + re.escape(_MATRIX_END), README.read_text(), re.S)
+    return match.group(0) if match else ""
+
+
+def test_readme_support_matrix_is_current() -> None:
+    assert _readme_matrix() == render_matrix(), "README's support matrix is stale: run `python tests/test_families.py`"
+
+
+if __name__ == "__main__":  # regenerate README's support matrix
+    text = README.read_text()
+    if not _readme_matrix():
+        sys.exit(f"no support-matrix markers in {README}")
+    README.write_text(text.replace(_readme_matrix(), render_matrix()))
