@@ -388,8 +388,9 @@ def intervene(
         if intervention.edits_weights:
             stack.enter_context(_attention_implementation(model))
             for index in intervention.layers:
-                _EDITED[id(adapter.attention_module(layers[index]))] = (scope, index)
-                stack.callback(_EDITED.pop, id(adapter.attention_module(layers[index])), None)
+                key = id(adapter.attention_module(layers[index]))
+                _EDITED[key] = (scope, index)
+                stack.callback(_EDITED.pop, key, None)
         elif intervention.mode == "noise_delta":
             for index in intervention.layers:
                 hook = scope.noise_delta_hook(index)

@@ -70,10 +70,14 @@ def table_group(config: StatsConfig) -> str:
     return "all" if "all" in config.groups else config.groups[0]
 
 
+def _series(record: dict[str, Any], module: str, group: str, metric: str) -> list[float | None]:
+    """One metric's per-layer values in one record (empty when the group or metric was not measured)."""
+    return record["values"][module].get(group, {}).get(metric, [])
+
+
 def layer_mean(record: dict[str, Any], module: str, group: str, metric: str) -> float | None:
     """Mean over layers of one metric of one sample (layers without a value are skipped)."""
-    values = [v for v in record["values"][module].get(group, {}).get(metric, []) if v is not None]
-    return sum(values) / len(values) if values else None
+    return _mean(_series(record, module, group, metric))
 
 
 def mean_records(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -147,5 +151,5 @@ def aggregate(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _value(record: dict[str, Any], module: str, group: str, metric: str, layer: int) -> float | None:
-    values = record["values"][module].get(group, {}).get(metric)
+    values = _series(record, module, group, metric)
     return values[layer] if values else None
