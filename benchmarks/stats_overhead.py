@@ -12,6 +12,11 @@ with ``torch.cuda.max_memory_allocated``.
 
 from __future__ import annotations
 
+import os
+
+# Before torch loads OpenMP, as in attn_overhead.py: spin-waiting threads stall on a shared 2-core host.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import argparse
 import dataclasses
 import json

@@ -18,15 +18,20 @@ Conventions shared by all functions:
 * Numerical rank tolerance: ``r = #{sigma_i > tol * sigma_max}`` with ``tol = max(S, H) * eps_float32`` (what
   ``torch.linalg.matrix_rank`` uses for float32), whatever the input dtype, so float32 and float64 inputs give the
   same rank; ``rtol`` overrides ``tol``.
+* Singular values and subspaces come from the float64 eigendecomposition of the smaller Gram matrix (see
+  :class:`Decomposition`, which also lets several statistics share one matrix's decomposition).
 * Bad input (not 2-D, empty, complex, shapes that differ, NaN/inf, bad ``alpha``/``agg``/``rtol``/``max_tokens``)
   raises ``ValueError`` naming the argument, the bad value and what is accepted; no function returns NaN.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import numbers
 import operator
+from collections.abc import Iterator
 
 import torch
 
@@ -35,6 +40,8 @@ __all__ = [
     "KINDS",
     "RANK_EPS",
     "delta_d",
+    "Decomposition",
+    "decompose",
     "delta_s",
     "erank",
     "mixig",
@@ -42,6 +49,7 @@ __all__ = [
     "rid",
     "select_tokens",
     "tme",
+    "update_stats",
 ]
 
 AGGS = ("last", "mean")
@@ -49,6 +57,7 @@ KINDS = ("paper", "all")
 RANK_EPS = float(torch.finfo(torch.float32).eps)
 """Machine epsilon of float32; the default rank tolerance is ``max(S, H) * RANK_EPS`` relative to ``sigma_max``."""
 
+_EPS64 = float(torch.finfo(torch.float64).eps)
 _NORM_EPS = 1e-12  # clamp on row norms in TME: an all-zero row stays a zero vector instead of dividing by zero
 
 
@@ -119,19 +128,6 @@ def _check_int(name: str, value: int, minimum: int) -> int:
 # --------------------------------------------------------------------------------------------------- internals
 
 
-def _svd(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Thin SVD ``x = U diag(s) Vh``, always run on the tall orientation (2-4x faster on CPU LAPACK for wide x)."""
-    if x.shape[0] >= x.shape[1]:
-        return torch.linalg.svd(x, full_matrices=False)
-    u, s, vh = torch.linalg.svd(x.T, full_matrices=False)
-    return vh.T, s, u.T
-
-
-def _svdvals(x: torch.Tensor) -> torch.Tensor:
-    """Singular values in descending order, on the tall orientation (see :func:`_svd`)."""
-    return torch.linalg.svdvals(x if x.shape[0] >= x.shape[1] else x.T)
-
-
 def _erank_from_sv(s: torch.Tensor) -> float:
     """eRank from singular values; 0 for an all-zero spectrum (zero matrix), where p is undefined."""
     total = s.sum()
@@ -143,37 +139,6 @@ def _erank_from_sv(s: torch.Tensor) -> float:
 def _delta_s_from_eranks(e_x: float, e_new: float, shape: torch.Size) -> float:
     # eRank <= min(S, H) holds exactly; the clamp only absorbs rounding of exp(log k) above k.
     return min(1.0, abs(e_new - e_x) / min(shape))
-
-
-def _rank(s: torch.Tensor, shape: torch.Size, rtol: float | None) -> int:
-    tol = max(shape) * RANK_EPS if rtol is None else rtol
-    return int((s > tol * s[0]).sum())
-
-
-def _delta_d_from_svd(
-    u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, x_new: torch.Tensor, rtol: float | None
-) -> float:
-    """ΔD from the thin SVD of X without forming S×S or H×H projectors.
-
-    Residuals are computed explicitly (``X' - U_r (U_r^T X')``) rather than as ``||X'||² - ||U_r^T X'||²``, which
-    would lose half the digits to cancellation when the update stays inside X's subspaces. When ``r`` equals the
-    number of rows (columns) the projector is the identity and that residual is exactly 0.
-    """
-    norm_new = float(torch.linalg.matrix_norm(x_new))
-    if norm_new == 0.0:
-        return 0.0
-    n_rows, n_cols = x_new.shape
-    r = _rank(s, x_new.shape, rtol)
-    res_c = 0.0
-    if r < n_rows:
-        u_r = u[:, :r]
-        res_c = float(torch.linalg.matrix_norm(x_new - u_r @ (u_r.T @ x_new)))
-    res_r = 0.0
-    if r < n_cols:
-        v_r = vh[:r].T
-        res_r = float(torch.linalg.matrix_norm(x_new - (x_new @ v_r) @ v_r.T))
-    # Each residual is at most ||X'||_F exactly; the clamp only absorbs rounding.
-    return min(1.0, (res_c + res_r) / (2.0 * norm_new))
 
 
 def _unit_rows(x: torch.Tensor) -> torch.Tensor:
@@ -197,7 +162,135 @@ def _check_tokens(x: torch.Tensor) -> None:
         raise ValueError(f"x must have at least 2 rows (tokens) for TME/MixIG (entropy / log S); got {tuple(x.shape)}")
 
 
+@contextlib.contextmanager
+def _one_cpu_thread(t: torch.Tensor) -> Iterator[None]:
+    """Run a CPU eigensolver on one thread: LAPACK's tridiagonalisation opens one OpenMP region per column, and
+    with spin-waiting threads on a busy host each region stalls (measured ~100x slower on a shared 2-core host);
+    at the ``min(S, H) <= 1024`` sizes here one thread costs little. No-op on other devices."""
+    if t.device.type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+class Decomposition:
+    """Singular values, subspace bases, eRank and TME of one ``(S, H)`` matrix, each computed once, on first use.
+
+    Build it with :func:`decompose`; statistics that share a matrix (X' of the attention update is X of the FFN
+    update) share its decomposition. The thin SVD ``X = U diag(sigma) V^T`` is read off the eigendecomposition
+    (``eigh``, float64) of the smaller Gram matrix: ``X X^T = U diag(sigma^2) U^T`` when ``S <= H``, else
+    ``X^T X = V diag(sigma^2) V^T``; the other side's rank-r basis is ``V_r = X^T U_r / sigma_r`` (or
+    ``U_r = X V_r / sigma_r``), also in float64. Squaring the spectrum loses half the digits, so eigenvalues at or
+    below ``max(S, H) * eps_float64 * sigma_max^2`` (rounding noise of the Gram matrix) count as ``sigma = 0``: the
+    smallest nonzero ``sigma`` resolved is ``sqrt(max(S, H) * eps_float64) * sigma_max``, well below the rank
+    tolerance ``max(S, H) * eps_float32 * sigma_max``, so ranks match an SVD's (a smaller ``rtol`` gives at most
+    the resolved rank).
+    """
+
+    def __init__(self, x: torch.Tensor, vectors: bool = True) -> None:
+        self.x = x
+        self._vectors = vectors
+        self._tme: dict[tuple[float, str], float] = {}
+
+    def _gram(self) -> torch.Tensor:
+        x = self.x.to(torch.float64)
+        return x @ x.T if self.x.shape[0] <= self.x.shape[1] else x.T @ x
+
+    @functools.cached_property
+    def _eig(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(sigma descending, float64; eigenvectors of the Gram matrix in the same order, or None)."""
+        gram = self._gram()
+        with _one_cpu_thread(gram):
+            if self._vectors:
+                lam, vec = torch.linalg.eigh(gram)
+                vec = vec.flip(1)
+            else:
+                lam, vec = torch.linalg.eigvalsh(gram), None
+        lam = lam.flip(0)
+        floor = max(self.x.shape) * _EPS64 * lam[0]
+        return torch.where(lam > floor, lam, 0.0).sqrt(), vec
+
+    @property
+    def singular_values(self) -> torch.Tensor:
+        """The ``min(S, H)`` singular values of X in descending order (float64)."""
+        return self._eig[0]
+
+    @functools.cached_property
+    def erank(self) -> float:
+        """``eRank(X)``, see :func:`erank`."""
+        return _erank_from_sv(self.singular_values)
+
+    def rank(self, rtol: float | None = None) -> int:
+        """Numerical rank ``#{sigma_i > tol * sigma_max}``, ``tol = max(S, H) * eps_float32`` unless ``rtol``."""
+        s = self.singular_values
+        tol = max(self.x.shape) * RANK_EPS if rtol is None else rtol
+        return int((s > tol * s[0]).sum())
+
+    def basis(self, side: str, r: int) -> torch.Tensor:
+        """Orthonormal basis of the top-r column (``side="col"``, ``U_r``, S×r) or row (``"row"``, ``V_r``, H×r)
+        space of X, in X's dtype; ``r`` must not exceed :meth:`rank` (``sigma_r > 0``)."""
+        s, vec = self._eig
+        if vec is None:
+            gram = self._gram()
+            with _one_cpu_thread(gram):
+                vec = torch.linalg.eigh(gram)[1].flip(1)
+        vec = vec[:, :r]
+        if (side == "col") == (self.x.shape[0] <= self.x.shape[1]):
+            return vec.to(self.x.dtype)
+        x = self.x.to(torch.float64)
+        return ((x.T @ vec if side == "row" else x @ vec) / s[:r]).to(self.x.dtype)
+
+    @functools.cached_property
+    def _unit_rows(self) -> torch.Tensor:
+        return _unit_rows(self.x)
+
+    def tme(self, alpha: float = 8.0, agg: str = "last") -> float:
+        """``TME(X)``, see :func:`tme` (arguments already checked; ``S >= 2``)."""
+        key = (alpha, agg)
+        if key not in self._tme:
+            self._tme[key] = _tme_from_unit(self._unit_rows, alpha, agg)
+        return self._tme[key]
+
+
+def _delta_d(dec: Decomposition, x_new: torch.Tensor, rtol: float | None) -> float:
+    """ΔD of X' against X's subspaces, from X's decomposition, without forming S×S or H×H projectors.
+
+    Residuals are computed explicitly (``X' - U_r (U_r^T X')``) rather than as ``||X'||² - ||U_r^T X'||²``, which
+    would lose half the digits to cancellation when the update stays inside X's subspaces. When ``r`` equals the
+    number of rows (columns) the projector is the identity and that residual is exactly 0.
+    """
+    norm_new = float(torch.linalg.matrix_norm(x_new))
+    if norm_new == 0.0:
+        return 0.0
+    n_rows, n_cols = x_new.shape
+    r = dec.rank(rtol)
+    res_c = 0.0
+    if r < n_rows:
+        u_r = dec.basis("col", r)
+        res_c = float(torch.linalg.matrix_norm(x_new - u_r @ (u_r.T @ x_new)))
+    res_r = 0.0
+    if r < n_cols:
+        v_r = dec.basis("row", r)
+        res_r = float(torch.linalg.matrix_norm(x_new - (x_new @ v_r) @ v_r.T))
+    # Each residual is at most ||X'||_F exactly; the clamp only absorbs rounding.
+    return min(1.0, (res_c + res_r) / (2.0 * norm_new))
+
+
 # --------------------------------------------------------------------------------------------------- public API
+
+
+def decompose(x: torch.Tensor, vectors: bool = True) -> Decomposition:
+    """Validate ``x`` (see the module's conventions) and wrap it in a lazily evaluated :class:`Decomposition`.
+
+    ``vectors=False`` computes singular values only (``eigvalsh``) when X's subspaces will not be needed; asking
+    for them anyway still works, at the cost of a second eigendecomposition.
+    """
+    return Decomposition(_prepare("x", x), vectors=vectors)
 
 
 def erank(x: torch.Tensor) -> float:
@@ -206,13 +299,14 @@ def erank(x: torch.Tensor) -> float:
     The sum runs over all ``min(S, H)`` singular values of X with ``0 log 0 = 0``, so ``1 <= eRank <= min(S, H)``
     for a non-zero X (``eRank(I_n) = n``, rank one gives 1). Convention: ``eRank(0) = 0`` (p is undefined).
     """
-    return _erank_from_sv(_svdvals(_prepare("x", x)))
+    return decompose(x, vectors=False).erank
 
 
 def delta_s(x: torch.Tensor, x_new: torch.Tensor) -> float:
     """Spectral innovation ``ΔS = |eRank(X') - eRank(X)| / min(S, H)``, in ``[0, 1]``."""
     x, x_new = _prepare_pair(x, x_new)
-    return _delta_s_from_eranks(_erank_from_sv(_svdvals(x)), _erank_from_sv(_svdvals(x_new)), x.shape)
+    e_x, e_new = Decomposition(x, vectors=False).erank, Decomposition(x_new, vectors=False).erank
+    return _delta_s_from_eranks(e_x, e_new, x.shape)
 
 
 def delta_d(x: torch.Tensor, x_new: torch.Tensor, rtol: float | None = None) -> float:
@@ -225,17 +319,16 @@ def delta_d(x: torch.Tensor, x_new: torch.Tensor, rtol: float | None = None) -> 
     Conventions: ``||X'||_F = 0`` gives 0 (no energy, nothing new); ``X = 0`` has rank 0, so a non-zero X' gives 1.
     """
     x, x_new = _prepare_pair(x, x_new)
-    u, s, vh = _svd(x)
-    return _delta_d_from_svd(u, s, vh, x_new, _check_rtol(rtol))
+    return _delta_d(Decomposition(x), x_new, _check_rtol(rtol))
 
 
 def rid(x: torch.Tensor, x_new: torch.Tensor, rtol: float | None = None) -> float:
     """Relative innovation degree ``RID = ΔS + ΔD`` (see :func:`delta_s`, :func:`delta_d`), in ``[0, 2]``."""
     x, x_new = _prepare_pair(x, x_new)
     rtol = _check_rtol(rtol)
-    u, s, vh = _svd(x)
-    d_s = _delta_s_from_eranks(_erank_from_sv(s), _erank_from_sv(_svdvals(x_new)), x.shape)
-    return d_s + _delta_d_from_svd(u, s, vh, x_new, rtol)
+    dec = Decomposition(x)
+    d_s = _delta_s_from_eranks(dec.erank, Decomposition(x_new, vectors=False).erank, x.shape)
+    return d_s + _delta_d(dec, x_new, rtol)
 
 
 def tme(x: torch.Tensor, alpha: float = 8.0, agg: str = "last") -> float:
@@ -289,31 +382,43 @@ def module_stats(
     ``kind="paper"``: ``{"rid", "mixig"}`` with MixIG at ``alpha=8, agg="last"`` (the released code's defaults).
     ``kind="all"`` adds ``"mixig_mean"`` (``alpha=1, agg="mean"``, the paper's printed formula), ``"delta_s"``,
     ``"delta_d"``, ``"erank_x"`` and ``"erank_x_new"``. Same definitions and conventions as the single functions
-    (which it matches), but X is decomposed once (full thin SVD, shared by eRank and ΔD) and X' once (singular
-    values only), and each row normalisation is shared by the TME calls. ``max(S, H)`` in the rank tolerance and
-    ``log S`` in TME use the capped S.
+    (which it matches): X and X' are decomposed once each and shared by eRank, ΔD and TME (see
+    :func:`update_stats`). ``max(S, H)`` in the rank tolerance and ``log S`` in TME use the capped S.
     """
     x, dx = _prepare_pair(x, dx, new_name="dx")
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}; got {kind!r}")
-    rtol = _check_rtol(rtol)
     idx = select_tokens(x.shape[0], max_tokens)
     if idx.numel() < x.shape[0]:
         idx = idx.to(x.device)
         x, dx = x[idx], dx[idx]
-    _check_tokens(x)
     x_new = x + dx
     if not bool(torch.isfinite(x_new).all()):
         raise ValueError("x + dx overflows: x_new = x + dx has non-finite values; pass float64 or rescale the inputs")
+    return update_stats(Decomposition(x), Decomposition(x_new, vectors=False), kind=kind, rtol=rtol)
 
-    u, s, vh = _svd(x)
-    e_x = _erank_from_sv(s)
-    e_new = _erank_from_sv(_svdvals(x_new))
-    d_s = _delta_s_from_eranks(e_x, e_new, x.shape)
-    d_d = _delta_d_from_svd(u, s, vh, x_new, rtol)
-    xn, xn_new = _unit_rows(x), _unit_rows(x_new)
-    out = {"rid": d_s + d_d, "mixig": _tme_from_unit(xn_new, 8.0, "last") - _tme_from_unit(xn, 8.0, "last")}
+
+def update_stats(
+    before: Decomposition, after: Decomposition, *, kind: str = "paper", rtol: float | None = None
+) -> dict[str, float]:
+    """:func:`module_stats` of the update from X (``before``) to X' (``after``), both from :func:`decompose`.
+
+    No token cap is applied (select the rows first). Decompositions are reused across calls: pass the same
+    object as ``after`` of one update and ``before`` of the next (e.g. attention then FFN) and X' is decomposed,
+    and its eRank and TME computed, once.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}; got {kind!r}")
+    x, x_new = before.x, after.x
+    if x.shape != x_new.shape or x.dtype != x_new.dtype:
+        raise ValueError(
+            f"after must match before's shape {tuple(x.shape)} and dtype {x.dtype}; "
+            f"got {tuple(x_new.shape)}, {x_new.dtype}"
+        )
+    _check_tokens(x)
+    rtol = _check_rtol(rtol)
+    d_s = _delta_s_from_eranks(before.erank, after.erank, x.shape)
+    d_d = _delta_d(before, x_new, rtol)
+    out = {"rid": d_s + d_d, "mixig": after.tme(8.0, "last") - before.tme(8.0, "last")}
     if kind == "all":
-        out["mixig_mean"] = _tme_from_unit(xn_new, 1.0, "mean") - _tme_from_unit(xn, 1.0, "mean")
-        out.update(delta_s=d_s, delta_d=d_d, erank_x=e_x, erank_x_new=e_new)
+        out["mixig_mean"] = after.tme(1.0, "mean") - before.tme(1.0, "mean")
+        out.update(delta_s=d_s, delta_d=d_d, erank_x=before.erank, erank_x_new=after.erank)
     return out

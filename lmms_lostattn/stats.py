@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from lmms_lostattn.metrics import module_stats
+from lmms_lostattn.metrics import Decomposition, decompose, select_tokens, update_stats
 from lmms_lostattn.scope import PromptState
 from lmms_lostattn.spec import StatsConfig
 
@@ -26,12 +26,21 @@ TABLE_METRICS = ("rid", "mixig")
 
 
 class StatsCollector:
-    """Collects the statistics of the samples of one prompt batch (call :meth:`take` after each prompt)."""
+    """Collects the statistics of the samples of one prompt batch (call :meth:`take` after each prompt).
+
+    Per layer, sample and group the collector decomposes each distinct stream once (see
+    :class:`lmms_lostattn.metrics.Decomposition`): the stream after attention, ``x + d_attn`` (as the model adds it,
+    in its dtype), is X' of the attention update and X of the FFN update; the stream after the FFN is reused as
+    the next layer's X when the recorded input is bit-identical to it (it is not, e.g., where DeepStack adds
+    visual features between layers).
+    """
 
     def __init__(self, config: StatsConfig, num_layers: int) -> None:
         self.config = config
         self.num_layers = num_layers
         self._records: list[dict[str, Any]] = []
+        # (sample, group) -> (layer, stream after its FFN on the group's capped rows, its decomposition)
+        self._carry: dict[tuple[int, str], tuple[int, torch.Tensor, Decomposition]] = {}
 
     def __call__(
         self, layer: int, x: torch.Tensor, d_attn: torch.Tensor, d_ffn: torch.Tensor, state: PromptState
@@ -39,21 +48,40 @@ class StatsCollector:
         """Measure one layer of a prefill pass; ``state`` says where padding and image tokens are."""
         if not self._records:
             self._records = [self._empty() for _ in range(x.shape[0])]
-        streams = {"attn": (x, d_attn), "ffn": (x + d_attn, d_ffn)}
+        mid = x + d_attn
+        out = mid + d_ffn
         for sample, record in enumerate(self._records):
             real = torch.arange(int(state.first_real[sample]), x.shape[1], device=x.device)
             visual = state.is_visual[sample, real]
             rows = {"all": real, "image": real[visual], "text": real[~visual]}
-            for module, (before, update) in streams.items():
-                for group in self.config.groups:
-                    values = self._measure(before[sample, rows[group]], update[sample, rows[group]])
-                    for metric, value in values.items():
+            for group in self.config.groups:
+                index = rows[group]
+                if index.numel() < 2:
+                    continue
+                index = index[select_tokens(index.numel(), self.config.max_tokens).to(index.device)]
+                values = self._measure(layer, (sample, group), x[sample, index], mid[sample, index], out[sample, index])
+                for module, stats in values.items():
+                    for metric, value in stats.items():
                         record["values"][module][group].setdefault(metric, [None] * self.num_layers)[layer] = value
 
-    def _measure(self, x: torch.Tensor, dx: torch.Tensor) -> dict[str, float]:
-        if x.shape[0] < 2:
-            return {}
-        return module_stats(x, dx, kind=self.config.kind, max_tokens=self.config.max_tokens)
+    def _measure(
+        self, layer: int, key: tuple[int, str], x: torch.Tensor, mid: torch.Tensor, out: torch.Tensor
+    ) -> dict[str, dict[str, float]]:
+        """Statistics of both updates of one layer on one sample's rows: X -> mid (attn), mid -> out (ffn)."""
+        carried = self._carry.pop(key, None)
+        if carried is not None and carried[0] == layer - 1 and torch.equal(carried[1], x):
+            before = carried[2]
+        else:
+            before = decompose(x)
+        last = layer == self.num_layers - 1
+        after_attn, after_ffn = decompose(mid), decompose(out, vectors=not last)
+        if not last:
+            self._carry[key] = (layer, out, after_ffn)
+        kind = self.config.kind
+        return {
+            "attn": update_stats(before, after_attn, kind=kind),
+            "ffn": update_stats(after_attn, after_ffn, kind=kind),
+        }
 
     def _empty(self) -> dict[str, Any]:
         values = {module: {group: {} for group in self.config.groups} for module in MODULES}
@@ -62,6 +90,7 @@ class StatsCollector:
     def take(self) -> list[dict[str, Any]]:
         """The records of the last prompt batch, one per sample; resets the collector."""
         records, self._records = self._records, []
+        self._carry = {}
         return records
 
 

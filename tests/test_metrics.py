@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from lmms_lostattn.metrics import (
+    RANK_EPS,
+    decompose,
     delta_d,
     delta_s,
     erank,
@@ -17,6 +19,7 @@ from lmms_lostattn.metrics import (
     rid,
     select_tokens,
     tme,
+    update_stats,
 )
 
 # --------------------------------------------------------------------------------------------------- helpers
@@ -134,6 +137,65 @@ def test_module_stats_paper_keys_and_low_precision_upcast() -> None:
     # bfloat16 inputs are rounded (3 significant digits) but computed in float32: close to the float64 values.
     assert got["rid"] == pytest.approx(ref["rid"], abs=3e-2)
     assert got["mixig"] == pytest.approx(ref["mixig"], abs=3e-2)
+
+
+# Spectra with a clear gap around the default tolerance max(S, H) * eps_float32 (~5e-6 here): exact low rank, and
+# singular values spread over ten decades (kept down to 1e-3, dropped from 1e-6).
+GRAM_CASES = {
+    "tall_rank_3": ((40, 12), [3.0, 1.0, 0.5]),
+    "wide_rank_3": ((12, 40), [3.0, 1.0, 0.5]),
+    "square_rank_1": ((16, 16), [2.0]),
+    "tall_ill_conditioned": ((40, 12), [1.0, 1e-1, 1e-2, 1e-3, 1e-6, 1e-8, 1e-10]),
+    "wide_ill_conditioned": ((12, 40), [1.0, 1e-1, 1e-2, 1e-3, 1e-6, 1e-8, 1e-10]),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("case", sorted(GRAM_CASES))
+def test_gram_decomposition_agrees_with_svd_on_rank_deficient_matrices(case: str, dtype: torch.dtype) -> None:
+    shape, spectrum = GRAM_CASES[case]
+    x = _with_spectrum(spectrum, shape, 7).to(dtype)
+    want_rank = sum(s > max(shape) * RANK_EPS * spectrum[0] for s in spectrum)
+    dec = decompose(x)
+    # Same rank as an SVD at the same tolerance, float64 and float32 (torch.linalg.matrix_rank's own convention).
+    s_ref = torch.linalg.svdvals(x.double())
+    assert dec.rank() == want_rank == int((s_ref > max(shape) * RANK_EPS * s_ref[0]).sum())
+    assert dec.rank() == int(torch.linalg.matrix_rank(x.float()))
+    # Singular values to the Gram matrix's resolution, sqrt(max(S, H) * eps_float64) * sigma_max.
+    torch.testing.assert_close(dec.singular_values, s_ref, rtol=1e-6, atol=1e-7 * float(s_ref[0]))
+    # Values below that resolution count as 0: eRank moves by < 1e-6 relative (float32 rounding noise in X).
+    assert dec.erank == pytest.approx(_np_erank(x.double().numpy()), rel=1e-6 if dtype == torch.float64 else 1e-5)
+    # Orthonormal bases of the same subspaces as the SVD's.
+    u, _, vh = torch.linalg.svd(x.double(), full_matrices=False)
+    for side, ref in (("col", u[:, :want_rank]), ("row", vh[:want_rank].T)):
+        basis = dec.basis(side, want_rank).double()
+        torch.testing.assert_close(basis.T @ basis, torch.eye(want_rank, dtype=torch.float64), atol=1e-6, rtol=0)
+        torch.testing.assert_close(basis @ basis.T, ref @ ref.T, atol=1e-6, rtol=0)
+    # ΔD matches the float64 SVD reference; for a zero update it is the energy in the dropped singular values.
+    dx = 0.1 * _rand(shape, 8, dtype=dtype)
+    x_np, x_new_np = x.double().numpy(), (x + dx).double().numpy()
+    got = module_stats(x, dx, kind="all")
+    assert got["delta_d"] == pytest.approx(_np_delta_d(x_np, x_new_np), abs=1e-6)
+    assert got["erank_x_new"] == pytest.approx(_np_erank(x_new_np), rel=1e-6)
+    dropped = math.sqrt(sum(s**2 for s in spectrum[want_rank:]) / sum(s**2 for s in spectrum))
+    assert module_stats(x, torch.zeros_like(x))["rid"] == pytest.approx(
+        dropped, abs=1e-9 if dtype == torch.float64 else 1e-6
+    )
+    # With a tolerance above the smallest kept value the rank drops, as with the SVD.
+    assert dec.rank(rtol=0.05) == sum(s > 0.05 * spectrum[0] for s in spectrum)
+
+
+def test_update_stats_shares_decompositions() -> None:
+    x, d_attn, d_ffn = _rand((30, 10), 11), 0.5 * _rand((30, 10), 12), 0.5 * _rand((30, 10), 13)
+    before, mid, out = decompose(x), decompose(x + d_attn), decompose(x + d_attn + d_ffn, vectors=False)
+    assert update_stats(before, mid, kind="all") == pytest.approx(module_stats(x, d_attn, kind="all"), abs=1e-12)
+    assert update_stats(mid, out, kind="all") == pytest.approx(module_stats(x + d_attn, d_ffn, kind="all"), abs=1e-12)
+    # A decomposition built without vectors still provides bases (one more eigendecomposition).
+    assert update_stats(out, mid) == pytest.approx(module_stats(x + d_attn + d_ffn, -d_ffn), abs=1e-12)
+    with pytest.raises(ValueError, match=r"after must match before's shape \(30, 10\)"):
+        update_stats(before, decompose(x[:5]))
+    with pytest.raises(ValueError, match=r"kind must be one of"):
+        update_stats(before, mid, kind="some")
 
 
 # --------------------------------------------------------------------------------------------------- closed forms

@@ -10,9 +10,10 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+from lmms_lostattn import stats as stats_module
 from lmms_lostattn.adapters import adapter_for
-from lmms_lostattn.metrics import module_stats
-from lmms_lostattn.scope import intervene
+from lmms_lostattn.metrics import decompose, module_stats
+from lmms_lostattn.scope import PromptState, intervene
 from lmms_lostattn.spec import InterventionSpec, StatsConfig
 from lmms_lostattn.stats import StatsCollector, aggregate, layer_mean, mean_records
 
@@ -160,3 +161,42 @@ def test_layer_mean_and_mean_records() -> None:
     assert layer_mean(a, "attn", "all", "rid") == pytest.approx(0.2)
     assert layer_mean(a, "attn", "image", "rid") is None
     assert mean_records([a, b])["values"]["attn"]["all"]["rid"] == pytest.approx([0.3, 0.6])
+
+
+@pytest.mark.parametrize("chained", [True, False], ids=["chained", "deepstack_like"])
+def test_collector_decomposes_each_stream_once(monkeypatch, chained: bool) -> None:
+    calls: list[tuple[int, ...]] = []
+
+    def counting(x: torch.Tensor, vectors: bool = True):
+        calls.append(tuple(x.shape))
+        return decompose(x, vectors=vectors)
+
+    monkeypatch.setattr(stats_module, "decompose", counting)
+    layers, gen = 4, torch.Generator().manual_seed(0)
+    state = PromptState(
+        prompt_ids=torch.zeros(1, 9, dtype=torch.long),
+        is_visual=torch.zeros(1, 9, dtype=torch.bool),
+        first_real=torch.tensor([1]),
+        sample_key=torch.zeros(1, dtype=torch.long),
+    )
+    collector = StatsCollector(StatsConfig(kind="all"), layers)
+    x, expected = torch.randn(1, 9, 6, generator=gen), []
+    for layer in range(layers):
+        d_attn, d_ffn = 0.5 * torch.randn(1, 9, 6, generator=gen), 0.5 * torch.randn(1, 9, 6, generator=gen)
+        collector(layer, x, d_attn, d_ffn, state)
+        expected.append(
+            {
+                "attn": module_stats(x[0, 1:], d_attn[0, 1:], kind="all"),
+                "ffn": module_stats((x + d_attn)[0, 1:], d_ffn[0, 1:], kind="all"),
+            }
+        )
+        x = x + d_attn + d_ffn
+        if not chained:
+            x = x + 0.1 * torch.randn(1, 9, 6, generator=gen)  # features added between layers: no reuse
+    # X, the stream after attention and the stream after the FFN once each; the latter is the next layer's X.
+    assert len(calls) == (1 + 2 * layers if chained else 3 * layers)
+    values = collector.take()[0]["values"]
+    for layer, want in enumerate(expected):
+        for module, stats in want.items():
+            got = {metric: values[module]["all"][metric][layer] for metric in stats}
+            assert got == pytest.approx(stats, abs=1e-5)
