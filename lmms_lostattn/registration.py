@@ -21,6 +21,7 @@ def get_manifests() -> list[ModelManifest]:
         _manifest("internvl", None, "LostAttnInternVLChat"),
         _manifest("idefics", "LostAttnIdefics2Simple", None),
         _manifest("mistral3_vl", "LostAttnMistral3_VLSimple", None),
+        _manifest("hf", None, "LostAttnHfChat"),
     ]
 
 

@@ -30,6 +30,7 @@ from PIL import Image
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
 from lmms_lostattn.adapters import adapter_for
+from lmms_lostattn.model_wrappers.hf import HuggingfaceImageTextToText, MediaArgumentsProcessor
 from lmms_lostattn.scope import intervene
 from lmms_lostattn.spec import FamilyPreset, InterventionSpec
 
@@ -52,6 +53,9 @@ class Family:
     video: bool = False  # the processor takes videos (positions are checked for them too)
     image_token: str = "image_token_id"  # the processor attribute with the id of the image-patch token
     stats_args: dict[str, object] = field(default_factory=lambda: {"attn_preset": "paper"})
+    # What the parity test runs as the base when lmms-eval's own class cannot run (lmms-eval's generic
+    # ``huggingface`` on transformers 5): that class with only the fixes the plugin's class applies.
+    parity_base: type | None = None
 
     @property
     def test_id(self) -> str:
@@ -88,6 +92,10 @@ FAMILIES = [
            {**_CPU, "dtype": "float32"}),
     Family("Mistral 3 (Pixtral)", "mistral3", "lostattn_mistral3_vl", "mistral3_vl", ("simple",),
            FamilyPreset("1:", "p0.3-0.9"), _CPU),
+    Family("LLaVA-1.5, generic HF", "llava", "lostattn_hf", "huggingface", ("chat",), FamilyPreset("18-23", "p0.3-0.6"),
+           _CPU, stats_args=_LLAVA_STATS, parity_base=HuggingfaceImageTextToText),
+    Family("Qwen2.5-VL, generic HF", "qwen2_5_vl", "lostattn_hf", "huggingface", ("chat",),
+           FamilyPreset("1:", "p0.3-0.9"), _CPU, video=True, parity_base=HuggingfaceImageTextToText),
 ]
 FAMILY_IDS = [family.test_id for family in FAMILIES]
 PARITY = [pytest.param(family, kind, id=f"{family.test_id}-{kind}") for family in FAMILIES for kind in family.kinds]
@@ -118,10 +126,11 @@ def _requests(kind: str) -> list[Instance]:
     return requests
 
 
-def _load(model_id: str, kind: str, path: pathlib.Path, family: Family, **args: object):
-    """An lmms-eval model instance of ``model_id``'s ``kind`` class, ready for the toy requests, moved to float32
-    (several lmms-eval wrappers hard-code bfloat16); ``lm.loaded_dtype`` is the dtype it loaded in."""
-    lm = get_model(model_id, force_simple=kind == "simple")(pretrained=str(path), **family.cpu_args, **args)
+def _load(model: str | type, kind: str, path: pathlib.Path, family: Family, **args: object):
+    """An lmms-eval model instance of ``model``'s ``kind`` class (or of ``model`` itself), ready for the toy requests,
+    moved to float32 (several lmms-eval wrappers hard-code bfloat16); ``lm.loaded_dtype`` is the dtype it loaded in."""
+    model_class = get_model(model, force_simple=kind == "simple") if isinstance(model, str) else model
+    lm = model_class(pretrained=str(path), **family.cpu_args, **args)
     lm.loaded_dtype = lm.model.dtype
     lm.model.to(torch.float32)
     lm.task_dict = {"toy": {"test": DOCS}}
@@ -151,7 +160,9 @@ def test_attn_none_matches_the_lmms_eval_wrapper(
     base = get_model(family.base_id, force_simple=kind == "simple")
     ours = get_model(family.model_id, force_simple=kind == "simple")
     assert issubclass(ours, base) and ours.is_simple == (kind == "simple")
-    base_lm = _load(family.base_id, kind, path, family)
+    if family.parity_base is not None:
+        assert issubclass(ours, family.parity_base) and issubclass(family.parity_base, base)
+    base_lm = _load(family.parity_base or family.base_id, kind, path, family)
     our_lm = _load(family.model_id, kind, path, family, attn="none")
     assert our_lm.loaded_dtype == base_lm.loaded_dtype  # the plugin loads exactly as lmms-eval does
     expected = _texts(base_lm, kind)
@@ -235,13 +246,14 @@ def test_every_mode_runs_through_the_lmms_eval_cli(cli_outputs: pathlib.Path, fa
         assert results["lostattn"]["intervention"]["mode"] == mode
 
 
+@pytest.mark.parametrize("model_id", ["lostattn_qwen2_5_vl", "lostattn_hf"])
 @pytest.mark.parametrize(
     ("config_class", "reason"),
     [("MllamaConfig", r"gated cross-attention"), ("BertConfig", r"'bert' is not supported\.")],
     ids=["mllama", "unknown"],
 )
 def test_unsupported_models_are_refused_before_loading(
-    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, config_class: str, reason: str
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, config_class: str, reason: str, model_id: str
 ) -> None:
     import transformers
 
@@ -250,10 +262,36 @@ def test_unsupported_models_are_refused_before_loading(
     def no_load(*_: object, **__: object) -> None:
         raise AssertionError("the model was loaded before the architecture was checked")
 
-    monkeypatch.setattr(transformers.Qwen2_5_VLForConditionalGeneration, "from_pretrained", no_load)
+    for auto_class in ("Qwen2_5_VLForConditionalGeneration", "AutoModelForImageTextToText", "AutoModel"):
+        monkeypatch.setattr(getattr(transformers, auto_class), "from_pretrained", no_load)
     families = r"Supported: llava \(llava/llava_next/llava_onevision\), qwen \(qwen2_vl/qwen2_5_vl/qwen3_vl\)"
     with pytest.raises(ValueError, match=rf"{reason}.*{families}.*Adding a family"):
-        get_model("lostattn_qwen2_5_vl")(pretrained=str(tmp_path), **_CPU, attn="gaussian")
+        get_model(model_id)(pretrained=str(tmp_path), **_CPU, attn="gaussian")
+
+
+def test_lmms_eval_huggingface_fails_on_transformers_5_as_lostattn_hf_says(
+    tiny_model: Callable[[str], pathlib.Path],
+) -> None:
+    """The two failures ``model_wrappers/hf.py`` fixes; when this fails, lmms-eval fixed them and the fixes can go."""
+    lm = get_model("huggingface")(pretrained=str(tiny_model("llava")), **_CPU)
+    assert type(lm.model).__name__ == "LlavaModel"  # AutoModel: no LM head, no generate()
+    assert not hasattr(lm.model, "lm_head") and not hasattr(lm.model, "generate")
+    lm.task_dict = {"toy": {"test": DOCS}}
+    with pytest.raises(ValueError, match="keyword argument `audios`"):
+        lm.generate_until(_requests("chat"))
+
+
+@pytest.mark.parametrize("variant", ["llava", "qwen2_5_vl"])
+def test_the_processor_gets_only_the_media_a_prompt_has(
+    tiny_model: Callable[[str], pathlib.Path], variant: str
+) -> None:
+    processor = AutoProcessor.from_pretrained(tiny_model(variant))
+    with pytest.raises(IndexError):  # what lmms-eval's empty lists do to a text-only prompt
+        processor(text=["Is it red?"], images=[], return_tensors="pt")
+    fixed = MediaArgumentsProcessor(processor)
+    inputs = fixed(text=["Is it red?"], images=[], videos=[], audios=[], return_tensors="pt")
+    assert torch.equal(inputs["input_ids"], processor(text=["Is it red?"], return_tensors="pt")["input_ids"])
+    assert fixed.batch_decode(inputs["input_ids"]) == processor.batch_decode(inputs["input_ids"])
 
 
 # -- README support matrix ---------------------------------------------------------------------------------------
@@ -264,6 +302,14 @@ _CHECKS = (
     "`attn=none` parity with the base wrapper (texts, float32 logits to 1e-5), all 9 modes through the lmms-eval "
     "command line, visual-token positions equal to the processor's token ids, finite `stats=paper` for every layer, "
     "the paper preset"
+)
+_GENERIC = (
+    "`lostattn_hf` runs any `model_type` above through lmms-eval's generic `huggingface` chat model (rows \"generic "
+    "HF\"). lmms-eval 0.7.3's class does not run on transformers 5.x: its model-class check never matches, so it loads "
+    "`AutoModel` (the model without its LM head, which cannot generate), and it passes the processor the removed "
+    "`audios=` argument and empty `images`/`videos` lists, which processors reject. `lostattn_hf` fixes only these two "
+    "steps (it loads `AutoModelForImageTextToText` and passes only the media a prompt has), and its parity is checked "
+    "against lmms-eval's class with the same two fixes. Like that class it loads bfloat16 and has no `loglikelihood`."
 )
 
 
@@ -280,7 +326,7 @@ def render_matrix() -> str:
         visual = "image, video" if family.video else "image"
         rows.append(f"| {family.name} | `{family.model_id}` | {base} | `{family.variant}` | {visual} | {preset} |")
     footer = f"Every row passes, on a tiny random-weight model of that family: {_CHECKS}."
-    return "\n".join([_MATRIX_START, *rows, "", footer, _MATRIX_END])
+    return "\n".join([_MATRIX_START, *rows, "", footer, "", _GENERIC, _MATRIX_END])
 
 
 def _readme_matrix() -> str:
