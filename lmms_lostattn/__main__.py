@@ -1,9 +1,12 @@
 """The ``lostattn`` command (also ``python -m lmms_lostattn``).
 
 * ``lostattn tasks-path``: the directory to pass to ``lmms-eval --include_path`` for the shipped local tasks.
-* ``lostattn build-tiny DIR``: a tiny random-weight LLaVA-family model, loadable with ``from_pretrained(DIR)``.
-* ``lostattn demo``: the README's main job: lmms-eval on the tiny model and the local POPE-format task, learned
-  attention vs. the paper's Gaussian attention over image tokens, with RID/MixIG, then a side-by-side summary.
+* ``lostattn build-tiny DIR [--variant V]``: a tiny random-weight model of any supported family (default LLaVA-1.5),
+  loadable with ``from_pretrained(DIR)``.
+* ``lostattn demo``: the README's main job: lmms-eval on the shipped trained model (shapes-llava) and the local tasks,
+  learned attention vs. Gaussian, uniform and knocked-out attention over image tokens, with RID/MixIG; a comparison
+  table, the report and the leaderboard.
+* ``lostattn shapes-llava-path``: the directory of the shipped trained model (``pretrained=`` of lmms-eval).
 * ``lostattn report RUN...``, ``lostattn compare RUN...``, ``lostattn check RUN --baseline RUN``: per-layer plots and
   the paper's tables, a leaderboard with paired tests, and a CI regression gate over lmms-eval output folders.
   Unusable input exits 2 with a message naming the file.
@@ -21,52 +24,65 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
+from lmms_lostattn.testing import FAMILY_VARIANTS
+
 if TYPE_CHECKING:
     from lmms_lostattn.compare import Table
 
+DEMO_TASKS = ("lostattn_pope", "lostattn_shapes_color")
 DEMO_RUNS = {
-    "learned attention": "attn=none",
-    "gaussian (paper SAP)": "attn=gaussian,attn_preset=paper,attn_layers=1:",
+    "learned": "attn=none",
+    "gaussian": "attn=gaussian,attn_preset=paper,attn_layers=1:",
+    "uniform": "attn=uniform,attn_layers=all",
+    "knockout": "attn=knockout,attn_layers=all,attn_rows=text",
 }
-DEMO_ROWS = ("pope_accuracy", "pope_f1_score", "lostattn_rid_attn", "lostattn_rid_ffn", "lostattn_mixig_attn",
-             "lostattn_mixig_ffn")
+DEMO_ROWS = (
+    ("lostattn_pope", "pope_accuracy"),
+    ("lostattn_pope", "pope_f1_score"),
+    ("lostattn_shapes_color", "exact_match"),
+    *(("lostattn_pope", f"lostattn_{m}_{u}") for m in ("rid", "mixig") for u in ("attn", "ffn")),
+)
 
 
-def _run_lmms_eval(model_args: str, task: str, limit: int, output: pathlib.Path) -> dict:
-    """One lmms-eval run in a subprocess (its own table goes to the terminal); returns its results JSON."""
+def _run_lmms_eval(model_args: str, tasks: Sequence[str], limit: int | None, output: pathlib.Path) -> dict:
+    """One lmms-eval run in a subprocess (its progress and table go to the terminal); returns its results JSON."""
     from lmms_lostattn.tasks import tasks_path
 
     command = [sys.executable, "-m", "lmms_eval", "--model", "lostattn_llava", "--model_args", model_args,
-               "--tasks", task, "--include_path", str(tasks_path()), "--limit", str(limit),
-               "--gen_kwargs", "max_new_tokens=4", "--output_path", str(output)]
+               "--tasks", ",".join(tasks), "--include_path", str(tasks_path()), "--gen_kwargs", "max_new_tokens=4",
+               "--output_path", str(output), *(["--limit", str(limit)] if limit else [])]
     print("$ " + " ".join(command), flush=True)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     subprocess.run(command, env=env, check=True, cwd=output)
     found = sorted(output.rglob("*_results.json"))
     if not found:  # lmms-eval exits 0 even when the evaluation raised
         raise SystemExit(f"lostattn demo: lmms-eval wrote no results under {output}; see its log above")
-    return json.loads(found[-1].read_text())["results"][task]
+    return json.loads(found[-1].read_text())["results"]
 
 
-def demo(output: pathlib.Path, limit: int) -> None:
-    from lmms_lostattn.testing import tiny_llava_dir
+def demo(output: pathlib.Path, limit: int | None) -> None:
+    """The shipped trained model on the local tasks: learned attention vs. Gaussian (paper SAP), uniform and knocked-out
+    attention over image tokens, each with RID/MixIG; a comparison table, then the report and leaderboard."""
+    from lmms_lostattn.shapes_llava import SHAPES_LLAVA_DIR
 
-    model = tiny_llava_dir("llava")
-    base = f"pretrained={model},device=cpu,device_map=cpu,dtype=float32,stats=paper"
+    base = f"pretrained={SHAPES_LLAVA_DIR},device=cpu,device_map=cpu,dtype=float32,stats=paper"
     results = {}
-    for name, args in DEMO_RUNS.items():
-        folder = output / name.split()[0]
+    for step, (name, args) in enumerate(DEMO_RUNS.items(), start=1):
+        folder = output / name
         folder.mkdir(parents=True, exist_ok=True)
-        print(f"\n=== {name}: {args} ===", flush=True)
-        results[name] = _run_lmms_eval(f"{base},{args}", "lostattn_pope", limit, folder)
-    print("\n| metric | " + " | ".join(results) + " |\n|---|" + "---:|" * len(results))
-    for row in DEMO_ROWS:
-        cells = [f"{r[f'{row},none']:.4f}" if f"{row},none" in r else "n/a" for r in results.values()]
-        print(f"| {row} | " + " | ".join(cells) + " |")
-    print("\nThe tiny model has random weights and does not answer yes/no, so POPE scores stay at 0: the demo shows"
-          f" the pipeline (interventions, statistics, lmms-eval outputs), not the paper's effect. Outputs: {output}")
-    folders = [output / name.split()[0] for name in DEMO_RUNS]
+        print(f"\n=== run {step}/{len(DEMO_RUNS)}: {name} ({args}) ===", flush=True)
+        results[name] = _run_lmms_eval(f"{base},{args}", DEMO_TASKS, limit, folder)
+    print("\n| task | metric | " + " | ".join(results) + " |\n|---|---|" + "---:|" * len(results))
+    for task, metric in DEMO_ROWS:
+        cells = [f"{r[task][f'{metric},none']:.4f}" if f"{metric},none" in r.get(task, {}) else "n/a"
+                 for r in results.values()]
+        print(f"| {task} | {metric} | " + " | ".join(cells) + " |")
+    print("\nshapes-llava answers from the image: knocking out every text token's attention to the image tokens should "
+          "drop its accuracy to chance (POPE 0.5, colour 0.2); see its model card for what it is and is not.")
+    folders = [output / name for name in DEMO_RUNS]
     report(folders, output / "report", force=True)
+    compare(folders, folders[0], output / "compare", force=True, echo=False)
+    print(f"\nOutputs: {output}")
 
 
 def _write(files: Mapping[pathlib.Path, str | bytes], force: bool) -> None:
@@ -103,8 +119,11 @@ def report(paths: Sequence[pathlib.Path], output: pathlib.Path, force: bool = Fa
     _write(files, force)
 
 
-def compare(paths: Sequence[pathlib.Path], baseline: pathlib.Path | None, output: pathlib.Path, force: bool) -> None:
-    """Leaderboard (Markdown, CSV, HTML with the plots) against ``baseline`` (default: the first vanilla run)."""
+def compare(
+    paths: Sequence[pathlib.Path], baseline: pathlib.Path | None, output: pathlib.Path, force: bool, echo: bool = True
+) -> None:
+    """Leaderboard (Markdown, CSV, HTML with the plots) against ``baseline`` (default: the first vanilla run); the
+    Markdown table is also printed when ``echo`` is on."""
     from lmms_lostattn.compare import leaderboard, markdown
     from lmms_lostattn.html import page
     from lmms_lostattn.plots import layer_images
@@ -117,7 +136,8 @@ def compare(paths: Sequence[pathlib.Path], baseline: pathlib.Path | None, output
     base = runs[0] if baseline is not None else next((r for r in runs if r.mode == "none"), runs[0])
     table = leaderboard(runs, base)
     images = {task: pngs["png"] for task, pngs in layer_images(runs).items()}
-    print(markdown(table))
+    if echo:
+        print(markdown(table))
     _write({**_tables(output / "leaderboard", table),
             output / "leaderboard.html": page("lostattn leaderboard", table, images)}, force)
 
@@ -143,12 +163,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="lostattn", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("tasks-path", help="print the --include_path directory of the shipped tasks")
-    build = commands.add_parser("build-tiny", help="build a tiny random-weight LLaVA-family model")
+    build = commands.add_parser("build-tiny", help="build a tiny random-weight model of a supported family")
     build.add_argument("directory", type=pathlib.Path)
-    build.add_argument("--variant", default="llava", help="llava | llava_next")
-    run = commands.add_parser("demo", help="learned vs. Gaussian attention on the tiny model, with RID/MixIG")
+    build.add_argument("--variant", default="llava", help=" | ".join(FAMILY_VARIANTS))
+    commands.add_parser("shapes-llava-path", help="print the directory of the shipped trained model")
+    run = commands.add_parser("demo", help="learned vs. edited attention on the shipped trained model, with RID/MixIG")
     run.add_argument("--output", type=pathlib.Path, default=None, help="where lmms-eval writes (default: a temp dir)")
-    run.add_argument("--limit", type=int, default=40, help="documents of the local POPE-format task per run")
+    run.add_argument("--limit", type=int, default=None, help="documents per task and run (default: all)")
     rep = commands.add_parser("report", help="per-layer plots and the paper's tables from lmms-eval output folders")
     rep.add_argument("runs", nargs="+", type=pathlib.Path)
     rep.add_argument("-o", "--output", type=pathlib.Path, default=pathlib.Path("lostattn-report"))
@@ -181,10 +202,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         from lmms_lostattn.tasks import tasks_path
 
         print(tasks_path())
-    elif args.command == "build-tiny":
-        from lmms_lostattn.testing import build_tiny_llava
+    elif args.command == "shapes-llava-path":
+        from lmms_lostattn.shapes_llava import SHAPES_LLAVA_DIR
 
-        print(build_tiny_llava(args.directory, args.variant))
+        print(SHAPES_LLAVA_DIR)
+    elif args.command == "build-tiny":
+        from lmms_lostattn.testing import build_tiny_model
+
+        print(build_tiny_model(args.directory, args.variant))
     else:
         demo(args.output or pathlib.Path(tempfile.mkdtemp(prefix="lostattn-demo-")), args.limit)
 

@@ -7,7 +7,8 @@
   each sample's first non-padding token is, and each sample's identity for the random draws;
 * for attention-weight modes, the ``lostattn`` attention function on the language decoder only (the vision
   tower keeps its own); layers that are not edited, and rows that are not edited, go straight to the original
-  kernel (sdpa or eager), so only the edited rows of edited layers pay for materialised weights;
+  kernel (sdpa or eager), so only the edited rows of edited layers pay for materialised weights (with eager, the
+  returned attention weights, e.g. ``output_attentions``, are the edited ones);
 * for ``noise_delta``, forward hooks on the edited layers' attention modules; for ``noise_qkv``, replaced q/k/v
   weights, restored bit for bit on exit.
 
@@ -262,7 +263,9 @@ class Scope:
         if needed.numel() == 0:
             return passthrough(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
         if needed.numel() < num_q:
-            out, _ = passthrough(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+            out, base_weights = passthrough(
+                module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+            )
             query, query_abs, rows = query[:, :, needed], query_abs[needed], rows[:, needed]
         else:
             out = None
@@ -290,11 +293,14 @@ class Scope:
             scores, allowed, edit, self.intervention, self._coordinates(layer, key_abs, query_abs), key_abs, query_abs
         )
         edited = torch.matmul(weights.to(value.dtype), value).transpose(1, 2)  # (B, Qs, H, Dv)
-        if out is None:
-            return edited.contiguous(), None
-        changed = edit.any(dim=-1).transpose(1, 2).unsqueeze(-1)  # (B, Qs, H, 1): entries outside stay bitwise
-        out[:, needed] = torch.where(changed, edited, out[:, needed])
-        return out, None
+        if out is None:  # every row edited; the eager kernel also returns the weights (output_attentions)
+            return edited.contiguous(), weights.to(query.dtype) if passthrough is _eager_passthrough else None
+        changed = edit.any(dim=-1).unsqueeze(-1)  # (B, H, Qs, 1): entries outside stay bitwise
+        out[:, needed] = torch.where(changed.transpose(1, 2), edited, out[:, needed])
+        if base_weights is not None:
+            kept = base_weights[:, :, needed]
+            base_weights[:, :, needed] = torch.where(changed, weights.to(base_weights.dtype), kept)
+        return out, base_weights
 
     @staticmethod
     def _allowed(

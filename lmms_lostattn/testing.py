@@ -83,8 +83,10 @@ def _build_tokenizer(
     extra_special_tokens: dict[str, str] | None = None,
     chat_template: str = LLAVA_CHAT_TEMPLATE,
     padding_side: str = "right",
+    corpus: str = _CORPUS,
 ):
-    """Train a small byte-level BPE on the built-in corpus and wrap it as a transformers fast tokenizer.
+    """Train a small byte-level BPE on ``corpus`` (default: the built-in one) and wrap it as a transformers fast
+    tokenizer.
 
     The defaults are LLaVA's (Llama-style: ``<s>`` prepended to every text); ``bos=None`` adds nothing (ChatML).
     """
@@ -100,7 +102,7 @@ def _build_tokenizer(
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_CORPUS.splitlines() * 4, trainer=trainer)
+    tok.train_from_iterator(corpus.splitlines() * 4, trainer=trainer)
     # trim_offsets=False keeps byte-level offsets usable.
     steps = [processors.ByteLevel(trim_offsets=False)]
     if bos is not None:  # Llama-style: prepend BOS to every encoded text

@@ -29,7 +29,7 @@ COLORS = {
     "purple": (140, 60, 180),
 }
 POPE_COLUMNS = ("question_id", "question", "answer", "image", "image_source", "category")
-_CELL = IMAGE_SIZE // 3  # objects sit in distinct cells of a 3x3 grid, so they never overlap
+CELL = IMAGE_SIZE // 3  # objects sit in distinct cells of a 3x3 grid, so they never overlap
 _SCENE_STREAM, _POPE_STREAM, _COLOR_STREAM = 0, 1, 2
 
 
@@ -93,8 +93,8 @@ def make_scene(rng: np.random.Generator) -> Scene:
     objects = []
     for shape, color, cell in zip(shapes, colors, cells, strict=True):
         size = int(rng.integers(20, 27))
-        x0 = int(cell % 3) * _CELL + int(rng.integers(2, _CELL - size - 1))
-        y0 = int(cell // 3) * _CELL + int(rng.integers(2, _CELL - size - 1))
+        x0 = int(cell % 3) * CELL + int(rng.integers(2, CELL - size - 1))
+        y0 = int(cell // 3) * CELL + int(rng.integers(2, CELL - size - 1))
         box = (x0, y0, x0 + size - 1, y0 + size - 1)
         _draw(draw, str(shape), box, COLORS[str(color)])
         objects.append(ShapeObject(str(shape), str(color), box))
@@ -156,6 +156,11 @@ def make_pope_rows(n: int, seed: int) -> list[dict]:
     return rows
 
 
+def color_question(shape: str) -> str:
+    """The question of the colour task about the object of shape ``shape`` (shapes are unique within a scene)."""
+    return f"What colour is the {shape}?"
+
+
 def make_color_rows(n: int, seed: int) -> list[dict]:
     """``n`` rows asking the colour of one object of scene ``i`` (its shape and colour are unique there)."""
     rows = []
@@ -164,7 +169,7 @@ def make_color_rows(n: int, seed: int) -> list[dict]:
         rows.append(
             {
                 "question_id": f"color_s{seed}_{i:05d}",
-                "question": f"What colour is the {obj.shape}?",
+                "question": color_question(obj.shape),
                 "answer": obj.color,
                 "image": scene.image,
                 "image_source": f"shapes_s{seed}_{i:05d}",

@@ -218,3 +218,15 @@ def test_lmms_eval_chat_generate_until(variant_dir) -> None:
     (result,) = lm.generate_until([inst])
     # generate_until swallows exceptions and then reports no token counts.
     assert result.token_counts is not None and result.token_counts.output_tokens >= 1
+
+
+def test_build_tiny_command_builds_any_family(tmp_path: pathlib.Path, capsys: pytest.CaptureFixture) -> None:
+    import json
+
+    from lmms_lostattn.__main__ import main
+
+    main(["build-tiny", str(tmp_path / "qwen"), "--variant", "qwen2_5_vl"])
+    assert capsys.readouterr().out.strip() == str(tmp_path / "qwen")
+    assert json.loads((tmp_path / "qwen" / "config.json").read_text())["model_type"] == "qwen2_5_vl"
+    with pytest.raises(ValueError, match="expected one of llava, llava_next, llava_onevision"):
+        main(["build-tiny", str(tmp_path / "x"), "--variant", "mllama"])

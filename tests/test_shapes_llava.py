@@ -1,0 +1,188 @@
+"""The shipped trained model (shapes-llava): it sees, and the interventions have the effects they should.
+
+Held-out data: the shipped tasks' scenes (generator seed 0) are never trained on (training draws other seeds).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from cli_helpers import OFFLINE
+from safetensors.torch import load_file
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+from lmms_lostattn import shapes_llava
+from lmms_lostattn.adapters import adapter_for
+from lmms_lostattn.scope import intervene
+from lmms_lostattn.shapes_llava import (
+    COLOR_POST_PROMPT,
+    POPE_POST_PROMPT,
+    SHAPES_LLAVA_DIR,
+    TrainConfig,
+    answers,
+    patch_targets,
+)
+from lmms_lostattn.spec import InterventionSpec
+from lmms_lostattn.tasks.generate_shapes import COLORS, SHAPES, make_color_rows, make_pope_rows, make_scene
+
+N_ROWS = 200  # the shipped lostattn_pope rows (seed 0)
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    model = LlavaForConditionalGeneration.from_pretrained(SHAPES_LLAVA_DIR, dtype=torch.float32).eval()
+    return model, AutoProcessor.from_pretrained(SHAPES_LLAVA_DIR)
+
+
+@pytest.fixture(scope="module")
+def pope_rows():
+    return make_pope_rows(N_ROWS, seed=0)
+
+
+def _accuracy(predictions: list[str], rows: list[dict]) -> float:
+    return sum(p == row["answer"] for p, row in zip(predictions, rows, strict=True)) / len(rows)
+
+
+def _scoped(model, **args: str):
+    adapter = adapter_for(model.config)
+    text = model.config.text_config
+    intervention = InterventionSpec.from_model_args(args).resolve(
+        text.num_hidden_layers, text.num_attention_heads, adapter.preset(model.config)
+    )
+    return intervene(model, intervention, adapter)
+
+
+@pytest.fixture(scope="module")
+def learned(shipped, pope_rows):
+    model, processor = shipped
+    return answers(model, processor, pope_rows, POPE_POST_PROMPT)
+
+
+def test_shipped_files_are_small_and_documented():
+    weights = SHAPES_LLAVA_DIR / "model.safetensors"
+    assert weights.stat().st_size <= 20 * 2**20
+    assert any(key.startswith("vision_tower.") for key in load_file(weights))
+    card = (SHAPES_LLAVA_DIR / "README.md").read_text()
+    training = json.loads((SHAPES_LLAVA_DIR / "training.json").read_text())
+    assert training["config"]["seed"] == TrainConfig().seed
+    for heading in ("## Data", "## Training", "## Held-out accuracy", "## What it is not", "## Residual statistics"):
+        assert heading in card
+
+
+def test_prompts_match_lmms_eval_tasks():
+    import yaml
+    from lmms_eval.tasks.pope import utils  # noqa: F401  (the task's module must import)
+
+    from lmms_lostattn.tasks import TEMPLATE_DIR, pope_yaml_path
+
+    pope = pope_yaml_path().read_text()
+    assert json.dumps(POPE_POST_PROMPT) in pope.replace("'", '"')
+    color = yaml.safe_load(
+        re.sub(r"!function \S+", "fn", (TEMPLATE_DIR / "lostattn_shapes_color.yaml").read_text())
+    )
+    assert color["lmms_eval_specific_kwargs"]["default"]["post_prompt"] == COLOR_POST_PROMPT
+
+
+def test_sees_the_image_on_held_out_scenes(shipped, learned, pope_rows):
+    model, processor = shipped
+    assert _accuracy(learned, pope_rows) >= 0.9
+    colour_rows = make_color_rows(100, seed=0)
+    assert _accuracy(answers(model, processor, colour_rows, COLOR_POST_PROMPT), colour_rows) >= 0.9
+
+
+def test_attn_none_keeps_every_answer(shipped, learned, pope_rows):
+    model, processor = shipped
+    with _scoped(model, attn="none"):
+        assert answers(model, processor, pope_rows, POPE_POST_PROMPT) == learned
+
+
+def test_knocking_out_every_image_key_drops_to_chance(shipped, learned, pope_rows):
+    model, processor = shipped
+    with _scoped(model, attn="knockout", attn_layers="all", attn_rows="text") as scope:
+        cut = answers(model, processor, pope_rows, POPE_POST_PROMPT)
+        scope.raise_pending()
+    assert abs(_accuracy(cut, pope_rows) - 0.5) <= 0.1
+    assert cut != learned
+
+
+def test_uniform_in_one_layer_edits_that_layer_only(shipped, pope_rows):
+    """probs-space uniform over image keys in layer 2, last row: layers 0-1 keep every weight; layer 2 changes only its
+    last row, which becomes uniform over the image keys with the learned image mass; later layers differ only in rows
+    that can see that row's output (the last one)."""
+    model, processor = shipped
+    row = pope_rows[0]
+    batch = processor(images=[row["image"]], text=[shapes_llava.prompt(processor, row["question"] + POPE_POST_PROMPT)],
+                      return_tensors="pt")
+    image = batch["input_ids"][0] == model.config.image_token_index
+    model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            before = model(**batch, output_attentions=True).attentions
+            with _scoped(model, attn="uniform", attn_layers="2"):
+                after = model(**batch, output_attentions=True).attentions
+    finally:
+        model.set_attn_implementation("sdpa")
+    for layer in (0, 1):
+        torch.testing.assert_close(after[layer], before[layer], rtol=0, atol=0)
+    torch.testing.assert_close(after[2][..., :-1, :], before[2][..., :-1, :], rtol=0, atol=0)
+    last_before, last_after = before[2][0, :, -1], after[2][0, :, -1]
+    mass = last_before[:, image].sum(-1, keepdim=True)
+    torch.testing.assert_close(last_after[:, image], (mass / int(image.sum())).expand(-1, int(image.sum())))
+    torch.testing.assert_close(last_after[:, ~image], last_before[:, ~image])
+    assert not torch.allclose(last_before[:, image], last_after[:, image])
+    for layer in range(3, len(before)):
+        torch.testing.assert_close(after[layer][..., :-1, :], before[layer][..., :-1, :], rtol=0, atol=0)
+        assert not torch.equal(after[layer][..., -1, :], before[layer][..., -1, :])
+
+
+def test_patch_targets_mark_each_object_cell():
+    scene = make_scene(np.random.default_rng([7, 7]))
+    targets = patch_targets(scene).reshape(6, 6)  # 96 px / 16 px patches; each 32 px cell is 2 x 2 patches
+    for obj in scene.objects:
+        row, col = obj.box[1] // 32, obj.box[0] // 32
+        for label in targets[2 * row : 2 * row + 2, 2 * col : 2 * col + 2].flatten().tolist():
+            assert (SHAPES[(label - 1) // len(COLORS)], list(COLORS)[(label - 1) % len(COLORS)]) == obj[:2]
+    assert int((targets > 0).sum()) == 4 * len(scene.objects)
+
+
+def test_training_is_reproducible(tmp_path):
+    config = TrainConfig(vision_steps=2, steps=2, batch_size=4, warmup=1, eval_every=2, eval_rows=4)
+    first = shapes_llava.train(tmp_path / "a", config, log=lambda _: None)
+    second = shapes_llava.train(tmp_path / "b", config, log=lambda _: None)
+    assert first["final_loss"] == second["final_loss"]
+    a, b = (load_file(tmp_path / run / "model.safetensors") for run in ("a", "b"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    trained = LlavaForConditionalGeneration.from_pretrained(tmp_path / "a").state_dict()
+    untrained = shapes_llava.build_untrained(config.seed)[0].state_dict()
+    changed = [k for k in trained if not torch.equal(trained[k], untrained[k])]
+    assert any("vision_tower" in k for k in changed) and any("language_model" in k for k in changed)
+
+
+@pytest.mark.cli
+def test_demo_compares_runs_through_lmms_eval(tmp_path, learned, pope_rows):
+    """The README's main job: four lmms-eval runs, one table, the report; learned attention scores what the model
+    scores outside lmms-eval (same prompts), and knocking out the image costs accuracy."""
+    limit = 30
+    done = subprocess.run([sys.executable, "-m", "lmms_lostattn", "demo", "--limit", str(limit), "--output",
+                           str(tmp_path)], env={**os.environ, **OFFLINE}, capture_output=True, text=True,
+                          timeout=900, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    table = {}
+    for line in done.stdout.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 6 and cells[0].startswith("lostattn_"):
+            table[cells[1]] = dict(zip(("learned", "gaussian", "uniform", "knockout"), cells[2:], strict=True))
+    assert float(table["pope_accuracy"]["learned"]) == pytest.approx(_accuracy(learned[:limit], pope_rows[:limit]))
+    assert float(table["pope_accuracy"]["knockout"]) <= float(table["pope_accuracy"]["learned"]) - 0.2
+    assert float(table["exact_match"]["knockout"]) <= float(table["exact_match"]["learned"]) - 0.4
+    for metric in ("lostattn_rid_attn", "lostattn_rid_ffn", "lostattn_mixig_attn", "lostattn_mixig_ffn"):
+        assert all(value != "n/a" for value in table[metric].values())
+    assert (tmp_path / "report" / "modules.md").is_file()
+    assert (tmp_path / "compare" / "leaderboard.html").is_file()
