@@ -6,12 +6,15 @@ A family wrapper is ``class LostAttnX(LostAttnMixin, <lmms-eval's own class>)`` 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from lmms_eval.api.instance import Instance
 from lmms_eval.utils import _smart_comma_split
 from loguru import logger
+from tqdm import tqdm
 from transformers import AutoConfig
 
 from lmms_lostattn.adapters import adapter_for
@@ -21,6 +24,24 @@ from lmms_lostattn.spec import InterventionSpec
 from lmms_lostattn.stats import StatsCollector
 
 _PLUGIN_PREFIXES = ("attn", "stats")
+PROGRESS = "Model Responding (lostattn)"
+
+
+@contextmanager
+def _one_progress_bar(run: Callable[..., Any], total: int, rank: int) -> Iterator[tqdm]:
+    """The base class draws a progress bar per call, and is called once per request under an intervention: silence
+    the ``tqdm`` of the module that defines ``run`` meanwhile and show one bar over all requests instead."""
+    module = sys.modules[run.__func__.__module__]
+    original = getattr(module, "tqdm", None)
+    bar = tqdm(total=total, disable=rank != 0, desc=PROGRESS)
+    if original is not None:
+        module.tqdm = lambda *args, **kwargs: original(*args, **{**kwargs, "disable": True})
+    try:
+        yield bar
+    finally:
+        if original is not None:
+            module.tqdm = original
+        bar.close()
 
 
 def bracket_list_values(arg_string: str) -> str:
@@ -86,7 +107,10 @@ class LostAttnMixin:
         layers = len(self.adapter.decoder_layers(self.model))
         collector = StatsCollector(self.stats_config, layers) if measure else None
         results: list[Any] = []
-        with intervene(self.model, self.intervention, self.adapter, on_layer=collector) as scope:
+        with (
+            intervene(self.model, self.intervention, self.adapter, on_layer=collector) as scope,
+            _one_progress_bar(run, len(requests), self.rank) as progress,
+        ):
             for request in requests:
                 task, split = request.task_name, request.metadata.get("split")
                 scope.set_samples([f"{task}/{split}/{request.doc_id}"])
@@ -96,4 +120,5 @@ class LostAttnMixin:
                     records = collector.take()
                     if records and not request.metadata.get("__padding_only__"):
                         self._run.records[(task, request.doc_id)].append(records[0])
+                progress.update(1)
         return results

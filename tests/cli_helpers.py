@@ -13,8 +13,10 @@ from lmms_lostattn.tasks import tasks_path
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
-def run_cli(*args: str, output: pathlib.Path, limit: int = 4, launcher: tuple[str, ...] = ()) -> None:
-    """Run ``lmms-eval`` with ``--verbosity DEBUG`` (so a failure fails) and assert it succeeded."""
+def run_cli(
+    *args: str, output: pathlib.Path, limit: int = 4, launcher: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess:
+    """Run ``lmms-eval`` with ``--verbosity DEBUG`` (so a failure fails), assert it succeeded, return the process."""
     command = [
         *(launcher or (sys.executable,)),
         "-m",
@@ -35,6 +37,7 @@ def run_cli(*args: str, output: pathlib.Path, limit: int = 4, launcher: tuple[st
     done = subprocess.run(command, env={**os.environ, **OFFLINE}, capture_output=True, text=True, timeout=600,
                           cwd=output)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    return done
 
 
 def results_of(output: pathlib.Path) -> dict:

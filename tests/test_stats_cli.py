@@ -11,6 +11,8 @@ import sys
 import pytest
 from cli_helpers import results_of, run_cli, samples_of
 
+from lmms_lostattn.model_wrappers.base import PROGRESS
+
 pytestmark = pytest.mark.cli
 
 TASKS = ("lostattn_pope", "lostattn_shapes_color")  # yes/no POPE format and a free-form colour question
@@ -34,7 +36,7 @@ def model_args(tiny: pathlib.Path, **extra: str) -> str:
 @pytest.fixture(scope="module")
 def one_rank(tiny_llava: pathlib.Path, tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
     out = tmp_path_factory.mktemp("one_rank")
-    run_cli(
+    done = run_cli(
         "--model",
         "lostattn_llava",
         "--model_args",
@@ -45,6 +47,7 @@ def one_rank(tiny_llava: pathlib.Path, tmp_path_factory: pytest.TempPathFactory)
         output=out,
         limit=LIMIT,
     )
+    (out / "stderr.txt").write_text(done.stderr)
     return out
 
 
@@ -60,6 +63,13 @@ def test_table_rows_are_finite_beside_each_tasks_own_metrics(one_rank: pathlib.P
         assert not any(key.startswith("lostattn_layers") for key in metrics)
     assert results["lostattn"]["intervention"]["mode"] == "gaussian"
     assert len(results["lostattn"]["spec_hash"]) == 12
+
+
+def test_one_progress_bar_over_all_requests(one_rank: pathlib.Path) -> None:
+    """Requests run one at a time inside the scope: the base class's per-call bars are silenced, one bar counts all."""
+    log = (one_rank / "stderr.txt").read_text()
+    assert f"{PROGRESS}: 100%" in log
+    assert "Model Responding:" not in log
 
 
 def test_sidecar_has_one_entry_per_decoder_layer(one_rank: pathlib.Path) -> None:
