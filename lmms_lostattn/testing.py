@@ -432,6 +432,32 @@ def _idefics2_parts(variant: str, text_layers: int):
     return tf.Idefics2ForConditionalGeneration, config, processor
 
 
+def _idefics3_parts(variant: str, text_layers: int):
+    """(model class, config, processor) of a tiny Idefics3: SigLIP-style 32 px / 8 px patches pixel-shuffled
+    (scale factor 2) to 4 ``<image>`` tokens per image, no image splitting, Llama decoder, Idefics2's turns."""
+    import transformers as tf
+
+    tokens = {"image_token": _IMAGE_TOKEN, "image_boundary_token": "<fake_token_around_image>"}
+    tokenizer = _build_tokenizer(
+        [*_SPECIAL_TOKENS, tokens["image_boundary_token"], "<global-img>", "<end_of_utterance>"],
+        extra_special_tokens=tokens,
+        chat_template=IDEFICS2_CHAT_TEMPLATE,
+    )
+    config = tf.Idefics3Config(
+        vision_config=_VISION,
+        text_config=tf.LlamaConfig(**_text_kwargs(tokenizer, text_layers)),
+        image_token_id=tokenizer.convert_tokens_to_ids(_IMAGE_TOKEN),
+        scale_factor=2,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    edge = {"longest_edge": _IMAGE_SIZE}
+    image_processor = tf.Idefics3ImageProcessor(do_image_splitting=False, size=edge, max_image_size=edge)
+    processor = tf.Idefics3Processor(
+        image_processor=image_processor, tokenizer=tokenizer, image_seq_len=4, chat_template=IDEFICS2_CHAT_TEMPLATE
+    )
+    return tf.Idefics3ForConditionalGeneration, config, processor
+
+
 # -- Mistral 3 (Pixtral vision) ---------------------------------------------------------------------------------------
 
 # Mistral's "[INST]...[/INST]"; an image part is [IMG], which the processor expands to rows of [IMG] tokens separated
@@ -554,6 +580,7 @@ _PARTS = {
     "qwen3_vl": _qwen_parts,
     "internvl": _internvl_parts,
     "idefics2": _idefics2_parts,
+    "idefics3": _idefics3_parts,
     "mistral3": _mistral3_parts,
     "gemma3": _gemma3_parts,
 }

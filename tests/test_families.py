@@ -96,6 +96,8 @@ FAMILIES = [
            _CPU, stats_args=_LLAVA_STATS, parity_base=HuggingfaceImageTextToText),
     Family("Qwen2.5-VL, generic HF", "qwen2_5_vl", "lostattn_hf", "huggingface", ("chat",),
            FamilyPreset("1:", "p0.3-0.9"), _CPU, video=True, parity_base=HuggingfaceImageTextToText),
+    Family("Idefics3, generic HF", "idefics3", "lostattn_hf", "huggingface", ("chat",), FamilyPreset("1:", "p0.3-0.9"),
+           _CPU, parity_base=HuggingfaceImageTextToText),
 ]
 FAMILY_IDS = [family.test_id for family in FAMILIES]
 PARITY = [pytest.param(family, kind, id=f"{family.test_id}-{kind}") for family in FAMILIES for kind in family.kinds]

@@ -5,4 +5,4 @@ from __future__ import annotations
 
 from lmms_lostattn.adapters.base import FamilyAdapter
 
-IDEFICS = FamilyAdapter(family="idefics", model_types=("idefics2",))
+IDEFICS = FamilyAdapter(family="idefics", model_types=("idefics2", "idefics3"))
