@@ -33,6 +33,7 @@ from lmms_lostattn.tasks.generate_shapes import (
     IMAGE_SIZE,
     SHAPES,
     Scene,
+    ShapeObject,
     color_question,
     make_color_rows,
     make_pope_rows,
@@ -170,12 +171,13 @@ def named_object(question: str) -> str:
 
 
 def _training_examples(config: TrainConfig, step: int) -> list[tuple[Image.Image, str, str]]:
-    """``(image, prompt text, answer)`` of training batch ``step``: POPE-format or colour questions on new scenes."""
+    """``(image, prompt text, answer)`` of training batch ``step`` on new scenes: POPE-format, colour, caption and
+    repeat questions in the proportions of ``config`` (repeat questions only, during the first ``reading_steps``)."""
+    reading = step < config.reading_steps
     examples = []
     for j in range(config.batch_size):
         rng = np.random.default_rng([TRAIN_SEED, _QA_STAGE, step, j])
         scene = make_scene(rng)
-        reading = step < config.reading_steps
         kind = rng.random()
         if kind < config.caption_fraction and not reading:
             examples.append((scene.image, CAPTION_QUESTION, caption(scene)))
@@ -257,15 +259,18 @@ def validation_accuracy(model, processor, n: int) -> dict[str, float]:
     return result
 
 
+def _object_class(obj: ShapeObject) -> int:
+    """``shape_index * len(COLORS) + colour_index``: the class of a (shape, colour) object, 0..24."""
+    return SHAPES.index(obj.shape) * len(COLORS) + list(COLORS).index(obj.color)
+
+
 def patch_targets(scene: Scene) -> torch.Tensor:
     """``(P,)`` class per image patch (row-major): ``1 + shape_index * len(COLORS) + colour_index`` of the object in
     the patch's grid cell, 0 where the cell is empty (a patch lies in one cell: ``CELL`` is a multiple of it)."""
     grid = IMAGE_SIZE // PATCH_SIZE
     cells = torch.zeros(3, 3, dtype=torch.long)
     for obj in scene.objects:
-        cells[obj.box[1] // CELL, obj.box[0] // CELL] = 1 + SHAPES.index(obj.shape) * len(COLORS) + list(
-            COLORS
-        ).index(obj.color)
+        cells[obj.box[1] // CELL, obj.box[0] // CELL] = 1 + _object_class(obj)
     per_cell = CELL // PATCH_SIZE
     return cells.repeat_interleave(per_cell, dim=0).repeat_interleave(per_cell, dim=1).reshape(grid * grid)
 
@@ -275,7 +280,7 @@ def scene_targets(scene: Scene) -> torch.Tensor:
     :func:`patch_targets` (minus one)."""
     present = torch.zeros(len(SHAPES) * len(COLORS))
     for obj in scene.objects:
-        present[SHAPES.index(obj.shape) * len(COLORS) + list(COLORS).index(obj.color)] = 1.0
+        present[_object_class(obj)] = 1.0
     return present
 
 
