@@ -30,38 +30,71 @@ from lmms_lostattn.spec import Intervention
 _NEG = torch.finfo(torch.float32).min
 
 
+# What one key draws for ``gaussian``, by ``attn_dist``, from its uniform or normal draw: p is the normalised (or,
+# for ``normal``, softmaxed) vector of these over the edited keys.
+_KEY_DRAWS = {
+    "dirichlet": lambda *coords: -torch.log(rng.uniform(*coords)),  # normalised Exp(1) draws: a flat Dirichlet
+    "uniform": rng.uniform,
+    "normal": rng.normal,
+}
+
+
 @dataclass(frozen=True)
 class Coordinates:
     """Where the entries of a ``(B, H, Q, K)`` block sit, for deterministic draws.
 
-    ``sample_key``: ``(B,)`` int64 keys from (seed, sample identity); ``key_rel``/``query_rel``: ``(B, K)`` and
-    ``(B, Q)`` positions counted from each sample's first non-padding token; ``layer``: decoder layer index.
+    ``sample_key``: ``(B,)`` int64 keys from (seed, sample identity); ``first_real``: ``(B,)`` each sample's first
+    non-padding position (draws use positions counted from it); ``layer``: decoder layer index; ``keys``: the
+    absolute key positions (contiguous); ``query_abs``: ``(Q,)`` absolute query positions.
+
+    ``memo``, if given, is where one prompt's per-key draws of this layer are kept, over positions ``0..n-1``, so
+    decoding steps reuse the prompt's draws instead of drawing every key again; when keys beyond ``n`` are asked for,
+    the memo grows to at least ``2n`` at once. The values are the same either way: every draw is a pure function of
+    its coordinates.
     """
 
     sample_key: torch.Tensor
+    first_real: torch.Tensor
     layer: int
-    key_rel: torch.Tensor
-    query_rel: torch.Tensor
+    keys: range
+    query_abs: torch.Tensor
+    memo: dict[str, torch.Tensor] | None = None
 
-    def key_draws(self, num_heads: int) -> torch.Tensor:
-        """Uniform draws ``(B, H, 1, K)``: one per sample, head and key position."""
-        heads = torch.arange(num_heads, device=self.key_rel.device).view(1, -1, 1, 1)
-        return rng.uniform(self.sample_key.view(-1, 1, 1, 1), self.layer, heads, self.key_rel[:, None, None, :])
+    @property
+    def key_abs(self) -> torch.Tensor:
+        return torch.arange(self.keys.start, self.keys.stop, device=self.first_real.device)
 
-    def key_normals(self, num_heads: int) -> torch.Tensor:
-        """Standard normal draws ``(B, H, 1, K)``, same coordinates as :meth:`key_draws`."""
-        heads = torch.arange(num_heads, device=self.key_rel.device).view(1, -1, 1, 1)
-        return rng.normal(self.sample_key.view(-1, 1, 1, 1), self.layer, heads, self.key_rel[:, None, None, :])
+    def _relative(self, positions: torch.Tensor) -> torch.Tensor:
+        return positions[None, :] - self.first_real[:, None]
+
+    def _heads(self, num_heads: int) -> torch.Tensor:
+        return torch.arange(num_heads, device=self.first_real.device).view(1, -1, 1, 1)
+
+    def key_draws(self, dist: str, num_heads: int) -> torch.Tensor:
+        """Per-key draws ``(B, H, 1, K)`` for ``attn_dist=dist``: one per sample, head and key position."""
+        known = None if self.memo is None else self.memo.get(dist)
+        drawn = 0 if known is None else known.shape[-1]
+        if self.memo is None or self.keys.start > drawn:  # nothing to keep, or a gap before these keys
+            return self._draw(dist, num_heads, self.keys)
+        if self.keys.stop > drawn:  # at least double: decoding steps then draw once every n steps, not every step
+            new = self._draw(dist, num_heads, range(drawn, max(self.keys.stop, 2 * drawn)))
+            known = new if known is None else torch.cat([known, new], dim=-1)
+            self.memo[dist] = known
+        return known[..., self.keys.start : self.keys.stop]
+
+    def _draw(self, dist: str, num_heads: int, positions: range) -> torch.Tensor:
+        rel = self._relative(torch.arange(positions.start, positions.stop, device=self.first_real.device))
+        key = self.sample_key.view(-1, 1, 1, 1)
+        return _KEY_DRAWS[dist](key, self.layer, self._heads(num_heads), rel[:, None, None])
 
     def entry_draws(self, num_heads: int) -> torch.Tensor:
         """Uniform draws ``(B, H, Q, K)``: one per sample, head, query position and key position."""
-        heads = torch.arange(num_heads, device=self.key_rel.device).view(1, -1, 1, 1)
         return rng.uniform(
             self.sample_key.view(-1, 1, 1, 1),
             self.layer,
-            heads,
-            self.query_rel[:, None, :, None],
-            self.key_rel[:, None, None, :],
+            self._heads(num_heads),
+            self._relative(self.query_abs)[:, None, :, None],
+            self._relative(self.key_abs)[:, None, None, :],
             3,
         )
 
@@ -76,29 +109,22 @@ def _normalise(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return values / values.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(values.dtype).tiny)
 
 
-def pattern(
-    inter: Intervention, edit: torch.Tensor, coords: Coordinates, key_abs: torch.Tensor, query_abs: torch.Tensor
-) -> torch.Tensor:
-    """The predefined probability vector p over the edited keys of each row, ``(B, H, Q, K)``, zero elsewhere.
-
-    ``key_abs``/``query_abs`` are absolute positions ``(K,)`` and ``(Q,)`` in the sequence (for ``identity``).
-    """
+def pattern(inter: Intervention, edit: torch.Tensor, coords: Coordinates) -> torch.Tensor:
+    """The predefined probability vector p over the edited keys of each row, ``(B, H, Q, K)``, zero elsewhere."""
     num_heads = edit.shape[1]
     if inter.mode == "uniform":
         return _normalise(torch.ones_like(edit, dtype=torch.float32), edit)
     if inter.mode == "identity":
-        return _normalise((key_abs.view(1, 1, 1, -1) == query_abs.view(1, 1, -1, 1)).float(), edit)
+        return _normalise((coords.key_abs.view(1, 1, 1, -1) == coords.query_abs.view(1, 1, -1, 1)).float(), edit)
     if inter.mode == "sink":
         first = edit.int().argmax(dim=-1, keepdim=True)
         return torch.zeros(edit.shape, device=edit.device).scatter_(-1, first, 1.0) * edit
     if inter.mode != "gaussian":
         raise ValueError(f"no predefined pattern for attn={inter.mode}")
+    draws = coords.key_draws(inter.dist, num_heads)
     if inter.dist == "normal":
-        logits = (inter.sigma * coords.key_normals(num_heads)).expand(edit.shape)
-        return masked_softmax(logits, edit) * edit
-    draws = coords.key_draws(num_heads)
-    weights = -torch.log(draws) if inter.dist == "dirichlet" else draws
-    return _normalise(weights.expand(edit.shape), edit)
+        return masked_softmax((inter.sigma * draws).expand(edit.shape), edit) * edit
+    return _normalise(draws.expand(edit.shape), edit)
 
 
 def shuffle_within(values: torch.Tensor, edit: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
@@ -134,8 +160,6 @@ def edited_weights(
     edit: torch.Tensor,
     inter: Intervention,
     coords: Coordinates,
-    key_abs: torch.Tensor,
-    query_abs: torch.Tensor,
 ) -> torch.Tensor:
     """Attention weights ``(B, H, Q, K)`` after replacing the learned attention on ``edit`` (module docstring)."""
     lam = inter.lam
@@ -147,7 +171,7 @@ def edited_weights(
     if inter.mode == "knockout":
         weights = masked_softmax(scores, allowed)
         return torch.where(edit, (1.0 - lam) * weights, weights)
-    target = pattern(inter, edit, coords, key_abs, query_abs)
+    target = pattern(inter, edit, coords)
     edit = edit & (target.sum(dim=-1, keepdim=True) > 0)  # rows without an edited key keep their weights
     if inter.space == "logits":
         return masked_softmax(torch.where(edit, (1.0 - lam) * scores + lam * target, scores), allowed)

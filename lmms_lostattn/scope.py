@@ -8,7 +8,8 @@
 * for attention-weight modes, the ``lostattn`` attention function on the language decoder only (the vision
   tower keeps its own); layers that are not edited, and rows that are not edited, go straight to the original
   kernel (sdpa or eager), so only the edited rows of edited layers pay for materialised weights (with eager, the
-  returned attention weights, e.g. ``output_attentions``, are the edited ones);
+  returned attention weights, e.g. ``output_attentions``, are the edited ones); the edited rows and keys are
+  worked out once per forward step for all edited layers, and the ``gaussian`` draws once per prompt and layer;
 * for ``noise_delta``, forward hooks on the edited layers' attention modules; for ``noise_qkv``, replaced q/k/v
   weights, restored bit for bit on exit.
 
@@ -22,7 +23,7 @@ import hashlib
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -50,10 +51,24 @@ class PromptState:
     is_visual: torch.Tensor  # (B, T) bool, grows by one column per decoding step
     first_real: torch.Tensor  # (B,) index of each sample's first non-padding token
     sample_key: torch.Tensor  # (B,) int64 keys from (seed, sample identity)
+    draws: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)  # per layer: its Coordinates.memo
 
     @property
     def prompt_len(self) -> int:
         return self.prompt_ids.shape[1]
+
+
+@dataclass(frozen=True)
+class _Selection:
+    """The edited rows and keys of one forward step's ``(Q, K)`` block, the same in every edited layer."""
+
+    needed: torch.Tensor | None  # the query rows our path computes; None = every row
+    query_abs: torch.Tensor  # (Qs,) absolute positions of those rows
+    rows: torch.Tensor  # (B, Qs) bool: edited rows among them
+    keys: range  # absolute key positions
+    key_abs: torch.Tensor  # (K,) the same as a tensor
+    key_visual: torch.Tensor  # (B, K) bool: visual key positions
+    key_edited: torch.Tensor  # (B, K) bool: key positions whose weights are replaced
 
 
 def _eager_passthrough(module: nn.Module, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -113,6 +128,7 @@ class Scope:
         self.sample_ids: Sequence[str] | None = None
         self.state: PromptState | None = None
         self.prefill = False  # True while the forward pass of a new prompt runs
+        self._step: dict[tuple[int, int], _Selection | None] = {}  # this forward step's selections, by (Q, K)
         self.error: BaseException | None = None
 
     # -- sample identity and errors -------------------------------------------------------------------------
@@ -152,6 +168,7 @@ class Scope:
         cached = cache.get_seq_length() if cache is not None else 0
         state = self.state
         self.prefill = False
+        self._step = {}
         if cached:
             if state is None or state.is_visual.shape[0] != input_ids.shape[0]:
                 raise InterventionError("lostattn: a cached decoding step arrived without its prompt")
@@ -228,17 +245,35 @@ class Scope:
         visual = self._visual_at(query_abs)
         return real & (visual if rows == "image" else ~visual)
 
-    def _edited_keys(self, key_abs: torch.Tensor) -> torch.Tensor:
-        """(B, K) bool: the key positions whose weights are replaced."""
+    def _edited_keys(self, key_abs: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
+        """(B, K) bool: the key positions whose weights are replaced (``visual``: their visual flags)."""
         keys = self.intervention.keys
         if keys == "all":
-            return torch.ones(self.state.first_real.shape[0], key_abs.shape[0], dtype=torch.bool, device=key_abs.device)
-        visual = self._visual_at(key_abs)
+            return torch.ones_like(visual)
         return visual if keys == "image" else ~visual & (key_abs[None, :] >= self.state.first_real[:, None])
 
-    def _coordinates(self, layer: int, key_abs: torch.Tensor, query_abs: torch.Tensor) -> Coordinates:
-        first = self.state.first_real[:, None]
-        return Coordinates(self.state.sample_key, layer, key_abs[None, :] - first, query_abs[None, :] - first)
+    def _selection(self, num_q: int, num_k: int) -> _Selection | None:
+        """The edited rows and keys of a ``(Q, K)`` attention block of this step (``None``: no row is edited);
+        computed by the first edited layer and reused by the others."""
+        if (num_q, num_k) not in self._step:
+            self._step[num_q, num_k] = self._select(num_q, num_k)
+        return self._step[num_q, num_k]
+
+    def _select(self, num_q: int, num_k: int) -> _Selection | None:
+        query_abs = self._positions(num_q)
+        rows = self.edited_rows(query_abs)
+        needed = rows.any(dim=0).nonzero().flatten()
+        if needed.numel() == 0:
+            return None
+        if needed.numel() < num_q:
+            query_abs, rows = query_abs[needed], rows[:, needed]
+        else:
+            needed = None
+        total = self.state.is_visual.shape[1]
+        key_abs = self._positions(num_k)
+        visual = self._visual_at(key_abs)
+        edited = self._edited_keys(key_abs, visual)
+        return _Selection(needed, query_abs, rows, range(total - num_k, total), key_abs, visual, edited)
 
     # -- the attention function's edited path ------------------------------------------------------------------
 
@@ -256,42 +291,39 @@ class Scope:
         kwargs: dict[str, Any],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Attention with the edited rows recomputed from materialised, replaced weights."""
-        num_q, num_k = query.shape[2], key.shape[2]
-        query_abs, key_abs = self._positions(num_q), self._positions(num_k)
-        rows = self.edited_rows(query_abs)
-        needed = rows.any(dim=0).nonzero().flatten()
-        if needed.numel() == 0:
+        selection = self._selection(query.shape[2], key.shape[2])
+        if selection is None:
             return passthrough(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-        if needed.numel() < num_q:
+        needed, out = selection.needed, None
+        if needed is not None:
             out, base_weights = passthrough(
                 module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
             )
-            query, query_abs, rows = query[:, :, needed], query_abs[needed], rows[:, needed]
-        else:
-            out = None
+            query = query[:, :, needed]
         groups = getattr(module, "num_key_value_groups", 1)
         key, value = repeat_kv(key, groups), repeat_kv(value, groups)
         scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
         scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scaling
         if kwargs.get("softcap") is not None:
             scores = torch.tanh(scores / kwargs["softcap"]) * kwargs["softcap"]
-        mask = None if attention_mask is None else attention_mask[..., :num_k]
+        mask = None if attention_mask is None else attention_mask[..., : key.shape[2]]
         if mask is not None and out is not None and mask.shape[2] > 1:
             mask = mask[:, :, needed]
-        allowed = self._allowed(module, mask, query_abs, key_abs)
+        allowed = self._allowed(module, mask, selection.query_abs, selection.key_abs)
         if mask is not None and mask.dtype != torch.bool:
             scores = scores + mask.float().masked_fill(~allowed, 0.0)  # additive biases beyond the causal mask
-        edit = allowed & self._edited_keys(key_abs)[:, None, None, :] & rows[:, None, :, None]
+        edit = allowed & selection.key_edited[:, None, None, :] & selection.rows[:, None, :, None]
         heads = self.intervention.heads
         if heads.kind == "band":
-            edit = edit & band_heads(scores, allowed, self._visual_at(key_abs)[:, None, None, :], heads.band)
+            edit = edit & band_heads(scores, allowed, selection.key_visual[:, None, None, :], heads.band)
         elif heads.kind == "indices":
             chosen = torch.zeros(query.shape[1], dtype=torch.bool, device=query.device)
             chosen[list(heads.indices)] = True
             edit = edit & chosen.view(1, -1, 1, 1)
-        weights = edited_weights(
-            scores, allowed, edit, self.intervention, self._coordinates(layer, key_abs, query_abs), key_abs, query_abs
-        )
+        state = self.state
+        memo = state.draws.setdefault(layer, {})
+        coords = Coordinates(state.sample_key, state.first_real, layer, selection.keys, selection.query_abs, memo)
+        weights = edited_weights(scores, allowed, edit, self.intervention, coords)
         edited = torch.matmul(weights.to(value.dtype), value).transpose(1, 2)  # (B, Qs, H, Dv)
         if out is None:  # every row edited; the eager kernel also returns the weights (output_attentions)
             return edited.contiguous(), weights.to(query.dtype) if passthrough is _eager_passthrough else None

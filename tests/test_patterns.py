@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmms_lostattn import rng
+from lmms_lostattn import patterns, rng
 from lmms_lostattn.patterns import Coordinates, band_heads, edited_weights, masked_softmax, shuffle_within
 from lmms_lostattn.spec import Intervention
 
@@ -22,7 +22,7 @@ def block() -> dict[str, torch.Tensor]:
     image = torch.zeros(K, dtype=torch.bool)
     image[1:4] = True
     edit = (allowed & image).expand(B, H, Q, K)
-    coords = Coordinates(torch.tensor([11, 12]), 0, key_abs.expand(B, K), query_abs.expand(B, Q))
+    coords = Coordinates(torch.tensor([11, 12]), torch.zeros(B, dtype=torch.long), 0, range(K), query_abs)
     return {
         "scores": scores,
         "allowed": allowed,
@@ -35,9 +35,7 @@ def block() -> dict[str, torch.Tensor]:
 
 def run(block: dict, mode: str, space: str = "probs", lam: float = 1.0, **extra: object) -> torch.Tensor:
     inter = Intervention(mode=mode, space=space, lam=lam, **extra)
-    return edited_weights(
-        block["scores"], block["allowed"], block["edit"], inter, block["coords"], block["key_abs"], block["query_abs"]
-    )
+    return edited_weights(block["scores"], block["allowed"], block["edit"], inter, block["coords"])
 
 
 def learned(block: dict) -> torch.Tensor:
@@ -146,14 +144,43 @@ def test_band_heads_keeps_the_quantile_band() -> None:
     assert chosen.tolist() == [False, False, True, False, True]
 
 
+def _coordinates(
+    sample: int = 7, layer: int = 3, first: int = 0, keys: range = range(5), memo: dict | None = None
+) -> Coordinates:
+    samples, firsts = torch.tensor([sample, sample + 1]), torch.tensor([first, first + 2])
+    return Coordinates(samples, firsts, layer, keys, torch.arange(keys.stop - 1, keys.stop), memo)
+
+
 def test_coordinates_depend_on_sample_layer_head_and_position_only() -> None:
-    pos = torch.arange(5).expand(1, 5)
-    a = Coordinates(torch.tensor([7]), 3, pos, pos).key_draws(2)
-    assert torch.equal(a, Coordinates(torch.tensor([7]), 3, pos, pos + 4).key_draws(2))  # rows do not matter
-    assert not torch.equal(a, Coordinates(torch.tensor([8]), 3, pos, pos).key_draws(2))
-    assert not torch.equal(a, Coordinates(torch.tensor([7]), 4, pos, pos).key_draws(2))
-    assert not torch.equal(a[0, 0], a[0, 1])
+    a = _coordinates().key_draws("uniform", 2)
+    assert a.shape == (2, 2, 1, 5)
+    rows_elsewhere = Coordinates(torch.tensor([7, 8]), torch.tensor([0, 2]), 3, range(5), torch.arange(4))
+    assert torch.equal(a, rows_elsewhere.key_draws("uniform", 2))  # query rows do not matter
+    assert not torch.equal(a, _coordinates(sample=8).key_draws("uniform", 2))
+    assert not torch.equal(a, _coordinates(layer=4).key_draws("uniform", 2))
+    assert not torch.equal(a[0, 0], a[0, 1])  # heads
+    shifted = _coordinates(sample=8).key_draws("uniform", 2)  # row 0: sample 8 with no padding
+    assert torch.equal(a[1, :, :, 2:], shifted[0, :, :, :3])  # positions count from the first non-padding token
     assert ((a > 0) & (a < 1)).all()
+
+
+@pytest.mark.parametrize("dist", ["dirichlet", "uniform", "normal"])
+def test_memo_draws_each_key_once_and_keeps_the_values(dist: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Prefill, cached decoding steps, a step without KV cache and a sliding window read the memo: it grows at
+    least twofold when keys beyond it are asked for, and every result equals a fresh draw at the same coordinates."""
+    steps = (range(6), range(7), range(8), range(8), range(3, 9), range(9))
+    fresh = [_coordinates(keys=keys).key_draws(dist, 3) for keys in steps + (range(13, 15),)]
+    drawn: list[int] = []
+    original = patterns._KEY_DRAWS[dist]
+    monkeypatch.setitem(patterns._KEY_DRAWS, dist, lambda *c: drawn.append(c[-1].shape[-1]) or original(*c))
+    memo: dict[str, torch.Tensor] = {}
+    for keys, expected in zip(steps, fresh, strict=False):
+        torch.testing.assert_close(_coordinates(keys=keys, memo=memo).key_draws(dist, 3), expected, rtol=0, atol=0)
+    assert drawn == [6, 6]  # positions 0-5 at the prefill, then 6-11 for the next step, which covers the others
+    assert memo[dist].shape == (2, 3, 1, 12)
+    gap = _coordinates(keys=range(13, 15), memo=memo).key_draws(dist, 3)  # after a gap: drawn, not kept
+    torch.testing.assert_close(gap, fresh[-1], rtol=0, atol=0)
+    assert memo[dist].shape[-1] == 12
 
 
 def test_uniform_draws_look_uniform() -> None:

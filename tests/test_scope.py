@@ -167,6 +167,29 @@ def test_sample_ids_key_the_draws(model, singles) -> None:
     assert torch.equal(outputs[0], outputs[1]) and not torch.allclose(outputs[0], outputs[2])
 
 
+@pytest.mark.parametrize(("dist", "keys"), [("dirichlet", "image"), ("normal", "all")])
+def test_decoding_steps_use_the_prompts_draws(model, batch, dist: str, keys: str) -> None:
+    """A decoding step's edited row gets the p a fresh prefill of the same sequence draws (SPEC §2: p is drawn once
+    per sample and reused while decoding). Only the last layer is edited, so the earlier rows the decoding run
+    edited cannot reach the last row, and a new scope over the generated sequence is an independent reference."""
+    adapter = adapter_for(model.config)
+    inter = resolve(model, attn="gaussian", attn_dist=dist, attn_keys=keys, attn_layers="-1", attn_heads="p0.3-0.9")
+    names = ["pope/test/1", "pope/test/2"]
+    with torch.no_grad(), intervene(model, inter, adapter) as scope:
+        scope.set_samples(names)
+        run = model.generate(
+            **batch, max_new_tokens=4, do_sample=False, pad_token_id=3, output_logits=True, return_dict_in_generate=True
+        )
+    sequence = run.sequences[:, :-1]  # the last step's input: prompt and the first three generated tokens
+    grown = torch.ones_like(batch["attention_mask"][:, :3])
+    inputs = {**batch, "input_ids": sequence, "attention_mask": torch.cat([batch["attention_mask"], grown], dim=1)}
+    with torch.no_grad(), intervene(model, inter, adapter) as scope:
+        scope.set_samples(names)
+        fresh = model(**inputs).logits[:, -1]
+    torch.testing.assert_close(run.logits[-1], fresh, atol=1e-4, rtol=0)
+    assert not torch.allclose(fresh, logits(model, inputs)[:, -1], atol=1e-3)  # the edit does change the logits
+
+
 def test_noise_qkv_restores_weights_bit_for_bit(model, batch) -> None:
     before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     with intervene(model, resolve(model, attn="noise_qkv", attn_layers="0,2"), adapter_for(model.config)):
