@@ -37,19 +37,12 @@ from lmms_eval.models.simple.llava_hf import LlavaHf
 from loguru import logger
 from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
-from transformers import (
-    CLIPImageProcessor,
-    CLIPVisionConfig,
-    LlamaConfig,
-    LlavaConfig,
-    LlavaForConditionalGeneration,
-    LlavaProcessor,
-)
+from transformers import LlavaForConditionalGeneration
 from transformers.utils import logging as transformers_logging
 
 from lmms_lostattn.model_wrappers.llava import LostAttnLlavaSimple
 from lmms_lostattn.scope import intervene
-from lmms_lostattn.testing import LLAVA_CHAT_TEMPLATE, _build_tokenizer
+from lmms_lostattn.testing import build_tokenizer, llava_config_and_processor
 
 IMAGE_TOKEN = "<image>"
 QUESTION = "Is there a cat in the image? Answer the question using a single word or phrase."  # 576 + 33 tokens
@@ -120,17 +113,16 @@ TIMINGS = ("prefill", "gen_1", "gen_n")
 
 def build_checkpoint(cfg: BenchConfig, out: pathlib.Path, seed: int = 0) -> pathlib.Path:
     """Write a random-weight LLaVA-1.5-style model (CLIP 336/14 -> 576 image tokens) with its processor to ``out``."""
-    tokenizer = _build_tokenizer()
-    vision = CLIPVisionConfig(
+    tokenizer = build_tokenizer()
+    vision = dict(
         image_size=cfg.image_size,
         patch_size=cfg.patch,
         hidden_size=cfg.vision_hidden,
         intermediate_size=2 * cfg.vision_hidden,
         num_hidden_layers=cfg.vision_layers,
         num_attention_heads=2,
-        projection_dim=cfg.vision_hidden,
     )
-    text = LlamaConfig(
+    text = dict(
         vocab_size=cfg.vocab or len(tokenizer),
         hidden_size=cfg.hidden,
         intermediate_size=cfg.intermediate,
@@ -138,36 +130,14 @@ def build_checkpoint(cfg: BenchConfig, out: pathlib.Path, seed: int = 0) -> path
         num_attention_heads=cfg.heads,
         num_key_value_heads=cfg.kv_heads,
         max_position_embeddings=4096,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
     )
-    config = LlavaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-        vision_feature_select_strategy="default",
-        vision_feature_layer=-2,
-        image_seq_length=(cfg.image_size // cfg.patch) ** 2,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    config, processor = llava_config_and_processor(tokenizer, vision=vision, text=text)
     with torch.random.fork_rng(devices=[]), torch.device(cfg.device):
         torch.manual_seed(seed)
         model = LlavaForConditionalGeneration._from_config(config, dtype=getattr(torch, cfg.dtype)).eval()
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out)
     del model
-    processor = LlavaProcessor(
-        image_processor=CLIPImageProcessor(
-            size={"shortest_edge": cfg.image_size}, crop_size={"height": cfg.image_size, "width": cfg.image_size}
-        ),
-        tokenizer=tokenizer,
-        patch_size=cfg.patch,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,  # CLIP's CLS token
-        image_token=IMAGE_TOKEN,
-        chat_template=LLAVA_CHAT_TEMPLATE,
-    )
     processor.save_pretrained(out)
     return out
 

@@ -40,7 +40,7 @@ from lmms_lostattn.tasks.generate_shapes import (
     make_scene,
     pope_question,
 )
-from lmms_lostattn.testing import _CORPUS, LLAVA_CHAT_TEMPLATE, _build_tokenizer
+from lmms_lostattn.testing import CORPUS, build_tokenizer, llava_config_and_processor
 
 __all__ = ["SHAPES_LLAVA_DIR", "TrainConfig", "accuracy", "build_untrained", "prompt", "train"]
 
@@ -90,59 +90,28 @@ class TrainConfig:
 def build_untrained(seed: int = 0):
     """``(model, processor)``: the randomly initialised shapes-llava (CLIP 96 px / 16 px patches, 2 layers of width
     96; Llama decoder of 4 layers, width 128, 4 heads; 37 image tokens: the class token and 36 patches)."""
-    from transformers import (
-        CLIPImageProcessor,
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-    )
+    from transformers import LlavaForConditionalGeneration
 
-    tokenizer = _build_tokenizer(corpus=_CORPUS + _TASK_CORPUS)
-    image_token = tokenizer.convert_tokens_to_ids("<image>")
-    grid = IMAGE_SIZE // PATCH_SIZE
-    vision = CLIPVisionConfig(
+    tokenizer = build_tokenizer(corpus=CORPUS + _TASK_CORPUS)
+    vision = dict(
         image_size=IMAGE_SIZE,
         patch_size=PATCH_SIZE,
         hidden_size=96,
         intermediate_size=384,
         num_hidden_layers=2,
         num_attention_heads=4,
-        projection_dim=96,
     )
-    text = LlamaConfig(
-        vocab_size=len(tokenizer),
+    text = dict(
         hidden_size=128,
         intermediate_size=384,
         num_hidden_layers=4,
         num_attention_heads=4,
         num_key_value_heads=4,
         max_position_embeddings=512,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
     )
-    config = LlavaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_index=image_token,
-        vision_feature_select_strategy="full",
-        vision_feature_layer=-1,
-        image_seq_length=grid * grid + 1,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    processor = LlavaProcessor(
-        image_processor=CLIPImageProcessor(
-            size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
-        ),
-        tokenizer=tokenizer,
-        patch_size=PATCH_SIZE,
-        vision_feature_select_strategy="full",
-        num_additional_image_tokens=1,
-        image_token="<image>",
-        chat_template=LLAVA_CHAT_TEMPLATE,
+    config, processor = llava_config_and_processor(
+        tokenizer, vision=vision, text=text, select_strategy="full", feature_layer=-1
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -5,7 +5,8 @@ byte-level BPE tokenizer trained on a built-in corpus with the family's special 
 processor and chat template) for any of :data:`FAMILY_VARIANTS`: hidden size 64, 4 decoder layers, 4 query / 2
 key-value heads, 32 px images (Qwen: 28-112 px). ``tiny_model_dir`` caches one build per variant;
 ``build_tiny_llava`` / ``tiny_llava_dir`` are the same for the LLaVA-1.5/NeXT variants (:data:`TINY_VARIANTS`).
-Nothing touches the Hugging Face hub.
+``build_tokenizer`` (the BPE on :data:`CORPUS`) and ``llava_config_and_processor`` (a LLaVA-1.5-style config and
+processor of any size) also build shapes-llava and the benchmark checkpoints. Nothing touches the Hugging Face hub.
 """
 
 from __future__ import annotations
@@ -14,13 +15,17 @@ import os
 import pathlib
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 __all__ = [
+    "CORPUS",
     "FAMILY_VARIANTS",
     "TINY_VARIANTS",
     "build_tiny_llava",
     "build_tiny_model",
+    "build_tokenizer",
+    "llava_config_and_processor",
     "tiny_llava_dir",
     "tiny_model_dir",
 ]
@@ -56,7 +61,7 @@ LLAVA_CHAT_TEMPLATE = (
     "{%- if add_generation_prompt -%}{{ 'ASSISTANT:' }}{%- endif -%}"
 )
 
-_CORPUS = """\
+CORPUS = """\
 A chat between a curious user and an artificial intelligence assistant.
 The assistant gives helpful, detailed, and polite answers to the user's questions.
 USER: Is there a cat in the image? ASSISTANT: Yes, there is a cat.
@@ -73,7 +78,7 @@ What is written on the sign? What is the man holding? Where is the woman standin
 """
 
 
-def _build_tokenizer(
+def build_tokenizer(
     special_tokens: Sequence[str] = tuple(_SPECIAL_TOKENS),
     *,
     unk: str | None = "<unk>",
@@ -83,7 +88,7 @@ def _build_tokenizer(
     extra_special_tokens: dict[str, str] | None = None,
     chat_template: str = LLAVA_CHAT_TEMPLATE,
     padding_side: str = "right",
-    corpus: str = _CORPUS,
+    corpus: str = CORPUS,
 ):
     """Train a small byte-level BPE on ``corpus`` (default: the built-in one) and wrap it as a transformers fast
     tokenizer.
@@ -152,42 +157,69 @@ def _text_kwargs(tokenizer, text_layers: int) -> dict:
     )
 
 
-def _build_configs(variant: str, tokenizer, text_layers: int):
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaNextConfig
+def llava_config_and_processor(
+    tokenizer,
+    *,
+    vision: Mapping[str, Any],
+    text: Mapping[str, Any],
+    select_strategy: str = "default",
+    feature_layer: int = -2,
+    grid_pinpoints: list[list[int]] | None = None,
+):
+    """``(config, processor)`` of a LLaVA-1.5-style model over ``tokenizer`` (its ``<image>`` token,
+    :data:`LLAVA_CHAT_TEMPLATE`).
 
-    vision = CLIPVisionConfig(**_VISION, projection_dim=32)
-    text = LlamaConfig(**_text_kwargs(tokenizer, text_layers))
-    common = dict(
-        vision_config=vision,
-        text_config=text,
+    ``vision``: ``CLIPVisionConfig`` kwargs, with ``image_size`` and ``patch_size`` (projection width: the tower's).
+    ``text``: ``LlamaConfig`` kwargs; vocabulary size and bos/eos/pad ids default to the tokenizer's.
+    ``select_strategy`` ``"default"`` drops CLIP's class token from the image features, ``"full"`` keeps it.
+    ``grid_pinpoints`` makes it a LLaVA-NeXT (any-res tiles of that grid).
+    """
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaNextConfig,
+        LlavaNextImageProcessor,
+        LlavaNextProcessor,
+        LlavaProcessor,
+    )
+
+    image_size, patch_size = vision["image_size"], vision["patch_size"]
+    patches = (image_size // patch_size) ** 2
+    ids = {
+        "vocab_size": len(tokenizer),
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    config_kwargs = dict(
+        vision_config=CLIPVisionConfig(**{"projection_dim": vision["hidden_size"], **vision}),
+        text_config=LlamaConfig(**{**ids, **text}),
         image_token_index=tokenizer.convert_tokens_to_ids(_IMAGE_TOKEN),
-        vision_feature_select_strategy="default",
-        vision_feature_layer=-2,
-        image_seq_length=(_IMAGE_SIZE // _PATCH_SIZE) ** 2,
+        vision_feature_select_strategy=select_strategy,
+        vision_feature_layer=feature_layer,
+        image_seq_length=patches + 1 if select_strategy == "full" else patches,
         pad_token_id=tokenizer.pad_token_id,
     )
-    if variant == "llava":
-        return LlavaConfig(**common)
-    return LlavaNextConfig(image_grid_pinpoints=_GRID_PINPOINTS, **common)
-
-
-def _build_processor(variant: str, tokenizer):
-    from transformers import CLIPImageProcessor, LlavaNextImageProcessor, LlavaNextProcessor, LlavaProcessor
-
-    size = {"shortest_edge": _IMAGE_SIZE}
-    crop = {"height": _IMAGE_SIZE, "width": _IMAGE_SIZE}
-    common = dict(
+    size = {"shortest_edge": image_size}
+    crop = {"height": image_size, "width": image_size}
+    processor_kwargs = dict(
         tokenizer=tokenizer,
-        patch_size=_PATCH_SIZE,
-        vision_feature_select_strategy="default",
+        patch_size=patch_size,
+        vision_feature_select_strategy=select_strategy,
         num_additional_image_tokens=1,  # CLIP's CLS token
         image_token=_IMAGE_TOKEN,
         chat_template=LLAVA_CHAT_TEMPLATE,
     )
-    if variant == "llava":
-        return LlavaProcessor(image_processor=CLIPImageProcessor(size=size, crop_size=crop), **common)
-    image_processor = LlavaNextImageProcessor(size=size, crop_size=crop, image_grid_pinpoints=_GRID_PINPOINTS)
-    return LlavaNextProcessor(image_processor=image_processor, **common)
+    if grid_pinpoints is None:
+        image_processor = CLIPImageProcessor(size=size, crop_size=crop)
+        return LlavaConfig(**config_kwargs), LlavaProcessor(image_processor=image_processor, **processor_kwargs)
+    image_processor = LlavaNextImageProcessor(size=size, crop_size=crop, image_grid_pinpoints=grid_pinpoints)
+    return (
+        LlavaNextConfig(image_grid_pinpoints=grid_pinpoints, **config_kwargs),
+        LlavaNextProcessor(image_processor=image_processor, **processor_kwargs),
+    )
 
 
 def _check_variant(variant: str, accepted: Sequence[str] = TINY_VARIANTS) -> None:
@@ -199,9 +231,15 @@ def _llava_parts(variant: str, text_layers: int):
     """(model class, config, processor) of a tiny LLaVA-1.5 / LLaVA-NeXT."""
     from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
 
-    tokenizer = _build_tokenizer()
+    tokenizer = build_tokenizer()
+    config, processor = llava_config_and_processor(
+        tokenizer,
+        vision=_VISION,
+        text=_text_kwargs(tokenizer, text_layers),
+        grid_pinpoints=_GRID_PINPOINTS if variant == "llava_next" else None,
+    )
     model_cls = LlavaForConditionalGeneration if variant == "llava" else LlavaNextForConditionalGeneration
-    return model_cls, _build_configs(variant, tokenizer, text_layers), _build_processor(variant, tokenizer)
+    return model_cls, config, processor
 
 
 def _llava_onevision_parts(variant: str, text_layers: int):
@@ -218,7 +256,7 @@ def _llava_onevision_parts(variant: str, text_layers: int):
     )
 
     tokens = {"image_token": _IMAGE_TOKEN, "video_token": "<video>"}
-    tokenizer = _build_tokenizer([*_SPECIAL_TOKENS, tokens["video_token"]], extra_special_tokens=tokens)
+    tokenizer = build_tokenizer([*_SPECIAL_TOKENS, tokens["video_token"]], extra_special_tokens=tokens)
     vision = SiglipVisionConfig(**_VISION)
     text = Qwen2Config(**_text_kwargs(tokenizer, text_layers))
     config = LlavaOnevisionConfig(
@@ -287,7 +325,7 @@ def _qwen_parts(variant: str, text_layers: int):
     import transformers as tf
 
     extra = {k: v for k, v in _QWEN_TOKENS.items() if k.endswith("_token")}
-    tokenizer = _build_tokenizer(
+    tokenizer = build_tokenizer(
         list(_QWEN_TOKENS.values()),
         unk=None,
         bos=None,
@@ -352,7 +390,7 @@ def _internvl_parts(variant: str, text_layers: int):
         "context_image_token": "<IMG_CONTEXT>",
         "video_token": "<video>",
     }
-    tokenizer = _build_tokenizer(
+    tokenizer = build_tokenizer(
         [_QWEN_TOKENS["pad"], _QWEN_TOKENS["im_start"], _QWEN_TOKENS["eos"], *tokens.values()],
         unk=None,
         bos=None,
@@ -405,7 +443,7 @@ def _idefics2_parts(variant: str, text_layers: int):
     import transformers as tf
 
     tokens = {"image_token": _IMAGE_TOKEN, "image_boundary_token": "<fake_token_around_image>"}
-    tokenizer = _build_tokenizer(
+    tokenizer = build_tokenizer(
         [*_SPECIAL_TOKENS, tokens["image_boundary_token"], "<end_of_utterance>"],
         extra_special_tokens=tokens,
         chat_template=IDEFICS2_CHAT_TEMPLATE,
@@ -438,7 +476,7 @@ def _idefics3_parts(variant: str, text_layers: int):
     import transformers as tf
 
     tokens = {"image_token": _IMAGE_TOKEN, "image_boundary_token": "<fake_token_around_image>"}
-    tokenizer = _build_tokenizer(
+    tokenizer = build_tokenizer(
         [*_SPECIAL_TOKENS, tokens["image_boundary_token"], "<global-img>", "<end_of_utterance>"],
         extra_special_tokens=tokens,
         chat_template=IDEFICS2_CHAT_TEMPLATE,
@@ -482,7 +520,7 @@ def _mistral3_parts(variant: str, text_layers: int):
     import transformers as tf
 
     tokens = ["[INST]", "[/INST]", "[IMG]", "[IMG_BREAK]", "[IMG_END]"]
-    tokenizer = _build_tokenizer(
+    tokenizer = build_tokenizer(
         [*_SPECIAL_TOKENS, *tokens], extra_special_tokens={"image_token": "[IMG]"}, chat_template=MISTRAL3_CHAT_TEMPLATE
     )
     vision = tf.PixtralVisionConfig(**_VISION, head_dim=16)
@@ -534,7 +572,7 @@ def _gemma3_parts(variant: str, text_layers: int):
     )
 
     tokens = {"boi_token": "<start_of_image>", "image_token": "<image_soft_token>", "eoi_token": "<end_of_image>"}
-    tokenizer = _build_tokenizer(
+    tokenizer = build_tokenizer(
         ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>", *tokens.values()],
         unk=None,
         bos=None,  # the chat template writes <bos>
