@@ -18,8 +18,9 @@ Conventions shared by all functions:
 * Numerical rank tolerance: ``r = #{sigma_i > tol * sigma_max}`` with ``tol = max(S, H) * eps_float32`` (what
   ``torch.linalg.matrix_rank`` uses for float32), whatever the input dtype, so float32 and float64 inputs give the
   same rank; ``rtol`` overrides ``tol``.
-* Singular values and subspaces come from the float64 eigendecomposition of the smaller Gram matrix (see
-  :class:`Decomposition`, which also lets several statistics share one matrix's decomposition).
+* Singular values come from the float64 eigenvalues of the smaller Gram matrix, projections from its Cholesky
+  factor (X of full rank) or its eigenvectors (see :class:`Decomposition`, which also lets several statistics
+  share one matrix's decomposition).
 * Bad input (not 2-D, empty, complex, shapes that differ, NaN/inf, bad ``alpha``/``agg``/``rtol``/``max_tokens``)
   raises ``ValueError`` naming the argument, the bad value and what is accepted; no function returns NaN.
 """
@@ -179,46 +180,44 @@ def _one_cpu_thread(t: torch.Tensor) -> Iterator[None]:
 
 
 class Decomposition:
-    """Singular values, subspace bases, eRank and TME of one ``(S, H)`` matrix, each computed once, on first use.
+    """Singular values, eRank, TME and the parts of another matrix outside this one's subspaces, for one ``(S, H)``
+    matrix X, each computed once, on first use.
 
     Build it with :func:`decompose`; statistics that share a matrix (X' of the attention update is X of the FFN
-    update) share its decomposition. The thin SVD ``X = U diag(sigma) V^T`` is read off the eigendecomposition
-    (``eigh``, float64) of the smaller Gram matrix: ``X X^T = U diag(sigma^2) U^T`` when ``S <= H``, else
-    ``X^T X = V diag(sigma^2) V^T``; the other side's rank-r basis is ``V_r = X^T U_r / sigma_r`` (or
-    ``U_r = X V_r / sigma_r``), also in float64. Squaring the spectrum loses half the digits, so eigenvalues at or
-    below ``max(S, H) * eps_float64 * sigma_max^2`` (rounding noise of the Gram matrix) count as ``sigma = 0``: the
-    smallest nonzero ``sigma`` resolved is ``sqrt(max(S, H) * eps_float64) * sigma_max``, well below the rank
-    tolerance ``max(S, H) * eps_float32 * sigma_max``, so ranks match an SVD's (a smaller ``rtol`` gives at most
-    the resolved rank).
+    update) share its decomposition. Everything starts from the smaller Gram matrix in float64, ``G = X X^T`` when
+    ``S <= H``, else ``X^T X``:
+
+    * singular values: ``sigma = sqrt(eigvalsh(G))``. Squaring the spectrum loses half the digits, so eigenvalues
+      at or below ``max(S, H) * eps_float64 * sigma_max^2`` (rounding noise of G) count as ``sigma = 0``: the
+      smallest nonzero ``sigma`` resolved is ``sqrt(max(S, H) * eps_float64) * sigma_max``, well below the rank
+      tolerance ``max(S, H) * eps_float32 * sigma_max``, so ranks match an SVD's (a smaller ``rtol`` gives at most
+      the resolved rank);
+    * subspace bases when X has full rank ``min(S, H)`` at the default tolerance: the smaller side's space is the
+      whole space (its projector is the identity) and the other side's orthonormal basis comes from the Cholesky
+      factor ``G = L L^T`` (CholeskyQR): ``Q = L^-1 X`` has orthonormal rows (``S <= H``), ``X L^-T`` orthonormal
+      columns. The tolerance bounds the condition number of G by ``(max(S, H) * eps_float32)^-2``, so Q is
+      orthonormal to ~1e-8 in float64;
+    * otherwise (rank-deficient X, or a smaller ``rtol``) the thin SVD ``X = U diag(sigma) V^T`` is read off
+      ``eigh(G)``: ``G = U diag(sigma^2) U^T`` (``S <= H``) or ``V diag(sigma^2) V^T``, and the other side's rank-r
+      basis is ``V_r = X^T U_r / sigma_r`` (or ``U_r = X V_r / sigma_r``), in float64.
     """
 
-    def __init__(self, x: torch.Tensor, vectors: bool = True) -> None:
+    def __init__(self, x: torch.Tensor) -> None:
         self.x = x
-        self._vectors = vectors
         self._tme: dict[tuple[float, str], float] = {}
 
+    @functools.cached_property
     def _gram(self) -> torch.Tensor:
         x = self.x.to(torch.float64)
         return x @ x.T if self.x.shape[0] <= self.x.shape[1] else x.T @ x
 
     @functools.cached_property
-    def _eig(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(sigma descending, float64; eigenvectors of the Gram matrix in the same order, or None)."""
-        gram = self._gram()
-        with _one_cpu_thread(gram):
-            if self._vectors:
-                lam, vec = torch.linalg.eigh(gram)
-                vec = vec.flip(1)
-            else:
-                lam, vec = torch.linalg.eigvalsh(gram), None
-        lam = lam.flip(0)
-        floor = max(self.x.shape) * _EPS64 * lam[0]
-        return torch.where(lam > floor, lam, 0.0).sqrt(), vec
-
-    @property
     def singular_values(self) -> torch.Tensor:
         """The ``min(S, H)`` singular values of X in descending order (float64)."""
-        return self._eig[0]
+        with _one_cpu_thread(self._gram):
+            lam = torch.linalg.eigvalsh(self._gram).flip(0)
+        floor = max(self.x.shape) * _EPS64 * lam[0]
+        return torch.where(lam > floor, lam, 0.0).sqrt()
 
     @functools.cached_property
     def erank(self) -> float:
@@ -231,19 +230,49 @@ class Decomposition:
         tol = max(self.x.shape) * RANK_EPS if rtol is None else rtol
         return int((s > tol * s[0]).sum())
 
+    @functools.cached_property
+    def _eigenvectors(self) -> torch.Tensor:
+        """Eigenvectors of G, ordered as :attr:`singular_values` (descending)."""
+        with _one_cpu_thread(self._gram):
+            return torch.linalg.eigh(self._gram)[1].flip(1)
+
     def basis(self, side: str, r: int) -> torch.Tensor:
         """Orthonormal basis of the top-r column (``side="col"``, ``U_r``, S×r) or row (``"row"``, ``V_r``, H×r)
         space of X, in X's dtype; ``r`` must not exceed :meth:`rank` (``sigma_r > 0``)."""
-        s, vec = self._eig
-        if vec is None:
-            gram = self._gram()
-            with _one_cpu_thread(gram):
-                vec = torch.linalg.eigh(gram)[1].flip(1)
-        vec = vec[:, :r]
-        if (side == "col") == (self.x.shape[0] <= self.x.shape[1]):
-            return vec.to(self.x.dtype)
+        gram_side = "col" if self.x.shape[0] <= self.x.shape[1] else "row"  # the side G's eigenvectors span
+        if side == gram_side:
+            return self._eigenvectors[:, :r].to(self.x.dtype)
         x = self.x.to(torch.float64)
-        return ((x.T @ vec if side == "row" else x @ vec) / s[:r]).to(self.x.dtype)
+        if r == min(self.x.shape) and self._cholesky is not None:  # CholeskyQR: rows of L^-1 X, or columns of X L^-T
+            q = torch.linalg.solve_triangular(self._cholesky, x if gram_side == "col" else x.T, upper=False)
+            return q.T.to(self.x.dtype)
+        vec = self._eigenvectors[:, :r]
+        return ((x.T @ vec if side == "row" else x @ vec) / self.singular_values[:r]).to(self.x.dtype)
+
+    @functools.cached_property
+    def _cholesky(self) -> torch.Tensor | None:
+        """Lower Cholesky factor of G when X has full rank at the default tolerance (else, or if it fails, None)."""
+        if self.rank() < min(self.x.shape):
+            return None
+        with _one_cpu_thread(self._gram):
+            factor, info = torch.linalg.cholesky_ex(self._gram)
+        return factor if int(info) == 0 else None
+
+    def outside(self, x_new: torch.Tensor, rtol: float | None = None) -> tuple[float, float]:
+        """``(||(I - P_C) X'||_F, ||X' (I - P_R)||_F)``: the parts of ``x_new`` (same shape as X) outside X's column
+        (token) and row (feature) spaces at rank ``r = rank(rtol)``. Residuals are formed explicitly, never as
+        ``||X'||² - ||P X'||²``, which would lose half the digits to cancellation when X' stays inside. A projector
+        onto a whole space (``r`` equal to the number of rows or columns) is the identity: that residual is 0."""
+        n_rows, n_cols = x_new.shape
+        r = self.rank(rtol)
+        res_c = res_r = 0.0
+        if r < n_rows:
+            u_r = self.basis("col", r)
+            res_c = float(torch.linalg.matrix_norm(x_new - u_r @ (u_r.T @ x_new)))
+        if r < n_cols:
+            v_r = self.basis("row", r)
+            res_r = float(torch.linalg.matrix_norm(x_new - (x_new @ v_r) @ v_r.T))
+        return res_c, res_r
 
     @functools.cached_property
     def _unit_rows(self) -> torch.Tensor:
@@ -258,25 +287,11 @@ class Decomposition:
 
 
 def _delta_d(dec: Decomposition, x_new: torch.Tensor, rtol: float | None) -> float:
-    """ΔD of X' against X's subspaces, from X's decomposition, without forming S×S or H×H projectors.
-
-    Residuals are computed explicitly (``X' - U_r (U_r^T X')``) rather than as ``||X'||² - ||U_r^T X'||²``, which
-    would lose half the digits to cancellation when the update stays inside X's subspaces. When ``r`` equals the
-    number of rows (columns) the projector is the identity and that residual is exactly 0.
-    """
+    """ΔD of X' against X's subspaces, from X's decomposition (see :meth:`Decomposition.outside`)."""
     norm_new = float(torch.linalg.matrix_norm(x_new))
     if norm_new == 0.0:
         return 0.0
-    n_rows, n_cols = x_new.shape
-    r = dec.rank(rtol)
-    res_c = 0.0
-    if r < n_rows:
-        u_r = dec.basis("col", r)
-        res_c = float(torch.linalg.matrix_norm(x_new - u_r @ (u_r.T @ x_new)))
-    res_r = 0.0
-    if r < n_cols:
-        v_r = dec.basis("row", r)
-        res_r = float(torch.linalg.matrix_norm(x_new - (x_new @ v_r) @ v_r.T))
+    res_c, res_r = dec.outside(x_new, rtol)
     # Each residual is at most ||X'||_F exactly; the clamp only absorbs rounding.
     return min(1.0, (res_c + res_r) / (2.0 * norm_new))
 
@@ -284,13 +299,9 @@ def _delta_d(dec: Decomposition, x_new: torch.Tensor, rtol: float | None) -> flo
 # --------------------------------------------------------------------------------------------------- public API
 
 
-def decompose(x: torch.Tensor, vectors: bool = True) -> Decomposition:
-    """Validate ``x`` (see the module's conventions) and wrap it in a lazily evaluated :class:`Decomposition`.
-
-    ``vectors=False`` computes singular values only (``eigvalsh``) when X's subspaces will not be needed; asking
-    for them anyway still works, at the cost of a second eigendecomposition.
-    """
-    return Decomposition(_prepare("x", x), vectors=vectors)
+def decompose(x: torch.Tensor) -> Decomposition:
+    """Validate ``x`` (see the module's conventions) and wrap it in a lazily evaluated :class:`Decomposition`."""
+    return Decomposition(_prepare("x", x))
 
 
 def erank(x: torch.Tensor) -> float:
@@ -299,13 +310,13 @@ def erank(x: torch.Tensor) -> float:
     The sum runs over all ``min(S, H)`` singular values of X with ``0 log 0 = 0``, so ``1 <= eRank <= min(S, H)``
     for a non-zero X (``eRank(I_n) = n``, rank one gives 1). Convention: ``eRank(0) = 0`` (p is undefined).
     """
-    return decompose(x, vectors=False).erank
+    return decompose(x).erank
 
 
 def delta_s(x: torch.Tensor, x_new: torch.Tensor) -> float:
     """Spectral innovation ``ΔS = |eRank(X') - eRank(X)| / min(S, H)``, in ``[0, 1]``."""
     x, x_new = _prepare_pair(x, x_new)
-    e_x, e_new = Decomposition(x, vectors=False).erank, Decomposition(x_new, vectors=False).erank
+    e_x, e_new = Decomposition(x).erank, Decomposition(x_new).erank
     return _delta_s_from_eranks(e_x, e_new, x.shape)
 
 
@@ -327,7 +338,7 @@ def rid(x: torch.Tensor, x_new: torch.Tensor, rtol: float | None = None) -> floa
     x, x_new = _prepare_pair(x, x_new)
     rtol = _check_rtol(rtol)
     dec = Decomposition(x)
-    d_s = _delta_s_from_eranks(dec.erank, Decomposition(x_new, vectors=False).erank, x.shape)
+    d_s = _delta_s_from_eranks(dec.erank, Decomposition(x_new).erank, x.shape)
     return d_s + _delta_d(dec, x_new, rtol)
 
 
@@ -393,7 +404,7 @@ def module_stats(
     x_new = x + dx
     if not bool(torch.isfinite(x_new).all()):
         raise ValueError("x + dx overflows: x_new = x + dx has non-finite values; pass float64 or rescale the inputs")
-    return update_stats(Decomposition(x), Decomposition(x_new, vectors=False), kind=kind, rtol=rtol)
+    return update_stats(Decomposition(x), Decomposition(x_new), kind=kind, rtol=rtol)
 
 
 def update_stats(

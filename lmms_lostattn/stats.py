@@ -73,9 +73,8 @@ class StatsCollector:
             before = carried[2]
         else:
             before = decompose(x)
-        last = layer == self.num_layers - 1
-        after_attn, after_ffn = decompose(mid), decompose(out, vectors=not last)
-        if not last:
+        after_attn, after_ffn = decompose(mid), decompose(out)
+        if layer < self.num_layers - 1:
             self._carry[key] = (layer, out, after_ffn)
         kind = self.config.kind
         return {

@@ -185,12 +185,34 @@ def test_gram_decomposition_agrees_with_svd_on_rank_deficient_matrices(case: str
     assert dec.rank(rtol=0.05) == sum(s > 0.05 * spectrum[0] for s in spectrum)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("shape", [(48, 12), (12, 48), (16, 16)], ids=["tall", "wide", "square"])
+def test_full_rank_projections_match_svd_at_the_worst_conditioning(shape: tuple[int, int], dtype: torch.dtype) -> None:
+    """Full rank with the smallest singular value just above the rank tolerance, the worst condition the Cholesky
+    projector takes: ΔD equals the float64 SVD reference, with and without a tiny part outside X's subspaces, and
+    no eigenvectors are computed."""
+    n, tol = min(shape), max(shape) * RANK_EPS
+    x = _with_spectrum(np.geomspace(1.0, 2 * tol, n).tolist(), shape, 3).to(dtype)
+    inside = x.double() @ _rand((shape[1], shape[0]), 4) @ x.double()  # in X's column and row spaces
+    for outside in (0.0, 1e-5, 0.3):
+        x_new = (x.double() + 0.5 * inside / inside.norm() + outside * _rand(shape, 6)).to(dtype)
+        dec = decompose(x)
+        assert dec.rank() == n
+        want = _np_delta_d(x.double().numpy(), x_new.double().numpy())
+        got = sum(dec.outside(x_new)) / (2 * float(torch.linalg.matrix_norm(x_new.double())))
+        assert got == pytest.approx(want, rel=1e-6, abs=1e-9 if dtype == torch.float64 else 2e-7)  # float32 rounding
+        assert (got < 1e-6) == (outside == 0.0 or shape[0] == shape[1])  # a square X of full rank spans everything
+        assert "_eigenvectors" not in vars(dec)  # Cholesky of the Gram matrix, not eigh
+    rank_deficient = decompose(_with_spectrum([1.0] * (n - 1) + [0.0], shape, 3).to(dtype))
+    rank_deficient.outside(x)
+    assert "_eigenvectors" in vars(rank_deficient)
+
+
 def test_update_stats_shares_decompositions() -> None:
     x, d_attn, d_ffn = _rand((30, 10), 11), 0.5 * _rand((30, 10), 12), 0.5 * _rand((30, 10), 13)
-    before, mid, out = decompose(x), decompose(x + d_attn), decompose(x + d_attn + d_ffn, vectors=False)
+    before, mid, out = decompose(x), decompose(x + d_attn), decompose(x + d_attn + d_ffn)
     assert update_stats(before, mid, kind="all") == pytest.approx(module_stats(x, d_attn, kind="all"), abs=1e-12)
     assert update_stats(mid, out, kind="all") == pytest.approx(module_stats(x + d_attn, d_ffn, kind="all"), abs=1e-12)
-    # A decomposition built without vectors still provides bases (one more eigendecomposition).
     assert update_stats(out, mid) == pytest.approx(module_stats(x + d_attn + d_ffn, -d_ffn), abs=1e-12)
     with pytest.raises(ValueError, match=r"after must match before's shape \(30, 10\)"):
         update_stats(before, decompose(x[:5]))

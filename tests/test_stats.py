@@ -167,9 +167,9 @@ def test_layer_mean_and_mean_records() -> None:
 def test_collector_decomposes_each_stream_once(monkeypatch, chained: bool) -> None:
     calls: list[tuple[int, ...]] = []
 
-    def counting(x: torch.Tensor, vectors: bool = True):
+    def counting(x: torch.Tensor):
         calls.append(tuple(x.shape))
-        return decompose(x, vectors=vectors)
+        return decompose(x)
 
     monkeypatch.setattr(stats_module, "decompose", counting)
     layers, gen = 4, torch.Generator().manual_seed(0)
