@@ -80,11 +80,26 @@ def measure(cfg: BenchConfig, image_tokens: int, rounds: int, new_tokens: int, w
             if peak is not None:
                 peaks[kind].append(peak)
     base = statistics.median(times["none"])
+    base_peak = max(peaks["none"]) if peaks["none"] else None
     return {
-        kind: {"min_s": min(times[kind]), "median_s": statistics.median(times[kind]),
-               "ratio": statistics.median(times[kind]) / base, "peak_gib": max(peaks[kind]) if peaks[kind] else None}
+        kind: {
+            "min_s": min(times[kind]),
+            "median_s": statistics.median(times[kind]),
+            "ratio": statistics.median(times[kind]) / base,
+            "added_s": statistics.median(times[kind]) - base,
+            "peak_gib": max(peaks[kind]) if peaks[kind] else None,
+            "added_gib": max(peaks[kind]) - base_peak if base_peak is not None else None,
+        }
         for kind in SETTINGS
     }
+
+
+def _cell(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+# Issue #4's GPU targets for stats=paper on the 7B config: step time and peak memory added to stats=none.
+TARGET_RATIO, TARGET_GIB = 1.10, 1.0
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -105,11 +120,20 @@ def main(argv: list[str] | None = None) -> None:
         for length in map(int, args.prompt_lengths.split(",")):
             results[length] = measure(cfg, length, args.rounds, args.new_tokens, pathlib.Path(workdir))
     print(f"\nconfig {cfg.name}, {args.new_tokens} new tokens, {args.rounds} rounds\n")
-    print("| image tokens | stats | min s | median s | ratio vs none | peak GiB |\n|---:|---|---:|---:|---:|---:|")
+    print("| image tokens | stats | min s | median s | ratio vs none | + s | peak GiB | + GiB |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|")
     for length, by_kind in results.items():
         for kind, row in by_kind.items():
-            peak = f"{row['peak_gib']:.2f}" if row["peak_gib"] is not None else "n/a"
-            print(f"| {length} | {kind} | {row['min_s']:.3f} | {row['median_s']:.3f} | {row['ratio']:.2f} | {peak} |")
+            print(
+                f"| {length} | {kind} | {row['min_s']:.3f} | {row['median_s']:.3f} | {row['ratio']:.2f} | "
+                f"{row['added_s']:+.3f} | {_cell(row['peak_gib'], '.2f')} | {_cell(row['added_gib'], '+.3f')} |"
+            )
+    print(f"\nstats=paper targets (issue #4, for the 7B GPU config): ratio <= {TARGET_RATIO}, + GiB <= {TARGET_GIB}")
+    for length, by_kind in results.items():
+        row = by_kind["paper"]
+        memory = "not measured (CPU)" if row["added_gib"] is None else f"{row['added_gib']:+.3f} GiB"
+        met = row["ratio"] <= TARGET_RATIO and (row["added_gib"] is None or row["added_gib"] <= TARGET_GIB)
+        print(f"- {length} image tokens: {row['ratio']:.3f}x, {memory}: {'met' if met else 'NOT met'}")
     if args.json:
         args.json.write_text(json.dumps({"config": cfg.name, "results": results}, indent=2))
 
