@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from lmms_lostattn import rng
-from lmms_lostattn.spec import Intervention
+from lmms_lostattn.spec import Intervention, rank_quantile
 
 _NEG = torch.finfo(torch.float32).min
 
@@ -150,7 +150,7 @@ def band_heads(
     count = text_keys.sum(dim=-1).clamp_min(1)
     value = -torch.where(text_keys, scores, 0.0).sum(dim=-1) / count  # (B, H, Q)
     rank = value.argsort(dim=1, stable=True).argsort(dim=1).float()
-    quantile = rank / max(scores.shape[1] - 1, 1)
+    quantile = rank_quantile(rank, scores.shape[1])
     return ((quantile >= band[0]) & (quantile <= band[1])).unsqueeze(-1)
 
 

@@ -111,6 +111,11 @@ class HeadSelection:
         return "all"
 
 
+def rank_quantile(rank: Any, num_heads: int) -> Any:
+    """SAP's rank quantile of a head, ``rank / (H - 1)`` (0 for a single head); ``rank`` an int or a tensor."""
+    return rank / max(num_heads - 1, 1)
+
+
 def parse_heads(value: object) -> HeadSelection:
     """Parse ``all``, ``p0.3-0.9`` or ``0,5,7`` (syntax only; the range is checked by :meth:`resolve`)."""
     text = _list_text(value).lower()
@@ -129,21 +134,33 @@ def parse_heads(value: object) -> HeadSelection:
     return HeadSelection("indices", indices=tuple(sorted({int(item) for item in items})))
 
 
-def parse_layers(value: object, num_layers: int) -> tuple[int, ...]:
-    """Parse ``all``, ``18``, ``1-31`` (inclusive), ``18,19,20``, ``-6:`` or ``2:10`` (Python slices) into indices."""
-    accepted = (
-        f"all | an index | A-B (inclusive) | Python slice like -6: or 1: | a list like 18,19,20; "
-        f"this model has layers 0-{num_layers - 1}"
-    )
+_LAYERS_SYNTAX = "all | an index | A-B (inclusive) | Python slice like -6: or 1: | a list like 18,19,20"
+
+
+def check_layers_syntax(value: object) -> str:
+    """The normalised ``attn_layers`` text, or a :class:`SpecError` if it is not one of the accepted forms."""
     text = _list_text(value).lower()
+    if text != "all" and not all(_LAYER_ITEM.match(item) for item in text.split(",")):
+        raise _fail("attn_layers", value, _LAYERS_SYNTAX)
+    return text
+
+
+def parse_layers(value: object, num_layers: int) -> tuple[int, ...]:
+    """Parse ``all``, ``18``, ``1-31`` (inclusive), ``18,19,20``, ``-6:`` or ``2:10`` (Python slices) into indices.
+
+    Every index and slice bound must lie inside the model (a slice bound may also be ``num_layers``): ``-40:`` on
+    a 32-layer model is an error, not ``all``.
+    """
+    accepted = f"{_LAYERS_SYNTAX}; this model has layers 0-{num_layers - 1}"
+    try:
+        text = check_layers_syntax(value)
+    except SpecError:
+        raise _fail("attn_layers", value, accepted) from None
     if text == "all":
         return tuple(range(num_layers))
     chosen: set[int] = set()
-    for item in text.split(",") if text else [""]:
-        match = _LAYER_ITEM.match(item)
-        if not match:
-            raise _fail("attn_layers", value, accepted)
-        single, first, last, start, stop = match.groups()
+    for item in text.split(","):
+        single, first, last, start, stop = _LAYER_ITEM.match(item).groups()
         if single is not None:
             index = int(single)
             if not -num_layers <= index < num_layers:
@@ -155,7 +172,10 @@ def parse_layers(value: object, num_layers: int) -> tuple[int, ...]:
                 raise _fail("attn_layers", value, accepted)
             chosen.update(range(low, high + 1))
         else:
-            span = range(num_layers)[slice(int(start) if start else None, int(stop) if stop else None)]
+            begin, end = (int(bound) if bound else None for bound in (start, stop))
+            if any(bound is not None and not -num_layers <= bound <= num_layers for bound in (begin, end)):
+                raise _fail("attn_layers", value, accepted)
+            span = range(num_layers)[begin:end]
             if not span:
                 raise _fail("attn_layers", value, accepted)
             chosen.update(span)
@@ -261,8 +281,7 @@ class InterventionSpec:
         if "attn_space" in given:
             fields["attn_space"] = _choice("attn_space", given["attn_space"], SPACES)
         if "attn_layers" in given:
-            fields["attn_layers"] = _list_text(given["attn_layers"]).lower()
-            parse_layers(fields["attn_layers"], num_layers=10**6)  # syntax now, range at resolve()
+            fields["attn_layers"] = check_layers_syntax(given["attn_layers"])  # the range is checked by resolve()
         if "attn_heads" in given:
             fields["attn_heads"] = parse_heads(given["attn_heads"])
         if "attn_rows" in given:
@@ -334,6 +353,15 @@ class InterventionSpec:
         heads = self.attn_heads or (parse_heads(preset.heads) if use_paper else HeadSelection("all"))
         if heads.kind == "indices" and heads.indices[-1] >= num_heads:
             raise _fail("attn_heads", heads.describe(), f"head indices 0-{num_heads - 1} (this model has {num_heads})")
+        low, high = heads.band
+        if heads.kind == "band" and not any(low <= rank_quantile(rank, num_heads) <= high for rank in range(num_heads)):
+            where = f"this model's {num_heads} heads sit at rank quantiles k/{max(num_heads - 1, 1)}"
+            if self.attn_heads is None:
+                raise SpecError(
+                    f"lostattn: attn_preset=paper selects heads {heads.describe()} for this family, but none of "
+                    f"{where}; pass attn_heads explicitly"
+                )
+            raise _fail("attn_heads", heads.describe(), f"a band holding at least one head ({where})")
         default_rows = "all" if self.attn == "noise_delta" else "last"
         default_space = "logits" if self.attn == "gaussian" else "probs"
         default_keys = "all" if self.attn == "identity" else "image"

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from lmms_lostattn.adapters import adapter_for
+from lmms_lostattn.patterns import band_heads
 from lmms_lostattn.spec import (
     FamilyPreset,
     HeadSelection,
@@ -30,6 +32,8 @@ def spec(**args: object) -> InterventionSpec:
         ('"18,19,20"', (18, 19, 20)),
         ("-6:", tuple(range(26, 32))),
         ("1:", tuple(range(1, 32))),
+        ("-32:", tuple(range(32))),
+        (":32", tuple(range(32))),
         ("2:5", (2, 3, 4)),
         (7, (7,)),
         ("-1", (31,)),
@@ -40,7 +44,7 @@ def test_parse_layers(text: object, expected: tuple[int, ...]) -> None:
     assert parse_layers(text, 32) == expected
 
 
-@pytest.mark.parametrize("text", ["40", "30-33", "-33", "5-3", "x", "", "40:", "1.5"])
+@pytest.mark.parametrize("text", ["40", "30-33", "-33", "5-3", "x", "", "40:", "-40:", "0:40", ":-33", "1.5"])
 def test_parse_layers_rejects_and_names_the_range(text: str) -> None:
     with pytest.raises(SpecError, match=r"attn_layers=.*layers 0-31"):
         parse_layers(text, 32)
@@ -124,6 +128,32 @@ def test_preset_outside_a_small_model_asks_for_explicit_layers() -> None:
 def test_head_indices_checked_against_the_model() -> None:
     with pytest.raises(SpecError, match=r"attn_heads=.*0-3"):
         spec(attn="uniform", attn_heads="0,4").resolve(2, 4)
+
+
+def test_layer_syntax_errors_before_the_model_is_known_name_no_layer_count() -> None:
+    with pytest.raises(SpecError, match=r"attn_layers='1\.5'.*a list like 18,19,20$"):
+        spec(attn="uniform", attn_layers="1.5")
+
+
+@pytest.mark.parametrize("num_heads", [1, 2, 3, 4, 7, 11, 32, 40])
+@pytest.mark.parametrize("band", ["p0.3-0.3", "p0.3-0.6", "p0.3-0.9", "p0.5-0.5", "p0.95-1", "p0-0.01"])
+def test_a_head_band_resolves_exactly_when_band_heads_keeps_some_head(num_heads: int, band: str) -> None:
+    scores = torch.randn(1, num_heads, 1, 6, generator=torch.Generator().manual_seed(num_heads))
+    allowed = torch.ones(1, 1, 1, 6, dtype=torch.bool)
+    visual = torch.tensor([False, True, True, True, False, False])
+    kept = int(band_heads(scores, allowed, visual, parse_heads(band).band).sum())
+    if kept:
+        assert spec(attn="uniform", attn_heads=band).resolve(2, num_heads).heads == parse_heads(band)
+    else:
+        with pytest.raises(SpecError, match=rf"attn_heads='{band}'.*{num_heads} heads sit at rank quantiles"):
+            spec(attn="uniform", attn_heads=band).resolve(2, num_heads)
+
+
+def test_preset_band_holding_no_head_asks_for_explicit_heads() -> None:
+    with pytest.raises(SpecError, match=r"attn_preset=paper selects heads p0.3-0.6.*2 heads.*attn_heads"):
+        spec(attn="gaussian", attn_preset="paper").resolve(4, 2, FamilyPreset(layers="1:", heads="p0.3-0.6"))
+    explicit = spec(attn="gaussian", attn_preset="paper", attn_heads="all")
+    assert explicit.resolve(4, 2, FamilyPreset(layers="1:", heads="p0.3-0.6")).heads == HeadSelection("all")
 
 
 def test_hash_is_stable_and_tracks_every_choice() -> None:
