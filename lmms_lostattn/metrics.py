@@ -65,6 +65,10 @@ _NORM_EPS = 1e-12  # clamp on row norms in TME: an all-zero row stays a zero vec
 # --------------------------------------------------------------------------------------------------- validation
 
 
+class NonFiniteError(ValueError):
+    """An input holds NaN or inf: the statistics are undefined, and no number is returned."""
+
+
 def _prepare(name: str, x: torch.Tensor) -> torch.Tensor:
     """Validate one (S, H) input and return it detached, in float32 or float64."""
     if not isinstance(x, torch.Tensor):
@@ -80,7 +84,7 @@ def _prepare(name: str, x: torch.Tensor) -> torch.Tensor:
         x = x.to(torch.float32)
     if not bool(torch.isfinite(x).all()):
         bad = int((~torch.isfinite(x)).sum())
-        raise ValueError(f"{name} must contain only finite values; got {bad} NaN/inf entries")
+        raise NonFiniteError(f"{name} must contain only finite values; got {bad} NaN/inf entries")
     return x
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from lmms_lostattn.metrics import Decomposition, decompose, select_tokens, update_stats
+from lmms_lostattn.metrics import Decomposition, NonFiniteError, decompose, select_tokens, update_stats
 from lmms_lostattn.scope import PromptState
 from lmms_lostattn.spec import StatsConfig
 
@@ -72,8 +72,9 @@ class StatsCollector:
         if carried is not None and carried[0] == layer - 1 and torch.equal(carried[1], x):
             before = carried[2]
         else:
-            before = decompose(x)
-        after_attn, after_ffn = decompose(mid), decompose(out)
+            before = _decompose_stream(x, "entering", layer, key)
+        after_attn = _decompose_stream(mid, "after the attention update of", layer, key)
+        after_ffn = _decompose_stream(out, "after the FFN update of", layer, key)
         if layer < self.num_layers - 1:
             self._carry[key] = (layer, out, after_ffn)
         kind = self.config.kind
@@ -91,6 +92,19 @@ class StatsCollector:
         records, self._records = self._records, []
         self._carry = {}
         return records
+
+
+def _decompose_stream(stream: torch.Tensor, where: str, layer: int, key: tuple[int, str]) -> Decomposition:
+    """:func:`decompose` of one recorded stream; a non-finite stream is an error that says where the model broke."""
+    try:
+        return decompose(stream)
+    except NonFiniteError as error:
+        sample, group = key
+        raise NonFiniteError(
+            f"lostattn stats: the residual stream {where} decoder layer {layer} is not finite (sample {sample} of the "
+            f"batch, {group} tokens: {error}), so RID/MixIG are undefined there. The model's own forward pass "
+            "overflowed or produced NaN: run it in bfloat16 or float32 (the base wrapper's dtype argument)."
+        ) from error
 
 
 def table_group(config: StatsConfig) -> str:

@@ -200,3 +200,22 @@ def test_collector_decomposes_each_stream_once(monkeypatch, chained: bool) -> No
         for module, stats in want.items():
             got = {metric: values[module]["all"][metric][layer] for metric in stats}
             assert got == pytest.approx(stats, abs=1e-5)
+
+
+def test_a_non_finite_stream_names_the_layer_and_sample_and_padding_is_ignored() -> None:
+    state = PromptState(
+        prompt_ids=torch.zeros(2, 9, dtype=torch.long),
+        is_visual=torch.zeros(2, 9, dtype=torch.bool),
+        first_real=torch.tensor([0, 3]),
+        sample_key=torch.arange(2),
+    )
+    gen = torch.Generator().manual_seed(0)
+    x, d_attn, d_ffn = (torch.randn(2, 9, 6, generator=gen) for _ in range(3))
+    d_ffn[1, :3] = float("nan")  # padding rows of sample 1: never measured
+    collector = StatsCollector(StatsConfig(kind="paper"), num_layers=4)
+    collector(0, x, d_attn, d_ffn, state)
+    assert math.isfinite(collector.take()[1]["values"]["ffn"]["all"]["rid"][0])
+    d_ffn[1, 5, 2] = float("inf")
+    message = r"after the FFN update of decoder layer 2 is not finite \(sample 1 .*bfloat16"
+    with pytest.raises(ValueError, match=message):
+        StatsCollector(StatsConfig(kind="paper"), num_layers=4)(2, x, d_attn, d_ffn, state)
