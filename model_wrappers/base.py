@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import inspect
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -65,6 +65,12 @@ def bracket_list_values(arg_string: str) -> str:
     return ",".join(bracketed)
 
 
+def _is_plugin_arg(key: str, base_args: Mapping[str, Any]) -> bool:
+    """The plugin's own arguments, and ``attn*``/``stats*`` names the base class does not take (typos of ours, such
+    as ``attn_layer``, which the spec then names); the base class keeps its own (``attn_implementation``)."""
+    return key in InterventionSpec.ARGS or (key.startswith(_PLUGIN_PREFIXES) and key not in base_args)
+
+
 class LostAttnMixin:
     """Adds the intervention arguments of SPEC §2 to an lmms-eval model class; everything else is the base class."""
 
@@ -73,9 +79,10 @@ class LostAttnMixin:
         return super().create_from_arg_string(bracket_list_values(arg_string), additional_config)
 
     def __init__(self, **kwargs: Any) -> None:
-        plugin_args = {key: kwargs.pop(key) for key in list(kwargs) if key.startswith(_PLUGIN_PREFIXES)}
+        base_args = inspect.signature(super().__init__).parameters
+        plugin_args = {key: kwargs.pop(key) for key in list(kwargs) if _is_plugin_arg(key, base_args)}
         spec = InterventionSpec.from_model_args(plugin_args)
-        pretrained = kwargs.get("pretrained", inspect.signature(super().__init__).parameters["pretrained"].default)
+        pretrained = kwargs.get("pretrained", base_args["pretrained"].default)
         config = AutoConfig.from_pretrained(
             pretrained,
             revision=kwargs.get("revision", "main"),

@@ -115,6 +115,13 @@ def test_bad_arguments_fail_before_the_model_loads(
         LostAttnLlavaChat(pretrained=str(tiny_llava), **CPU, **args)
 
 
+@pytest.mark.parametrize("wrapper", [LostAttnLlavaSimple, LostAttnLlavaChat])
+def test_the_base_classes_attn_implementation_argument_passes_through(tiny_llava: pathlib.Path, wrapper) -> None:
+    lm = wrapper(pretrained=str(tiny_llava), **CPU, attn_implementation="eager", attn="uniform", attn_layers="1")
+    assert lm.model.config.get_text_config()._attn_implementation == "eager"
+    assert lm.intervention.mode == "uniform" and lm.intervention.layers == (1,)
+
+
 def test_errors_inside_generate_are_raised_not_swallowed(
     tiny_llava: pathlib.Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
