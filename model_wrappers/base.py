@@ -106,6 +106,17 @@ class LostAttnMixin:
     def loglikelihood(self, requests: list[Instance]) -> list[Any]:
         return self._run_scoped(requests, super().loglikelihood)
 
+    def generate_until_multi_round(self, requests: list[Instance]) -> list[Any]:
+        """Runs unchanged only without an intervention or statistics: the scope does not yet follow one request's
+        rounds, and running them unedited would report the learned model's numbers as the intervention's."""
+        if self.intervention.mode != "none" or self.stats_config.kind != "none":
+            raise NotImplementedError(
+                "lostattn: generate_until_multi_round tasks are not supported with attn or stats yet (the request's "
+                f"later rounds would run unedited); got attn={self.intervention.mode}, stats={self.stats_config.kind}. "
+                "Run them with attn=none,stats=none, or pick generate_until / loglikelihood tasks."
+            )
+        return super().generate_until_multi_round(requests)
+
     def _run_scoped(self, requests: list[Instance], run: Callable[[list[Instance]], list[Any]]) -> list[Any]:
         """Run the base class one request at a time inside one intervention scope (nothing stays attached)."""
         measure = self.stats_config.kind != "none"

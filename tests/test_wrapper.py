@@ -14,8 +14,9 @@ from lmms_eval.models.simple.llava_hf import LlavaHf as LlavaHfSimple
 from PIL import Image
 from transformers import LlavaForConditionalGeneration
 
-from lmms_lostattn.model_wrappers.base import bracket_list_values
+from lmms_lostattn.model_wrappers.base import LostAttnMixin, bracket_list_values
 from lmms_lostattn.model_wrappers.llava import LostAttnLlavaChat, LostAttnLlavaSimple
+from lmms_lostattn.registration import get_manifests
 from lmms_lostattn.scope import InterventionError, Scope
 from lmms_lostattn.spec import SpecError
 
@@ -158,3 +159,26 @@ def test_cli_attn_none_answers_exactly_like_llava_hf(
         )
         answers.append([(s["doc_id"], s["filtered_resps"]) for s in samples_of(out, "lostattn_pope")])
     assert answers[0] == answers[1] and len(answers[0]) == 4
+
+
+def test_multi_round_tasks_are_refused_under_an_intervention_and_delegated_without(tiny_llava: pathlib.Path) -> None:
+    requests = _requests("simple", [0])
+    edited = LostAttnLlavaSimple(pretrained=str(tiny_llava), **CPU, attn="uniform")
+    with pytest.raises(NotImplementedError, match=r"lostattn: generate_until_multi_round .*attn=uniform, stats=none"):
+        edited.generate_until_multi_round(requests)
+    measured = LostAttnLlavaSimple(pretrained=str(tiny_llava), **CPU, stats="paper")
+    with pytest.raises(NotImplementedError, match=r"lostattn: .*attn=none, stats=paper"):
+        measured.generate_until_multi_round(requests)
+    plain = LostAttnLlavaSimple(pretrained=str(tiny_llava), **CPU)
+    with pytest.raises(NotImplementedError, match=r"^TODO: Implement multi-round generation for LLaVAHF$"):
+        plain.generate_until_multi_round(requests)  # llava_hf's own answer
+
+
+def test_every_registered_wrapper_routes_each_request_type_through_the_plugin() -> None:
+    names, checked = ("generate_until", "loglikelihood", "generate_until_multi_round"), []
+    for manifest in get_manifests():
+        for path in filter(None, (manifest.simple_class_path, manifest.chat_class_path)):
+            wrapper = get_model(manifest.model_id, force_simple=path == manifest.simple_class_path)
+            assert all(getattr(wrapper, name) is getattr(LostAttnMixin, name) for name in names), path
+            checked.append(path)
+    assert any("qwen2_5_vl" in path for path in checked) and len(checked) >= 10
