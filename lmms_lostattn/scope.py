@@ -52,10 +52,17 @@ class PromptState:
     first_real: torch.Tensor  # (B,) index of each sample's first non-padding token
     sample_key: torch.Tensor  # (B,) int64 keys from (seed, sample identity)
     draws: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)  # per layer: its Coordinates.memo
+    # (B,) first position of the continuation a scoring pass (``labels``) scores; None: generation
+    continuation_start: torch.Tensor | None = None
 
     @property
     def prompt_len(self) -> int:
         return self.prompt_ids.shape[1]
+
+    def last_rows_from(self) -> torch.Tensor | int:
+        """First row ``attn_rows=last`` edits: the row that predicts the first generated or scored token."""
+        start = self.prompt_len if self.continuation_start is None else self.continuation_start[:, None]
+        return start - 1
 
 
 @dataclass(frozen=True)
@@ -176,7 +183,7 @@ class Scope:
         elif state is not None and self._continues(state, input_ids):
             state.is_visual = is_visual  # decoding without a KV cache: the whole sequence again
         else:
-            self.state = self._new_prompt(input_ids, is_visual, kwargs.get("attention_mask"))
+            self.state = self._new_prompt(input_ids, is_visual, kwargs.get("attention_mask"), kwargs.get("labels"))
             self.prefill = True
 
     @staticmethod
@@ -189,8 +196,14 @@ class Scope:
         )
 
     def _new_prompt(
-        self, input_ids: torch.Tensor, is_visual: torch.Tensor, attention_mask: torch.Tensor | None
+        self,
+        input_ids: torch.Tensor,
+        is_visual: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        labels: torch.Tensor | None,
     ) -> PromptState:
+        """A new prompt; with ``labels`` (a loglikelihood pass scoring context + continuation in one forward), the
+        continuation starts at each sample's first label other than -100, as if it had been generated."""
         batch, length = input_ids.shape
         if attention_mask is None:
             first_real = torch.zeros(batch, dtype=torch.long, device=input_ids.device)
@@ -206,7 +219,17 @@ class Scope:
                 f"of this batch have none (image token ids {self.visual_ids.tolist()}). Use attn_keys=text|all and "
                 "attn_rows=last|text|all for text-only prompts."
             )
-        return PromptState(input_ids.clone(), is_visual, first_real, self._sample_keys(input_ids, first_real))
+        continuation_start = None
+        if labels is not None and labels.shape == input_ids.shape:
+            scored = labels != -100
+            continuation_start = torch.where(scored.any(dim=1), scored.int().argmax(dim=1), length)
+        return PromptState(
+            input_ids.clone(),
+            is_visual,
+            first_real,
+            self._sample_keys(input_ids, first_real),
+            continuation_start=continuation_start,
+        )
 
     def _sample_keys(self, input_ids: torch.Tensor, first_real: torch.Tensor) -> torch.Tensor:
         batch = input_ids.shape[0]
@@ -239,7 +262,7 @@ class Scope:
         state, rows = self.state, self.intervention.rows
         real = query_abs[None, :] >= state.first_real[:, None]
         if rows == "last":
-            return real & (query_abs[None, :] >= state.prompt_len - 1)
+            return real & (query_abs[None, :] >= state.last_rows_from())
         if rows == "all":
             return real
         visual = self._visual_at(query_abs)

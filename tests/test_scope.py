@@ -190,6 +190,32 @@ def test_decoding_steps_use_the_prompts_draws(model, batch, dist: str, keys: str
     assert not torch.allclose(fresh, logits(model, inputs)[:, -1], atol=1e-3)  # the edit does change the logits
 
 
+def test_a_scoring_pass_edits_the_rows_generation_edits(model, batch) -> None:
+    """loglikelihood scores context + continuation in one forward with ``labels``; ``attn_rows=last`` must edit the
+    continuation's rows as if it had been generated, so the scored logits equal those of generating it (KV cache)."""
+    adapter = adapter_for(model.config)
+    inter = resolve(model, attn="gaussian", attn_heads="p0.3-0.9")
+    names = ["mmbench/dev/3", "mmbench/dev/4"]
+    with torch.no_grad(), intervene(model, inter, adapter) as scope:
+        scope.set_samples(names)
+        run = model.generate(
+            **batch, max_new_tokens=4, do_sample=False, pad_token_id=3, output_logits=True, return_dict_in_generate=True
+        )
+    prompt_len = batch["input_ids"].shape[1]
+    labels = run.sequences.clone()
+    labels[:, :prompt_len] = -100
+    grown = torch.ones_like(batch["attention_mask"][:, :4])
+    inputs = {**batch, "input_ids": run.sequences, "attention_mask": torch.cat([batch["attention_mask"], grown], dim=1)}
+    generated = torch.stack(run.logits, dim=1)  # rows prompt_len-1 .. prompt_len+2 predict the four tokens
+    scored = {}
+    for name, extra in (("labels", {"labels": labels}), ("no labels", {})):
+        with torch.no_grad(), intervene(model, inter, adapter) as scope:
+            scope.set_samples(names)
+            scored[name] = model(**inputs, **extra).logits[:, prompt_len - 1 : prompt_len + 3]
+    torch.testing.assert_close(scored["labels"], generated, atol=1e-4, rtol=0)
+    assert not torch.allclose(scored["no labels"][:, 1:], generated[:, 1:], atol=1e-3)  # only the last row edited
+
+
 def test_noise_qkv_restores_weights_bit_for_bit(model, batch) -> None:
     before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     with intervene(model, resolve(model, attn="noise_qkv", attn_layers="0,2"), adapter_for(model.config)):
