@@ -6,6 +6,8 @@
 * ``lostattn demo``: the README's main job: lmms-eval on the shipped trained model (shapes-llava) and the local tasks,
   learned attention vs. Gaussian, uniform and knocked-out attention over image tokens, with RID/MixIG; a comparison
   table, the report and the leaderboard.
+* ``lostattn doctor``: the installed versions against the tested ranges, every contact point with an upstream
+  internal, and a tiny model through prefill and cached decoding with edits and statistics; exit 0 when supported.
 * ``lostattn shapes-llava-path``: the directory of the shipped trained model (``pretrained=`` of lmms-eval).
 * ``lostattn report RUN...``, ``lostattn compare RUN...``, ``lostattn check RUN --baseline RUN``: per-layer plots and
   the paper's tables, a leaderboard with paired tests, and a CI regression gate over lmms-eval output folders.
@@ -64,7 +66,9 @@ def demo(output: pathlib.Path, limit: int | None) -> None:
     """The shipped trained model on the local tasks: learned attention vs. Gaussian (paper SAP), uniform and knocked-out
     attention over image tokens, each with RID/MixIG; a comparison table, then the report and leaderboard."""
     from lmms_lostattn.shapes_llava import SHAPES_LLAVA_DIR
+    from lmms_lostattn.upstream import require_tested_versions
 
+    require_tested_versions()
     base = f"pretrained={SHAPES_LLAVA_DIR},device=cpu,device_map=cpu,dtype=float32,stats=paper"
     results = {}
     for step, (name, args) in enumerate(DEMO_RUNS.items(), start=1):
@@ -167,6 +171,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     build.add_argument("directory", type=pathlib.Path)
     build.add_argument("--variant", default="llava", help=" | ".join(FAMILY_VARIANTS))
     commands.add_parser("shapes-llava-path", help="print the directory of the shipped trained model")
+    commands.add_parser("doctor", help="check this environment: versions, upstream internals, a tiny model end to end")
     run = commands.add_parser("demo", help="learned vs. edited attention on the shipped trained model, with RID/MixIG")
     run.add_argument("--output", type=pathlib.Path, default=None, help="where lmms-eval writes (default: a temp dir)")
     run.add_argument("--limit", type=int, default=None, help="documents per task and run (default: all)")
@@ -206,6 +211,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         from lmms_lostattn.shapes_llava import SHAPES_LLAVA_DIR
 
         print(SHAPES_LLAVA_DIR)
+    elif args.command == "doctor":
+        from lmms_lostattn.doctor import doctor
+        from lmms_lostattn.model_wrappers.contacts import CONTACT_POINTS
+
+        sys.exit(doctor(CONTACT_POINTS))
     elif args.command == "build-tiny":
         from lmms_lostattn.testing import build_tiny_model
 

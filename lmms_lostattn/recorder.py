@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lmms_lostattn import upstream
 from lmms_lostattn.adapters import FamilyAdapter
 
 LayerCallback = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
@@ -24,6 +25,16 @@ LayerCallback = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 def _tensor(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output
+
+
+def _stream_entering(layer: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
+    """The residual stream a decoder layer is called with: ``hidden_states=`` or its first positional argument."""
+    stream = kwargs.get("hidden_states", args[0] if args else None)
+    if not isinstance(stream, torch.Tensor):
+        raise upstream.drift(
+            "transformers", f"{type(layer).__name__}.forward", "the residual stream as hidden_states or first argument"
+        )
+    return stream
 
 
 @contextmanager
@@ -38,7 +49,7 @@ def record_residuals(
 
             def before_layer(module: nn.Module, args: tuple, kwargs: dict, seen: dict = seen) -> None:
                 if active():
-                    seen["x"] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+                    seen["x"] = _stream_entering(module, args, kwargs)
 
             def after_attention(module: nn.Module, args: tuple, output: Any, seen: dict = seen) -> None:
                 if active():

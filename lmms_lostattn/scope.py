@@ -28,15 +28,19 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
-from lmms_lostattn import rng
+from lmms_lostattn import rng, upstream
 from lmms_lostattn.adapters import FamilyAdapter
 from lmms_lostattn.patterns import Coordinates, band_heads, edited_weights
 from lmms_lostattn.recorder import record_residuals
 from lmms_lostattn.spec import Intervention
+
+AttentionInterface = upstream.internal("transformers", "AttentionInterface")
+AttentionMaskInterface = upstream.internal("transformers.masking_utils", "AttentionMaskInterface")
+sdpa_mask = upstream.internal("transformers.masking_utils", "sdpa_mask")
+eager_mask = upstream.internal("transformers.masking_utils", "eager_mask")
+repeat_kv = upstream.internal("transformers.integrations.sdpa_attention", "repeat_kv")
+sdpa_attention_forward = upstream.internal("transformers.integrations.sdpa_attention", "sdpa_attention_forward")
 
 
 class InterventionError(RuntimeError):
@@ -84,7 +88,7 @@ def _eager_passthrough(module: nn.Module, *args: Any, **kwargs: Any) -> tuple[to
 
 
 # Attention implementations we can stand in for: our key -> (original key, pass-through kernel, mask function).
-_KERNELS: dict[str, tuple[str, Callable[..., Any], Callable[..., Any]]] = {
+KERNELS: dict[str, tuple[str, Callable[..., Any], Callable[..., Any]]] = {
     "lostattn": ("sdpa", sdpa_attention_forward, sdpa_mask),
     "lostattn_eager": ("eager", _eager_passthrough, eager_mask),
 }
@@ -112,7 +116,7 @@ def _make_attention(passthrough: Callable[..., Any]) -> Callable[..., Any]:
     return lostattn_attention
 
 
-for _name, (_original, _kernel, _mask) in _KERNELS.items():
+for _name, (_original, _kernel, _mask) in KERNELS.items():
     AttentionInterface.register(_name, _make_attention(_kernel))
     AttentionMaskInterface.register(_name, _mask)
 
@@ -122,6 +126,18 @@ def text_config_key(model: nn.Module) -> str:
     config = model.config
     text = config.get_text_config()
     return next((name for name in config.sub_configs if getattr(config, name, None) is text), "")
+
+
+def _refuse_hidden_cache(position_ids: torch.Tensor | None) -> None:
+    """A new prompt starts at position 0; one that starts later continues a KV cache the forward did not name as
+    :data:`~lmms_lostattn.upstream.KV_CACHE_KWARGS` (taking it for a new prompt would edit the wrong rows)."""
+    if position_ids is not None and position_ids.numel() and int(position_ids.min()) > 0:
+        raise upstream.drift(
+            "transformers",
+            "the model forward's KV-cache argument",
+            f"the cache of a forward at positions >= {int(position_ids.min())} under one of "
+            f"{upstream.KV_CACHE_KWARGS}, found none",
+        )
 
 
 class Scope:
@@ -171,7 +187,7 @@ class Scope:
                 "lostattn needs input_ids to find the image tokens; inputs_embeds-only calls are not supported"
             )
         is_visual = torch.isin(input_ids, self.visual_ids.to(input_ids.device))
-        cache = kwargs.get("past_key_values")
+        cache = upstream.forward_cache(kwargs)
         cached = cache.get_seq_length() if cache is not None else 0
         state = self.state
         self.prefill = False
@@ -179,10 +195,17 @@ class Scope:
         if cached:
             if state is None or state.is_visual.shape[0] != input_ids.shape[0]:
                 raise InterventionError("lostattn: a cached decoding step arrived without its prompt")
+            if cached != state.is_visual.shape[1]:
+                raise upstream.drift(
+                    "transformers",
+                    "the KV cache given to a decoding step",
+                    f"it to hold the {state.is_visual.shape[1]} positions the scope has seen, it holds {cached}",
+                )
             state.is_visual = torch.cat([state.is_visual, is_visual], dim=1)
         elif state is not None and self._continues(state, input_ids):
             state.is_visual = is_visual  # decoding without a KV cache: the whole sequence again
         else:
+            _refuse_hidden_cache(kwargs.get("position_ids"))
             self.state = self._new_prompt(input_ids, is_visual, kwargs.get("attention_mask"), kwargs.get("labels"))
             self.prefill = True
 
@@ -418,14 +441,22 @@ def _attention_implementation(model: nn.Module) -> Iterator[None]:
     """Route the language decoder (only) through ``lostattn``; restore the original implementation on exit."""
     text_key = text_config_key(model)
     original = model.config.get_text_config()._attn_implementation or "sdpa"
-    ours = next((name for name, (orig, _, _) in _KERNELS.items() if orig == original), None)
+    ours = next((name for name, (orig, _, _) in KERNELS.items() if orig == original), None)
     if ours is None:
-        accepted = ", ".join(orig for orig, _, _ in _KERNELS.values())
+        accepted = ", ".join(orig for orig, _, _ in KERNELS.values())
         raise InterventionError(
             f"lostattn: attention interventions need the language model on one of {accepted}; "
             f"it uses attn_implementation={original!r}"
         )
     model.set_attn_implementation({text_key: ours})
+    routed = model.config.get_text_config()._attn_implementation
+    if routed != ours:
+        model.set_attn_implementation({text_key: original})
+        raise upstream.drift(
+            "transformers",
+            "PreTrainedModel.set_attn_implementation",
+            f"set_attn_implementation({{{text_key!r}: {ours!r}}}) to route the language model, it uses {routed!r}",
+        )
     try:
         yield
     finally:
@@ -444,6 +475,11 @@ def intervene(
     """
     scope = Scope(model, intervention, adapter)
     layers = adapter.decoder_layers(model)
+    upstream.check_model(
+        model,
+        [adapter.attention_module(layers[index]) for index in intervention.layers],
+        eager=intervention.edits_weights and model.config.get_text_config()._attn_implementation == "eager",
+    )
     with ExitStack() as stack:
         stack.callback(model.register_forward_pre_hook(scope.before_forward, with_kwargs=True).remove)
         if intervention.edits_weights:

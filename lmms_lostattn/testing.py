@@ -625,18 +625,14 @@ _PARTS = {
 FAMILY_VARIANTS = tuple(_PARTS)
 
 
-def build_tiny_model(
-    out_dir: str | os.PathLike, variant: str, *, seed: int = 0, text_layers: int = 4
-) -> pathlib.Path:
-    """Build, save and return the directory of a tiny random-weight model of any :data:`FAMILY_VARIANTS` with its
-    tokenizer, processor and chat template (loadable offline with ``from_pretrained``)."""
+def make_tiny_model(variant: str, *, seed: int = 0, text_layers: int = 4):
+    """``(model, processor)``: a tiny random-weight float32 model of any :data:`FAMILY_VARIANTS`, in memory, with its
+    tokenizer, processor and chat template."""
     _check_variant(variant, FAMILY_VARIANTS)
     if text_layers < 1:
         raise ValueError(f"text_layers must be >= 1, got {text_layers}")
     import torch
 
-    out = pathlib.Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     model_cls, config, processor = _PARTS[variant](variant, text_layers)
     with torch.random.fork_rng(devices=[]):  # deterministic weights without disturbing the caller's RNG
         torch.manual_seed(seed)
@@ -644,6 +640,17 @@ def build_tiny_model(
     tokenizer = processor.tokenizer
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model, processor
+
+
+def build_tiny_model(
+    out_dir: str | os.PathLike, variant: str, *, seed: int = 0, text_layers: int = 4
+) -> pathlib.Path:
+    """Build, save and return the directory of a tiny random-weight model of any :data:`FAMILY_VARIANTS` with its
+    tokenizer, processor and chat template (loadable offline with ``from_pretrained``)."""
+    model, processor = make_tiny_model(variant, seed=seed, text_layers=text_layers)
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     processor.save_pretrained(out)
     return out

@@ -12,7 +12,6 @@ from contextlib import contextmanager
 from typing import Any
 
 from lmms_eval.api.instance import Instance
-from lmms_eval.utils import _smart_comma_split
 from loguru import logger
 from tqdm import tqdm
 from transformers import AutoConfig
@@ -22,7 +21,9 @@ from lmms_lostattn.model_wrappers.reporting import Run, begin_run
 from lmms_lostattn.scope import intervene
 from lmms_lostattn.spec import InterventionSpec
 from lmms_lostattn.stats import StatsCollector
+from lmms_lostattn.upstream import internal, require_tested_versions
 
+_smart_comma_split = internal("lmms_eval.utils", "_smart_comma_split")
 _PLUGIN_PREFIXES = ("attn", "stats")
 PROGRESS = "Model Responding (lostattn)"
 
@@ -79,6 +80,7 @@ class LostAttnMixin:
         return super().create_from_arg_string(bracket_list_values(arg_string), additional_config)
 
     def __init__(self, **kwargs: Any) -> None:
+        require_tested_versions()
         base_args = inspect.signature(super().__init__).parameters
         plugin_args = {key: kwargs.pop(key) for key in list(kwargs) if _is_plugin_arg(key, base_args)}
         spec = InterventionSpec.from_model_args(plugin_args)

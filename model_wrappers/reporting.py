@@ -33,6 +33,7 @@ from loguru import logger
 from lmms_lostattn.metrics import RANK_EPS
 from lmms_lostattn.spec import Intervention, StatsConfig
 from lmms_lostattn.stats import MODULES, TABLE_METRICS, aggregate, layer_mean, mean_records, table_group
+from lmms_lostattn.upstream import internal
 
 LAYERS_METRIC = "lostattn_layers"
 SAMPLES_METRIC = "lostattn_samples"
@@ -140,7 +141,7 @@ def _save_results_aggregated(
 @functools.cache
 def _install() -> None:
     """Wrap the two lmms-eval functions (once per process; inert while no Run is registered)."""
-    original_process = evaluator._process_document_results
+    original_process = internal("lmms_eval.evaluator", "_process_document_results")
     evaluator._process_document_results = functools.wraps(original_process)(
         functools.partial(_process_document_results, original_process)
     )

@@ -8,6 +8,16 @@ from collections.abc import Callable
 import pytest
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Outside the tested versions, stop before any model runs, naming the package and its range."""
+    from lmms_lostattn.upstream import UpstreamError, require_tested_versions
+
+    try:
+        require_tested_versions()
+    except UpstreamError as error:
+        pytest.exit(str(error), returncode=2)
+
+
 def _tiny_model(tmp_path_factory: pytest.TempPathFactory, variant: str) -> pathlib.Path:
     """Build (once per session) a tiny random model (any factory variant) in a session temp cache, not the user
     cache."""

@@ -1,0 +1,100 @@
+"""The lmms-eval 0.7.3 internals the host glue relies on, as contact points (see :mod:`lmms_lostattn.upstream`).
+
+Each check exercises one internal the way the glue uses it, so a moved one fails as one line naming it (in the
+tests and in ``lostattn doctor``), not as a run that silently reports nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import sys
+
+from lmms_lostattn.upstream import ContactPoint, expect, internal
+
+
+def _process_document_results() -> None:
+    """Called per document as ``(item, *, task, ...)``; returns an object with ``metrics`` and ``logged_sample``."""
+    function = internal("lmms_eval.evaluator", "_process_document_results")
+    parameters = inspect.signature(function).parameters
+    expect(list(parameters)[0] == "item" and "task" in parameters, f"signature is ({', '.join(parameters)})")
+    fields = {f.name for f in dataclasses.fields(internal("lmms_eval.evaluator", "_ProcessedDocument"))}
+    expect({"metrics", "logged_sample"} <= fields, f"_ProcessedDocument has fields {sorted(fields)}")
+
+
+def _save_results_aggregated() -> None:
+    """``save_results_aggregated(results, samples, datetime_str)`` sets ``date_id``, and the output folder is named
+    by ``general_config_tracker.model_name_sanitized`` (where the sidecar goes)."""
+    tracker = internal("lmms_eval.loggers.evaluation_tracker", "EvaluationTracker")
+    parameters = list(inspect.signature(tracker.save_results_aggregated).parameters)
+    expect(parameters[:2] == ["self", "results"], f"signature is ({', '.join(parameters)})")
+    source = inspect.getsource(tracker.save_results_aggregated)
+    expect("self.date_id =" in source, "it no longer sets self.date_id")
+    expect("general_config_tracker.model_name_sanitized" in source, "it no longer names the folder by the model")
+
+
+def _reentrant_filelocks() -> None:
+    """lmms-eval patches ``filelock._api.FileLockMeta`` (and datasets' lock) at the start of every evaluation."""
+    internal("lmms_eval.evaluator", "_enable_reentrant_filelocks")()
+
+
+def _progress_bars() -> None:
+    """The base classes draw their bars with their module's ``tqdm``, which the glue silences while it shows one."""
+    from lmms_lostattn.model_wrappers.base import LostAttnMixin
+    from lmms_lostattn.registration import get_manifests
+
+    for manifest in get_manifests():
+        for path in filter(None, (manifest.simple_class_path, manifest.chat_class_path)):
+            module, _, name = path.rpartition(".")
+            wrapper = internal(module, name)
+            base = wrapper.__mro__[wrapper.__mro__.index(LostAttnMixin) + 1]
+            for method in ("generate_until", "loglikelihood"):
+                defined_in = sys.modules[getattr(base, method).__module__]
+                expect(hasattr(defined_in, "tqdm"), f"{defined_in.__name__} (for {name}.{method}) has no tqdm")
+
+
+def _huggingface_fallback() -> None:
+    """lmms-eval's chat ``huggingface`` falls back to its module's ``AutoModel`` (which ``lostattn_hf`` replaces)."""
+    huggingface = internal("lmms_eval.models.chat.huggingface", "Huggingface")
+    expect(hasattr(sys.modules[huggingface.__module__], "AutoModel"), "its module has no AutoModel")
+    source = inspect.getsource(huggingface.__init__)
+    expect("AutoModel" in source, "Huggingface.__init__ no longer loads through AutoModel")
+
+
+def _smart_comma_split() -> None:
+    split = internal("lmms_eval.utils", "_smart_comma_split")
+    pieces = split("a=1,b=[2,3],c='x,y'")
+    expect(pieces == ["a=1", "b=[2,3]", "c='x,y'"], f"split gives {pieces}")
+
+
+def _model_registry() -> None:
+    """``--model lostattn_llava`` resolves through the ``lmms_eval.models`` entry points to the plugin's classes."""
+    from lmms_lostattn.model_wrappers.llava import LostAttnLlavaChat, LostAttnLlavaSimple
+
+    get_model = internal("lmms_eval.models", "get_model")
+    expect(get_model("lostattn_llava") is LostAttnLlavaChat, "lostattn_llava does not resolve to the chat class")
+    simple = get_model("lostattn_llava", force_simple=True)
+    expect(simple is LostAttnLlavaSimple, "lostattn_llava --force_simple does not resolve to the simple class")
+
+
+def _instance_fields() -> None:
+    """Requests are named by ``task_name``, ``doc_id`` and ``metadata['split']``."""
+    instance = internal("lmms_eval.api.instance", "Instance")(
+        request_type="generate_until",
+        arguments=(),
+        idx=0,
+        metadata={"task": "t", "doc_id": 3, "repeats": 1, "split": "test"},
+    )
+    expect((instance.task_name, instance.doc_id, instance.metadata["split"]) == ("t", 3, "test"), "fields moved")
+
+
+CONTACT_POINTS: tuple[ContactPoint, ...] = (
+    ContactPoint("lmms_eval.evaluator._process_document_results", "lmms_eval", _process_document_results),
+    ContactPoint("EvaluationTracker.save_results_aggregated", "lmms_eval", _save_results_aggregated),
+    ContactPoint("lmms_eval.evaluator._enable_reentrant_filelocks (filelock._api)", "filelock", _reentrant_filelocks),
+    ContactPoint("the base classes' module-level tqdm", "lmms_eval", _progress_bars),
+    ContactPoint("lmms_eval.models.chat.huggingface.AutoModel fallback", "lmms_eval", _huggingface_fallback),
+    ContactPoint("lmms_eval.utils._smart_comma_split", "lmms_eval", _smart_comma_split),
+    ContactPoint("lmms_eval.models.get_model (lmms_eval.models entry points)", "lmms_eval", _model_registry),
+    ContactPoint("lmms_eval.api.instance.Instance fields", "lmms_eval", _instance_fields),
+)

@@ -1,0 +1,193 @@
+"""Every contact point with an upstream internal, the tested version ranges, and ``lostattn doctor``.
+
+The parametrised contact-point test is the one that fails, with the contact point's name, when transformers or
+lmms-eval moves an internal; the rest show that each guard fails loudly instead of guessing.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+import transformers.integrations.sdpa_attention as sdpa_attention
+from packaging.requirements import Requirement
+from transformers import DynamicCache, LlavaForConditionalGeneration
+
+from lmms_lostattn import upstream
+from lmms_lostattn.__main__ import main
+from lmms_lostattn.adapters import adapter_for
+from lmms_lostattn.doctor import doctor
+from lmms_lostattn.model_wrappers.contacts import CONTACT_POINTS as HOST_POINTS
+from lmms_lostattn.scope import _attention_implementation, intervene, text_config_key
+from lmms_lostattn.spec import InterventionSpec
+from lmms_lostattn.testing import FAMILY_VARIANTS, make_tiny_model
+from lmms_lostattn.upstream import CONTACT_POINTS, UpstreamError
+
+ALL_POINTS = (*CONTACT_POINTS, *HOST_POINTS)
+
+
+@pytest.mark.parametrize("point", ALL_POINTS, ids=[point.name for point in ALL_POINTS])
+def test_contact_point_holds(point: upstream.ContactPoint) -> None:
+    problem = point.problem()
+    assert problem is None, problem
+
+
+def test_a_broken_contact_point_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sdpa_attention, "repeat_kv", lambda hidden, n_rep: hidden.repeat(1, n_rep, 1, 1))
+    point = next(p for p in CONTACT_POINTS if p.name.endswith("repeat_kv"))
+    problem = point.problem()
+    assert problem is not None and "repeat_kv" in problem and "transformers" in problem
+
+
+def test_a_missing_internal_is_named_with_the_version() -> None:
+    with pytest.raises(
+        UpstreamError, match=r"transformers\.integrations\.sdpa_attention\.no_such_kernel \(transformers 5\."
+    ):
+        upstream.internal("transformers.integrations.sdpa_attention", "no_such_kernel")
+
+
+def test_the_cache_is_found_under_either_tested_name() -> None:
+    cache = DynamicCache()
+    assert upstream.forward_cache({"cache": cache}) is cache
+    assert upstream.forward_cache({"past_key_values": cache}) is cache
+    assert upstream.forward_cache({"input_ids": torch.ones(1, 2)}) is None
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"kv_cache": DynamicCache()}, {"cache": DynamicCache(), "past_key_values": DynamicCache()}]
+)
+def test_a_cache_under_another_name_or_two_caches_are_refused(kwargs: dict) -> None:
+    with pytest.raises(UpstreamError, match="KV-cache argument"):
+        upstream.forward_cache(kwargs)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, processor = make_tiny_model("llava", text_layers=2)
+    return model, processor
+
+
+def _scope_args(model):
+    text = model.config.get_text_config()
+    intervention = InterventionSpec.from_model_args({"attn": "uniform", "attn_keys": "all"}).resolve(
+        text.num_hidden_layers, text.num_attention_heads
+    )
+    return model, intervention, adapter_for(model.config)
+
+
+def test_a_decoding_step_whose_cache_is_hidden_is_refused(tiny) -> None:
+    """A forward at positions > 0 with no cache under a known name (how transformers 5.24 looked to the tracker
+    when it read only ``past_key_values``) is not taken for a new one-token prompt."""
+    model, _ = tiny
+    with intervene(*_scope_args(model)) as scope:
+        ids = torch.tensor([[5, 6, 7]])
+        scope.before_forward(model, (), {"input_ids": ids, "position_ids": torch.arange(3)[None]})
+        with pytest.raises(UpstreamError, match=r"positions >= 3 under one of \('cache', 'past_key_values'\)"):
+            scope.before_forward(model, (), {"input_ids": ids[:, -1:], "position_ids": torch.tensor([[3]])})
+
+
+def test_a_cache_that_disagrees_with_the_tracked_prompt_is_refused(tiny) -> None:
+    model, _ = tiny
+    with intervene(*_scope_args(model)) as scope:
+        scope.before_forward(model, (), {"input_ids": torch.tensor([[5, 6, 7]])})
+        cache = DynamicCache()
+        cache.update(torch.zeros(1, 2, 5, 8), torch.zeros(1, 2, 5, 8), 0)
+        with pytest.raises(UpstreamError, match="the 3 positions the scope has seen, it holds 5"):
+            scope.before_forward(model, (), {"input_ids": torch.tensor([[8]]), "cache": cache})
+
+
+def test_a_forward_without_a_cache_parameter_is_refused_before_anything_attaches(tiny, monkeypatch) -> None:
+    model, _ = tiny
+    monkeypatch.setattr(upstream, "KV_CACHE_KWARGS", ("kv_cache",))
+    refused = r"LlavaForConditionalGeneration\.forward .* named one of \('kv_cache',\)"
+    with pytest.raises(UpstreamError, match=refused), intervene(*_scope_args(model)):
+        pass
+    assert not model._forward_pre_hooks
+
+
+# -- versions ------------------------------------------------------------------------------------------------------
+
+
+def test_the_declared_ranges_bound_transformers_and_pin_the_host() -> None:
+    declared = {req.name: req.specifier for req in upstream.tested_requirements()}
+    assert str(declared["lmms-eval"]) == "==0.7.3"
+    assert not declared["transformers"].contains("5.25.0") and declared["transformers"].contains("5.24.0")
+    assert not declared["filelock"].contains("4.3.1")
+
+
+def test_a_version_outside_its_range_names_package_and_range(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = upstream.installed
+    monkeypatch.setattr(upstream, "installed", lambda name: "5.99.0" if name == "transformers" else real(name))
+    upstream.require_tested_versions.cache_clear()
+    try:
+        problems = upstream.version_problems()
+        assert problems == [
+            f"transformers 5.99.0 is installed; lmms-lostattn is tested with transformers{_declared('transformers')}"
+        ]
+        with pytest.raises(UpstreamError, match=r"transformers 5\.99\.0 is installed.*pip install .*'transformers"):
+            upstream.require_tested_versions()
+        upstream.require_tested_versions.cache_clear()
+        monkeypatch.setenv(upstream.ALLOW_UNTESTED, "1")
+        with pytest.warns(UserWarning, match="outside the tested versions"):
+            upstream.require_tested_versions()
+    finally:
+        upstream.require_tested_versions.cache_clear()
+
+
+def _declared(name: str) -> str:
+    return str(next(req.specifier for req in upstream.tested_requirements() if Requirement(str(req)).name == name))
+
+
+# -- lostattn doctor -----------------------------------------------------------------------------------------------
+
+
+def test_doctor_says_supported_here(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["doctor"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0, out
+    assert out.rstrip().endswith("supported") and "FAILED" not in out
+    assert f"transformers {upstream.installed('transformers')}" in out
+
+
+def test_doctor_fails_with_a_clear_line_when_a_contact_point_breaks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A package that knows the KV cache only under the other release's name (as this one did before transformers
+    5.24 support, when it read only ``past_key_values``)."""
+    parameters = inspect.signature(LlavaForConditionalGeneration.forward).parameters
+    monkeypatch.setattr(upstream, "KV_CACHE_KWARGS", tuple(n for n in upstream.KV_CACHE_KWARGS if n not in parameters))
+    lines: list[str] = []
+    assert doctor(echo=lines.append) == 1
+    failed = [line for line in lines if line.lstrip().startswith("FAILED")]
+    assert failed and all("KV-cache" in line for line in failed), failed
+    assert lines[-1].startswith("NOT supported") and "pip install" in lines[-1]
+
+
+def test_doctor_catches_a_tracker_that_takes_decoding_steps_for_prompts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Were the cache never found (and positions not checked), every cached step would be a new prompt: the
+    end-to-end run must see it (statistics on several passes, or edits that differ from recomputation)."""
+    monkeypatch.setattr(upstream, "forward_cache", lambda kwargs: None)
+    monkeypatch.setattr("lmms_lostattn.scope._refuse_hidden_cache", lambda position_ids: None)
+    lines: list[str] = []
+    assert doctor(echo=lines.append) == 1
+    assert any(line.lstrip().startswith("FAILED   attn=") for line in lines), lines
+
+
+# -- what the scope needs of every family's model files ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", FAMILY_VARIANTS)
+def test_every_family_has_what_the_scope_needs(variant: str) -> None:
+    """Each model file's eager kernel and KV-cache parameter; ``set_attn_implementation`` routes the language
+    model only and is undone on exit."""
+    model, _ = make_tiny_model(variant, text_layers=2)
+    adapter = adapter_for(model.config)
+    layers = adapter.decoder_layers(model)
+    upstream.check_model(model, [adapter.attention_module(layer) for layer in layers], eager=True)
+    config = model.config
+    before = {name: getattr(config, name)._attn_implementation for name in config.sub_configs}
+    text_key = text_config_key(model)
+    with _attention_implementation(model):
+        during = {name: getattr(config, name)._attn_implementation for name in config.sub_configs}
+        assert during == {**before, text_key: "lostattn"}
+    assert {name: getattr(config, name)._attn_implementation for name in config.sub_configs} == before
