@@ -14,8 +14,13 @@ For an edited row with edited keys E, learned logits s and learned weights w = s
 
 p is a probability vector over E: ``gaussian`` draws it (flat Dirichlet, softmax of N(0, sigma^2) logits, or
 normalised U(0, 1)), ``uniform`` is 1/|E|, ``identity`` is one-hot on the row's own key, ``sink`` one-hot on the
-first edited key. Random draws depend on (seed, sample, layer, head, key position) only, so one sample gets one
-p per layer and head, reused by every edited row and every decoding step.
+first edited key; ``vision_attention`` and ``complexity`` are the image priors of :mod:`lmms_lostattn.priors` laid on
+the image tokens. Random draws depend on (seed, sample, layer, head, key position) only, so one sample gets one
+p per layer and head (``attn_draw=per_head``), or one p shared by every layer and head (``attn_draw=shared``, the
+released code), reused by every edited row and every decoding step.
+
+``attn_scale=scores`` (logits space; the released code's Llama and Qwen2 decoder files) blends
+p' = p |mean(s)| / (2 mean_E(p)) instead of p, where mean(s) is the row's score scale handed in by the caller.
 """
 
 from __future__ import annotations
@@ -25,9 +30,10 @@ from dataclasses import dataclass
 import torch
 
 from lmms_lostattn import rng
-from lmms_lostattn.spec import Intervention, rank_quantile
+from lmms_lostattn.spec import PRIOR_MODES, Intervention, rank_quantile
 
 _NEG = torch.finfo(torch.float32).min
+SHARED_LAYER = -1  # the layer coordinate of draws shared by every layer (``attn_draw=shared``)
 
 
 # What one key draws for ``gaussian``, by ``attn_dist``, from its uniform or normal draw: p is the normalised (or,
@@ -45,7 +51,8 @@ class Coordinates:
 
     ``sample_key``: ``(B,)`` int64 keys from (seed, sample identity); ``first_real``: ``(B,)`` each sample's first
     non-padding position (draws use positions counted from it); ``layer``: decoder layer index; ``keys``: the
-    absolute key positions (contiguous); ``query_abs``: ``(Q,)`` absolute query positions.
+    absolute key positions (contiguous); ``query_abs``: ``(Q,)`` absolute query positions; ``shared``: key draws
+    are the same for every layer and head (one p per prompt).
 
     ``memo``, if given, is where one prompt's per-key draws of this layer are kept, over positions ``0..n-1``, so
     decoding steps reuse the prompt's draws instead of drawing every key again; when keys beyond ``n`` are asked for,
@@ -59,6 +66,8 @@ class Coordinates:
     keys: range
     query_abs: torch.Tensor
     memo: dict[str, torch.Tensor] | None = None
+    shared: bool = False
+    prior: torch.Tensor | None = None  # (B, K) image-prior values at the keys, for the prior modes
 
     @property
     def key_abs(self) -> torch.Tensor:
@@ -71,7 +80,8 @@ class Coordinates:
         return torch.arange(num_heads, device=self.first_real.device).view(1, -1, 1, 1)
 
     def key_draws(self, dist: str, num_heads: int) -> torch.Tensor:
-        """Per-key draws ``(B, H, 1, K)`` for ``attn_dist=dist``: one per sample, head and key position."""
+        """Per-key draws ``(B, H, 1, K)`` for ``attn_dist=dist``: one per sample, head and key position (``(B, 1, 1,
+        K)``, one per sample and key position, when ``shared``)."""
         known = None if self.memo is None else self.memo.get(dist)
         drawn = 0 if known is None else known.shape[-1]
         if self.memo is None or self.keys.start > drawn:  # nothing to keep, or a gap before these keys
@@ -85,7 +95,8 @@ class Coordinates:
     def _draw(self, dist: str, num_heads: int, positions: range) -> torch.Tensor:
         rel = self._relative(torch.arange(positions.start, positions.stop, device=self.first_real.device))
         key = self.sample_key.view(-1, 1, 1, 1)
-        return _KEY_DRAWS[dist](key, self.layer, self._heads(num_heads), rel[:, None, None])
+        layer, heads = (SHARED_LAYER, 1) if self.shared else (self.layer, num_heads)
+        return _KEY_DRAWS[dist](key, layer, self._heads(heads), rel[:, None, None])
 
     def entry_draws(self, num_heads: int) -> torch.Tensor:
         """Uniform draws ``(B, H, Q, K)``: one per sample, head, query position and key position."""
@@ -119,6 +130,8 @@ def pattern(inter: Intervention, edit: torch.Tensor, coords: Coordinates) -> tor
     if inter.mode == "sink":
         first = edit.int().argmax(dim=-1, keepdim=True)
         return torch.zeros(edit.shape, device=edit.device).scatter_(-1, first, 1.0) * edit
+    if inter.mode in PRIOR_MODES:
+        return _normalise(coords.prior[:, None, None, :].expand(edit.shape), edit)
     if inter.mode != "gaussian":
         raise ValueError(f"no predefined pattern for attn={inter.mode}")
     draws = coords.key_draws(inter.dist, num_heads)
@@ -140,15 +153,38 @@ def shuffle_within(values: torch.Tensor, edit: torch.Tensor, draws: torch.Tensor
     return values.clone().scatter_(-1, by_position, values.gather(-1, by_draw))
 
 
-def band_heads(
-    scores: torch.Tensor, allowed: torch.Tensor, key_is_visual: torch.Tensor, band: tuple[float, float]
-) -> torch.Tensor:
-    """SAP head selection ``(B, H, Q, 1)``: per row, rank heads by v_h = -mean of the row's logits over allowed
-    non-visual keys, and keep heads whose rank quantile rank/(H-1) lies in ``band`` (ties: lower head first).
-    """
+def _mean_over(scores: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean of each row's scores over ``keys`` ``(B, H, Q)`` (0 where there is none), and whether there was one."""
+    count = keys.sum(dim=-1)
+    return torch.where(keys, scores, 0.0).sum(dim=-1) / count.clamp_min(1), count > 0
+
+
+def head_scores(scores: torch.Tensor, allowed: torch.Tensor, key_is_visual: torch.Tensor, sides: bool) -> torch.Tensor:
+    """SAP's head score ``(B, H, Q)`` of each row: v_h = -mean of the row's logits over its allowed non-visual keys
+    (``pooled``), or ``sides``: -(mean over those before the first visual key + mean over those after the last)/2,
+    the mean of the one side there is when the other has no key (the released OneVision file)."""
     text_keys = (allowed & ~key_is_visual).expand_as(scores)
-    count = text_keys.sum(dim=-1).clamp_min(1)
-    value = -torch.where(text_keys, scores, 0.0).sum(dim=-1) / count  # (B, H, Q)
+    if not sides:
+        return -_mean_over(scores, text_keys)[0]
+    position = torch.arange(scores.shape[-1], device=scores.device)
+    visual = key_is_visual.expand_as(scores)
+    first = torch.where(visual, position, scores.shape[-1]).amin(dim=-1, keepdim=True)
+    last = torch.where(visual, position, -1).amax(dim=-1, keepdim=True)
+    left, has_left = _mean_over(scores, text_keys & (position < first))
+    right, has_right = _mean_over(scores, text_keys & (position > last))
+    return -(left + right) / (has_left.float() + has_right.float()).clamp_min(1)
+
+
+def band_heads(
+    scores: torch.Tensor,
+    allowed: torch.Tensor,
+    key_is_visual: torch.Tensor,
+    band: tuple[float, float],
+    sides: bool = False,
+) -> torch.Tensor:
+    """SAP head selection ``(B, H, Q, 1)``: per row, rank heads by :func:`head_scores` and keep heads whose rank
+    quantile rank/(H-1) lies in ``band`` (ties: lower head first)."""
+    value = head_scores(scores, allowed, key_is_visual, sides)
     rank = value.argsort(dim=1, stable=True).argsort(dim=1).float()
     quantile = rank_quantile(rank, scores.shape[1])
     return ((quantile >= band[0]) & (quantile <= band[1])).unsqueeze(-1)
@@ -160,8 +196,10 @@ def edited_weights(
     edit: torch.Tensor,
     inter: Intervention,
     coords: Coordinates,
+    score_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Attention weights ``(B, H, Q, K)`` after replacing the learned attention on ``edit`` (module docstring)."""
+    """Attention weights ``(B, H, Q, K)`` after replacing the learned attention on ``edit`` (module docstring);
+    ``score_scale`` ``(B, 1, Q, 1)``: |mean(s)| of each row, for ``attn_scale=scores``."""
     lam = inter.lam
     if inter.mode == "shuffle":
         source = scores if inter.space == "logits" else masked_softmax(scores, allowed)
@@ -174,6 +212,9 @@ def edited_weights(
     target = pattern(inter, edit, coords)
     edit = edit & (target.sum(dim=-1, keepdim=True) > 0)  # rows without an edited key keep their weights
     if inter.space == "logits":
+        if inter.scale == "scores":  # p' = p |mean s| / (2 mean_E p)
+            mean_p = target.sum(dim=-1, keepdim=True) / edit.sum(dim=-1, keepdim=True).clamp_min(1)
+            target = target * score_scale / (2.0 * mean_p.clamp_min(torch.finfo(target.dtype).tiny))
         return masked_softmax(torch.where(edit, (1.0 - lam) * scores + lam * target, scores), allowed)
     weights = masked_softmax(scores, allowed)
     mass = (weights * edit).sum(dim=-1, keepdim=True)

@@ -19,6 +19,7 @@ as well, because some hosts swallow exceptions from ``generate``: call :meth:`Sc
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -29,11 +30,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from lmms_lostattn import rng, upstream
+from lmms_lostattn import priors, rng, upstream
 from lmms_lostattn.adapters import FamilyAdapter
-from lmms_lostattn.patterns import Coordinates, band_heads, edited_weights
+from lmms_lostattn.patterns import SHARED_LAYER, Coordinates, band_heads, edited_weights
 from lmms_lostattn.recorder import record_residuals
-from lmms_lostattn.spec import Intervention
+from lmms_lostattn.spec import PRIOR_MODES, Intervention
 
 AttentionInterface = upstream.internal("transformers", "AttentionInterface")
 AttentionMaskInterface = upstream.internal("transformers.masking_utils", "AttentionMaskInterface")
@@ -55,9 +56,14 @@ class PromptState:
     is_visual: torch.Tensor  # (B, T) bool, grows by one column per decoding step
     first_real: torch.Tensor  # (B,) index of each sample's first non-padding token
     sample_key: torch.Tensor  # (B,) int64 keys from (seed, sample identity)
-    draws: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)  # per layer: its Coordinates.memo
+    # per (layer, or SHARED_LAYER for draws shared by all layers; device): its Coordinates.memo
+    draws: dict[tuple[int, torch.device], dict[str, torch.Tensor]] = field(default_factory=dict)
     # (B,) first position of the continuation a scoring pass (``labels``) scores; None: generation
     continuation_start: torch.Tensor | None = None
+    # image priors: the per-image (N, P) priors the vision tower hooks computed for this prompt, in image order,
+    # and, once an edited layer needs it, the (B, prompt length) prior value at each prompt position
+    prior_parts: list[torch.Tensor] = field(default_factory=list)
+    prior: torch.Tensor | None = None
 
     @property
     def prompt_len(self) -> int:
@@ -71,7 +77,8 @@ class PromptState:
 
 @dataclass(frozen=True)
 class _Selection:
-    """The edited rows and keys of one forward step's ``(Q, K)`` block, the same in every edited layer."""
+    """The edited rows and keys of one forward step's ``(Q, K)`` block, the same in every edited layer, on one device
+    (a sharded model's layers sit on several)."""
 
     needed: torch.Tensor | None  # the query rows our path computes; None = every row
     query_abs: torch.Tensor  # (Qs,) absolute positions of those rows
@@ -80,6 +87,15 @@ class _Selection:
     key_abs: torch.Tensor  # (K,) the same as a tensor
     key_visual: torch.Tensor  # (B, K) bool: visual key positions
     key_edited: torch.Tensor  # (B, K) bool: key positions whose weights are replaced
+    first_query: int  # absolute position of the first computed row
+
+    def to(self, device: torch.device) -> _Selection:
+        moved = {
+            name: value.to(device)
+            for name, value in vars(self).items()
+            if isinstance(value, torch.Tensor) and value.device != device
+        }
+        return dataclasses.replace(self, **moved) if moved else self
 
 
 def _eager_passthrough(module: nn.Module, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -151,8 +167,14 @@ class Scope:
         self.sample_ids: Sequence[str] | None = None
         self.state: PromptState | None = None
         self.prefill = False  # True while the forward pass of a new prompt runs
-        self._step: dict[tuple[int, int], _Selection | None] = {}  # this forward step's selections, by (Q, K)
+        # this forward step's selections, by (Q, K, device); device None: on the prompt state's device
+        self._step: dict[tuple[int, int, torch.device | None], _Selection | None] = {}
         self.error: BaseException | None = None
+        self.pending_priors: list[torch.Tensor] = []  # image priors since the last forward ended
+
+    def after_forward(self, *_: Any) -> None:
+        """A forward ended: image priors computed from now on belong to the next prompt."""
+        self.pending_priors = []
 
     # -- sample identity and errors -------------------------------------------------------------------------
 
@@ -252,6 +274,7 @@ class Scope:
             first_real,
             self._sample_keys(input_ids, first_real),
             continuation_start=continuation_start,
+            prior_parts=self.pending_priors,  # the vision tower runs just before this forward or inside it
         )
 
     def _sample_keys(self, input_ids: torch.Tensor, first_real: torch.Tensor) -> torch.Tensor:
@@ -298,12 +321,15 @@ class Scope:
             return torch.ones_like(visual)
         return visual if keys == "image" else ~visual & (key_abs[None, :] >= self.state.first_real[:, None])
 
-    def _selection(self, num_q: int, num_k: int) -> _Selection | None:
-        """The edited rows and keys of a ``(Q, K)`` attention block of this step (``None``: no row is edited);
-        computed by the first edited layer and reused by the others."""
-        if (num_q, num_k) not in self._step:
-            self._step[num_q, num_k] = self._select(num_q, num_k)
-        return self._step[num_q, num_k]
+    def _selection(self, num_q: int, num_k: int, device: torch.device) -> _Selection | None:
+        """The edited rows and keys of a ``(Q, K)`` attention block of this step on ``device`` (``None``: no row is
+        edited); computed by the first edited layer and reused by the others."""
+        if (num_q, num_k, None) not in self._step:
+            self._step[num_q, num_k, None] = self._select(num_q, num_k)
+        if (num_q, num_k, device) not in self._step:
+            plain = self._step[num_q, num_k, None]
+            self._step[num_q, num_k, device] = None if plain is None else plain.to(device)
+        return self._step[num_q, num_k, device]
 
     def _select(self, num_q: int, num_k: int) -> _Selection | None:
         query_abs = self._positions(num_q)
@@ -319,7 +345,8 @@ class Scope:
         key_abs = self._positions(num_k)
         visual = self._visual_at(key_abs)
         edited = self._edited_keys(key_abs, visual)
-        return _Selection(needed, query_abs, rows, range(total - num_k, total), key_abs, visual, edited)
+        keys = range(total - num_k, total)
+        return _Selection(needed, query_abs, rows, keys, key_abs, visual, edited, int(query_abs[0]))
 
     # -- the attention function's edited path ------------------------------------------------------------------
 
@@ -337,10 +364,10 @@ class Scope:
         kwargs: dict[str, Any],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Attention with the edited rows recomputed from materialised, replaced weights."""
-        selection = self._selection(query.shape[2], key.shape[2])
+        selection = self._selection(query.shape[2], key.shape[2], query.device)
         if selection is None:
             return passthrough(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-        needed, out = selection.needed, None
+        needed, out, every_row = selection.needed, None, query
         if needed is not None:
             out, base_weights = passthrough(
                 module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
@@ -351,6 +378,11 @@ class Scope:
         scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
         scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scaling
         if kwargs.get("softcap") is not None:
+            if self.intervention.scale == "scores":
+                raise InterventionError(
+                    "lostattn: attn_scale=scores is defined on plain scaled q.k scores; this model soft-caps them "
+                    "(softcap). Use attn_scale=none."
+                )
             scores = torch.tanh(scores / kwargs["softcap"]) * kwargs["softcap"]
         mask = None if attention_mask is None else attention_mask[..., : key.shape[2]]
         if mask is not None and out is not None and mask.shape[2] > 1:
@@ -361,15 +393,21 @@ class Scope:
         edit = allowed & selection.key_edited[:, None, None, :] & selection.rows[:, None, :, None]
         heads = self.intervention.heads
         if heads.kind == "band":
-            edit = edit & band_heads(scores, allowed, selection.key_visual[:, None, None, :], heads.band)
+            sides = self.intervention.head_score == "sides"
+            edit = edit & band_heads(scores, allowed, selection.key_visual[:, None, None, :], heads.band, sides)
         elif heads.kind == "indices":
             chosen = torch.zeros(query.shape[1], dtype=torch.bool, device=query.device)
             chosen[list(heads.indices)] = True
             edit = edit & chosen.view(1, -1, 1, 1)
-        state = self.state
-        memo = state.draws.setdefault(layer, {})
-        coords = Coordinates(state.sample_key, state.first_real, layer, selection.keys, selection.query_abs, memo)
-        weights = edited_weights(scores, allowed, edit, self.intervention, coords)
+        state, shared, device = self.state, self.intervention.draw == "shared", query.device
+        memo = state.draws.setdefault((SHARED_LAYER if shared else layer, device), {})
+        sample_key, first_real = state.sample_key.to(device), state.first_real.to(device)
+        prior = self._prior_at(selection.keys, device) if self.intervention.mode in PRIOR_MODES else None
+        coords = Coordinates(sample_key, first_real, layer, selection.keys, selection.query_abs, memo, shared, prior)
+        score_scale = None
+        if self.intervention.scale == "scores":
+            score_scale = self._score_scale(every_row, key, scaling, scores, allowed, selection)
+        weights = edited_weights(scores, allowed, edit, self.intervention, coords, score_scale)
         edited = torch.matmul(weights.to(value.dtype), value).transpose(1, 2)  # (B, Qs, H, Dv)
         if out is None:  # every row edited; the eager kernel also returns the weights (output_attentions)
             return edited.contiguous(), weights.to(query.dtype) if passthrough is _eager_passthrough else None
@@ -379,6 +417,79 @@ class Scope:
             kept = base_weights[:, :, needed]
             base_weights[:, :, needed] = torch.where(changed, weights.to(base_weights.dtype), kept)
         return out, base_weights
+
+    def _score_scale(
+        self,
+        every_row: torch.Tensor,
+        key: torch.Tensor,
+        scaling: float,
+        scores: torch.Tensor,
+        allowed: torch.Tensor,
+        selection: _Selection,
+    ) -> torch.Tensor:
+        """|mean(s)| of each computed row ``(B, 1, Qs, 1)`` for ``attn_scale=scores``, as cached generation computes
+        it for the sample alone: a prompt row takes the mean of the scaled q.k of the prefill (every head, real row
+        and real key of the prompt, before the mask), a generated (or scored) row the mean over its own allowed keys
+        (a cached decoding step computes that one row). Recomputation without a cache gives the same values."""
+        state, device = self.state, scores.device
+        row_keys = allowed.expand_as(scores)
+        row_mean = (torch.where(row_keys, scores, 0.0).sum(-1) / row_keys.sum(-1).clamp_min(1)).mean(dim=1)
+        last = state.last_rows_from()  # an int while generating: no host sync on a decoding step
+        last_max = last if isinstance(last, int) else int(last.max())
+        if selection.first_query > last_max:  # generated rows only (a cached decoding step)
+            return row_mean.abs()[:, None, :, None]
+        row_start = state.is_visual.shape[1] - every_row.shape[2]
+        if row_start > 0:
+            raise InterventionError(
+                "lostattn: attn_scale=scores needs the whole prompt in one forward pass (a chunked prefill starts at "
+                f"position {row_start})"
+            )
+        start = torch.as_tensor(last, device=state.first_real.device).reshape(-1, 1) + 1  # (B|1, 1)
+        row_abs = self._positions(every_row.shape[2])
+        first = state.first_real[:, None]
+        key_abs = self._positions(key.shape[2])
+        in_rows = ((row_abs[None, :] >= first) & (row_abs[None, :] < start)).float().to(device)  # (B, Q)
+        in_keys = ((key_abs[None, :] >= first) & (key_abs[None, :] < start)).float().to(device)  # (B, K)
+        mean_query = (
+            torch.einsum("bhqd,bq->bhd", every_row.float(), in_rows) / in_rows.sum(1).clamp_min(1)[:, None, None]
+        )
+        mean_key = torch.einsum("bhkd,bk->bhd", key.float(), in_keys) / in_keys.sum(1).clamp_min(1)[:, None, None]
+        prompt_mean = (mean_query * mean_key).sum(-1).mean(dim=1) * scaling  # (B,): mean over heads, rows, keys
+        prompt_rows = selection.query_abs[None, :] < start.to(device)  # (B, Qs)
+        return torch.where(prompt_rows, prompt_mean[:, None], row_mean).abs()[:, None, :, None]
+
+    def _prior_at(self, keys: range, device: torch.device) -> torch.Tensor:
+        """``(B, K)`` image-prior values at the block's key positions (0 off the image patches)."""
+        state = self.state
+        if state.prior is None:
+            state.prior = self._map_priors()
+        prior = torch.nn.functional.pad(state.prior, (0, max(keys.stop - state.prior.shape[1], 0)))
+        return prior[:, keys.start : keys.stop].to(device)
+
+    def _map_priors(self) -> torch.Tensor:
+        """The prompt's per-image priors laid on its image tokens: image i of the batch (row-major, as the model
+        scatters image features) covers the i-th run of tokens; a leading class token gets no prior mass."""
+        state, mode = self.state, self.intervention.mode
+        if not state.prior_parts:
+            raise InterventionError(
+                f"lostattn: attn={mode} needs the vision tower's pass over this prompt's images, and none ran "
+                "(image features given precomputed, or no pixel values)"
+            )
+        priors = torch.cat(state.prior_parts).to(state.is_visual.device)
+        visual = state.is_visual[:, : state.prompt_len]
+        positions = visual.flatten().nonzero().flatten()
+        images, patches = priors.shape
+        per_image = positions.numel() // images
+        if per_image * images != positions.numel() or per_image not in (patches, patches + 1):
+            raise InterventionError(
+                f"lostattn: attn={mode}: the prompt has {positions.numel()} image tokens for {images} image(s) of "
+                f"{patches} vision patches; it needs {patches} tokens per image ({patches + 1} with the class token)"
+            )
+        if per_image == patches + 1:
+            priors = torch.cat([priors.new_zeros(images, 1), priors], dim=1)
+        laid = torch.zeros(visual.numel(), device=priors.device)
+        laid[positions] = priors.flatten().float()
+        return laid.view(visual.shape)
 
     @staticmethod
     def _allowed(
@@ -399,13 +510,12 @@ class Scope:
         def hook(module: nn.Module, args: tuple, output: Any) -> Any:
             with self.recording_errors():
                 delta = output[0] if isinstance(output, tuple) else output
+                device = delta.device  # the layer's, which may not be the prompt state's
                 positions = self._positions(delta.shape[1])
-                rows = self.edited_rows(positions)
-                first = self.state.first_real[:, None, None]
-                units = torch.arange(delta.shape[-1], device=delta.device).view(1, 1, -1)
-                noise = rng.normal(
-                    self.state.sample_key.view(-1, 1, 1), layer, positions.view(1, -1, 1) - first, units, 4
-                ).to(delta.device)
+                rows = self.edited_rows(positions).to(device)
+                relative = (positions[None, :] - self.state.first_real[:, None]).to(device)[:, :, None]
+                units = torch.arange(delta.shape[-1], device=device).view(1, 1, -1)
+                noise = rng.normal(self.state.sample_key.to(device).view(-1, 1, 1), layer, relative, units, 4)
                 rms = delta.float().pow(2).mean(dim=-1, keepdim=True).sqrt()
                 noise = noise * (self.intervention.sigma * rms / noise.pow(2).mean(dim=-1, keepdim=True).sqrt())
                 replaced = torch.where(rows[:, :, None], noise.to(delta.dtype), delta)
@@ -434,6 +544,48 @@ def _noise_qkv(layers: Sequence[nn.Module], adapter: FamilyAdapter, intervention
         with torch.no_grad():
             for weight, original in saved:
                 weight.copy_(original)
+
+
+def _prior_hook(
+    scope: Scope,
+    model: nn.Module,
+    adapter: FamilyAdapter,
+    image_mean_std: tuple[Sequence[float], Sequence[float]] | None,
+) -> torch.utils.hooks.RemovableHandle:
+    """A hook on the vision tower that computes each image's prior when the tower runs (before the prefill or in
+    it) and hands it to the scope; the tower's own kernel and outputs stay as they are."""
+    tower, last_attention = adapter.vision_modules(model)
+
+    def tensor_in(args: tuple, kwargs: dict[str, Any], name: str) -> torch.Tensor:
+        value = kwargs.get(name, args[0] if args else None)
+        if not isinstance(value, torch.Tensor):
+            raise upstream.drift("transformers", f"{type(tower).__name__}.forward", f"its input as {name}")
+        return value
+
+    if scope.intervention.mode == "vision_attention":
+
+        def attention_prior(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+            with scope.recording_errors():
+                weights = priors.eager_attention_weights(module, tensor_in(args, kwargs, "hidden_states"))
+                scope.pending_priors.append(priors.vision_attention_prior(weights))
+
+        return last_attention.register_forward_pre_hook(attention_prior, with_kwargs=True)
+    if image_mean_std is None:
+        raise InterventionError(
+            "lostattn: attn=complexity needs the image processor's image_mean and image_std to see the image the "
+            "model sees (intervene(..., image_mean_std=(mean, std)))"
+        )
+    mean, std = (torch.tensor(values, dtype=torch.float32).view(1, -1, 1, 1) for values in image_mean_std)
+    patch = tower.config.patch_size
+
+    def complexity_prior(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        with scope.recording_errors():
+            pixels = tensor_in(args, kwargs, "pixel_values").float()
+            images = pixels * std.to(pixels.device) + mean.to(pixels.device)
+            grid = (pixels.shape[-2] // patch, pixels.shape[-1] // patch)
+            scope.pending_priors.append(priors.complexity_prior(images, grid))
+
+    return tower.register_forward_pre_hook(complexity_prior, with_kwargs=True)
 
 
 @contextmanager
@@ -465,14 +617,21 @@ def _attention_implementation(model: nn.Module) -> Iterator[None]:
 
 @contextmanager
 def intervene(
-    model: nn.Module, intervention: Intervention, adapter: FamilyAdapter, on_layer: Callable[..., None] | None = None
+    model: nn.Module,
+    intervention: Intervention,
+    adapter: FamilyAdapter,
+    on_layer: Callable[..., None] | None = None,
+    image_mean_std: tuple[Sequence[float], Sequence[float]] | None = None,
 ) -> Iterator[Scope]:
     """Apply ``intervention`` to ``model`` inside the block; every hook, weight and setting is restored after.
 
     ``on_layer(layer, x, d_attn, d_ffn, state)``, if given, receives each decoder layer's residual stream and
     updates on every prefill pass (see :mod:`lmms_lostattn.recorder`), measured after the intervention (e.g. the
     ``noise_delta`` update), with the :class:`PromptState` that locates padding and image tokens.
+    ``image_mean_std``: the image processor's per-channel normalisation, which ``attn=complexity`` undoes to see
+    the image the model sees.
     """
+    adapter.check_mode(model.config, intervention.mode)
     scope = Scope(model, intervention, adapter)
     layers = adapter.decoder_layers(model)
     upstream.check_model(
@@ -482,6 +641,9 @@ def intervene(
     )
     with ExitStack() as stack:
         stack.callback(model.register_forward_pre_hook(scope.before_forward, with_kwargs=True).remove)
+        if intervention.mode in PRIOR_MODES:
+            stack.callback(model.register_forward_hook(scope.after_forward).remove)
+            stack.callback(_prior_hook(scope, model, adapter, image_mean_std).remove)
         if intervention.edits_weights:
             stack.enter_context(_attention_implementation(model))
             for index in intervention.layers:

@@ -16,45 +16,53 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-ATTN_MODES = ("none", "gaussian", "uniform", "identity", "sink", "shuffle", "knockout", "noise_delta", "noise_qkv")
-WEIGHT_MODES = ("gaussian", "uniform", "identity", "sink", "shuffle", "knockout")
+PRIOR_MODES = ("vision_attention", "complexity")  # the released code's image priors (lmms_lostattn.priors)
+ATTN_MODES = (
+    "none",
+    "gaussian",
+    *PRIOR_MODES,
+    "uniform",
+    "identity",
+    "sink",
+    "shuffle",
+    "knockout",
+    "noise_delta",
+    "noise_qkv",
+)
+WEIGHT_MODES = ("gaussian", *PRIOR_MODES, "uniform", "identity", "sink", "shuffle", "knockout")
 SPACES = ("logits", "probs")
 ROWS = ("last", "text", "image", "all")
 KEYS = ("image", "text", "all")
 DISTS = ("dirichlet", "normal", "uniform")
+SCALES = ("none", "scores")
+DRAWS = ("per_head", "shared")
+HEAD_SCORES = ("pooled", "sides")
 PRESETS = ("paper",)
 STATS = ("none", "paper", "all")
 STATS_GROUPS = ("all", "image", "text")
 
 # Which optional arguments each mode reads; giving any other one is an error (it would be silently ignored).
+_EDITS = frozenset(  # what every attention-weight mode reads
+    {
+        "attn_space",
+        "attn_layers",
+        "attn_heads",
+        "attn_rows",
+        "attn_keys",
+        "attn_lambda",
+        "attn_preset",
+        "attn_head_score",
+    }
+)
 _USES: dict[str, frozenset[str]] = {
     "none": frozenset(),
-    "gaussian": frozenset(
-        {
-            "attn_space",
-            "attn_layers",
-            "attn_heads",
-            "attn_rows",
-            "attn_keys",
-            "attn_lambda",
-            "attn_dist",
-            "attn_sigma",
-            "attn_seed",
-            "attn_preset",
-        }
-    ),
-    "uniform": frozenset(
-        {"attn_space", "attn_layers", "attn_heads", "attn_rows", "attn_keys", "attn_lambda", "attn_preset"}
-    ),
-    "shuffle": frozenset(
-        {"attn_space", "attn_layers", "attn_heads", "attn_rows", "attn_keys", "attn_lambda", "attn_seed", "attn_preset"}
-    ),
+    "gaussian": _EDITS | {"attn_dist", "attn_sigma", "attn_seed", "attn_scale", "attn_draw"},
+    **dict.fromkeys((*PRIOR_MODES, "uniform", "identity", "sink"), _EDITS | {"attn_scale"}),  # a fixed p
+    "shuffle": _EDITS | {"attn_seed"},
+    "knockout": _EDITS,
     "noise_delta": frozenset({"attn_layers", "attn_rows", "attn_sigma", "attn_seed"}),
     "noise_qkv": frozenset({"attn_layers", "attn_sigma", "attn_seed"}),
 }
-_USES["identity"] = _USES["uniform"]
-_USES["sink"] = _USES["uniform"]
-_USES["knockout"] = _USES["uniform"]
 
 _LAYER_ITEM = re.compile(r"^(-?\d+)$|^(\d+)-(\d+)$|^(-?\d*):(-?\d*)$")
 _HEAD_BAND = re.compile(r"^p(\d*\.?\d+)-(\d*\.?\d+)$")
@@ -197,6 +205,9 @@ class Intervention:
     sigma: float = 1.0
     seed: int = 0
     preset: str | None = None
+    scale: str = "none"
+    draw: str = "per_head"
+    head_score: str = "pooled"
 
     @property
     def edits_weights(self) -> bool:
@@ -229,10 +240,14 @@ class StatsConfig:
 
 @dataclass(frozen=True)
 class FamilyPreset:
-    """The paper's per-family defaults (from the authors' released code)."""
+    """The paper's per-family defaults (from the authors' released code): edited layers and head band, whether p is
+    rescaled to the scores (``scale``), one p per prompt or per layer and head (``draw``), and the head score."""
 
     layers: str = "1:"
     heads: str = "p0.3-0.9"
+    scale: str = "none"
+    draw: str = "shared"
+    head_score: str = "pooled"
 
 
 @dataclass(frozen=True)
@@ -250,6 +265,9 @@ class InterventionSpec:
     attn_sigma: float | None = None
     attn_seed: int | None = None
     attn_preset: str | None = None
+    attn_scale: str | None = None
+    attn_draw: str | None = None
+    attn_head_score: str | None = None
     stats: StatsConfig = StatsConfig()
 
     ARGS = (
@@ -264,6 +282,9 @@ class InterventionSpec:
         "attn_sigma",
         "attn_seed",
         "attn_preset",
+        "attn_scale",
+        "attn_draw",
+        "attn_head_score",
         "stats",
         "stats_groups",
         "stats_max_tokens",
@@ -304,6 +325,9 @@ class InterventionSpec:
             fields["attn_seed"] = _number("attn_seed", given["attn_seed"], int, "an integer")
         if "attn_preset" in given:
             fields["attn_preset"] = _choice("attn_preset", given["attn_preset"], PRESETS)
+        for name, choices in (("attn_scale", SCALES), ("attn_draw", DRAWS), ("attn_head_score", HEAD_SCORES)):
+            if name in given:
+                fields[name] = _choice(name, given[name], choices)
         fields["stats"] = _parse_stats(given)
         spec = cls(**fields)
         spec._check_combination()
@@ -327,6 +351,11 @@ class InterventionSpec:
             raise SpecError(
                 f"lostattn: attn=identity puts each edited row on its own key, which needs "
                 f"attn_keys=all (got attn_keys={self.attn_keys})"
+            )
+        if self.attn_scale == "scores" and (self.attn_space or _default_space(self.attn)) != "logits":
+            raise SpecError(
+                "lostattn: attn_scale=scores rescales p to the pre-softmax scores before the blend; it needs "
+                f"attn_space=logits (attn={self.attn} is in probs space unless attn_space=logits)"
             )
         if self.attn == "gaussian" and self.attn_sigma is not None and self.attn_dist != "normal":
             raise SpecError(
@@ -362,14 +391,20 @@ class InterventionSpec:
                     f"{where}; pass attn_heads explicitly"
                 )
             raise _fail("attn_heads", heads.describe(), f"a band holding at least one head ({where})")
+        if self.attn_head_score is not None and heads.kind != "band":
+            raise SpecError(
+                f"lostattn: attn_head_score={self.attn_head_score} ranks heads for a pA-B band, but the heads are "
+                f"attn_heads={heads.describe()}; pass attn_heads=pA-B or drop attn_head_score"
+            )
         default_rows = "all" if self.attn == "noise_delta" else "last"
-        default_space = "logits" if self.attn == "gaussian" else "probs"
         default_keys = "all" if self.attn == "identity" else "image"
+        space = self.attn_space or _default_space(self.attn)
+        scale = self.attn_scale or (preset.scale if use_paper and space == "logits" else "none")
         return Intervention(
             mode=self.attn,
             layers=layer_ids,
             heads=heads if self.attn in WEIGHT_MODES else HeadSelection("all"),
-            space=self.attn_space or default_space,
+            space=space,
             rows=self.attn_rows or default_rows,
             keys=self.attn_keys or default_keys,
             lam=1.0 if self.attn_lambda is None else self.attn_lambda,
@@ -377,7 +412,20 @@ class InterventionSpec:
             sigma=1.0 if self.attn_sigma is None else self.attn_sigma,
             seed=0 if self.attn_seed is None else self.attn_seed,
             preset=self.attn_preset,
+            scale=scale if "attn_scale" in _USES[self.attn] else "none",
+            draw=(self.attn_draw or (preset.draw if use_paper else "per_head"))
+            if self.attn == "gaussian"
+            else "per_head",
+            head_score=(self.attn_head_score or (preset.head_score if use_paper else "pooled"))
+            if heads.kind == "band"
+            else "pooled",
         )
+
+
+def _default_space(mode: str) -> str:
+    """Where a mode edits when ``attn_space`` is not given: the paper's logits for ``gaussian`` and the image priors,
+    else weights."""
+    return "logits" if mode in ("gaussian", *PRIOR_MODES) else "probs"
 
 
 def _parse_stats(given: Mapping[str, object]) -> StatsConfig:

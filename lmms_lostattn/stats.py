@@ -52,7 +52,7 @@ class StatsCollector:
         out = mid + d_ffn
         for sample, record in enumerate(self._records):
             real = torch.arange(int(state.first_real[sample]), x.shape[1], device=x.device)
-            visual = state.is_visual[sample, real]
+            visual = state.is_visual[sample].to(x.device)[real]  # the layer may sit on another device
             rows = {"all": real, "image": real[visual], "text": real[~visual]}
             for group in self.config.groups:
                 index = rows[group]

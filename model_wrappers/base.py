@@ -14,7 +14,7 @@ from typing import Any
 from lmms_eval.api.instance import Instance
 from loguru import logger
 from tqdm import tqdm
-from transformers import AutoConfig
+from transformers import AutoConfig, AutoImageProcessor
 
 from lmms_lostattn.adapters import adapter_for
 from lmms_lostattn.model_wrappers.reporting import Run, begin_run
@@ -85,15 +85,17 @@ class LostAttnMixin:
         plugin_args = {key: kwargs.pop(key) for key in list(kwargs) if _is_plugin_arg(key, base_args)}
         spec = InterventionSpec.from_model_args(plugin_args)
         pretrained = kwargs.get("pretrained", base_args["pretrained"].default)
-        config = AutoConfig.from_pretrained(
-            pretrained,
-            revision=kwargs.get("revision", "main"),
-            trust_remote_code=bool(kwargs.get("trust_remote_code", False)),
-        )
+        hub = {"revision": kwargs.get("revision", "main"), "trust_remote_code": bool(kwargs.get("trust_remote_code"))}
+        config = AutoConfig.from_pretrained(pretrained, **hub)
         self.adapter = adapter_for(config)
         text = config.get_text_config()
         self.intervention = spec.resolve(text.num_hidden_layers, text.num_attention_heads, self.adapter.preset(config))
+        self.adapter.check_mode(config, self.intervention.mode)
         self.stats_config = spec.stats
+        self._image_mean_std = None
+        if self.intervention.mode == "complexity":  # the normalisation it undoes, from the checkpoint's processor
+            processor = AutoImageProcessor.from_pretrained(pretrained, **hub)
+            self._image_mean_std = (processor.image_mean, processor.image_std)
         super().__init__(**kwargs)
         self._run = Run(model=str(pretrained), intervention=self.intervention, stats=self.stats_config)
         begin_run(self._run)
@@ -128,7 +130,7 @@ class LostAttnMixin:
         collector = StatsCollector(self.stats_config, layers) if measure else None
         results: list[Any] = []
         with (
-            intervene(self.model, self.intervention, self.adapter, on_layer=collector) as scope,
+            intervene(self.model, self.intervention, self.adapter, collector, self._image_mean_std) as scope,
             _one_progress_bar(run, len(requests), self.rank) as progress,
         ):
             for request in requests:

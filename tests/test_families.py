@@ -79,11 +79,11 @@ FAMILIES = [
     Family("Qwen3-VL", "qwen3_vl", "lostattn_qwen3_vl", "qwen3_vl", ("chat", "simple"),
            FamilyPreset("1:", "p0.3-0.9"), _QWEN_CPU, video=True),
     Family("LLaVA-1.5", "llava", "lostattn_llava", "llava_hf", ("chat", "simple"),
-           FamilyPreset("18-23", "p0.3-0.6"), _LLAVA_CPU, stats_args=_LLAVA_STATS),
+           FamilyPreset("18-23", "p0.3-0.6", scale="scores"), _LLAVA_CPU, stats_args=_LLAVA_STATS),
     Family("LLaVA-NeXT", "llava_next", "lostattn_llava", "llava_hf", ("chat", "simple"),
-           FamilyPreset("18-23", "p0.3-0.6"), _LLAVA_CPU, stats_args=_LLAVA_STATS),
+           FamilyPreset("18-23", "p0.3-0.6", scale="scores"), _LLAVA_CPU, stats_args=_LLAVA_STATS),
     Family("LLaVA-OneVision", "llava_onevision", "lostattn_llava", "llava_hf", ("chat", "simple"),
-           FamilyPreset("21-27", "p0.3-0.6"), _LLAVA_CPU, stats_args=_LLAVA_STATS),
+           FamilyPreset("21-27", "p0.3-0.6", scale="scores", head_score="sides"), _LLAVA_CPU, stats_args=_LLAVA_STATS),
     Family("Gemma 3", "gemma3", "lostattn_gemma3", "gemma3", ("simple",), FamilyPreset("1:", "p0.3-0.9"), _CPU,
            image_token="tokenizer.image_token_id"),  # Gemma 3's processor.image_token_id is BOI, not the soft token
     Family("InternVL (HF)", "internvl", "lostattn_internvl", "internvl_hf", ("chat",), FamilyPreset("1:", "p0.3-0.9"),
@@ -92,8 +92,9 @@ FAMILIES = [
            {**_CPU, "dtype": "float32"}),
     Family("Mistral 3 (Pixtral)", "mistral3", "lostattn_mistral3_vl", "mistral3_vl", ("simple",),
            FamilyPreset("1:", "p0.3-0.9"), _CPU),
-    Family("LLaVA-1.5, generic HF", "llava", "lostattn_hf", "huggingface", ("chat",), FamilyPreset("18-23", "p0.3-0.6"),
-           _CPU, stats_args=_LLAVA_STATS, parity_base=HuggingfaceImageTextToText),
+    Family("LLaVA-1.5, generic HF", "llava", "lostattn_hf", "huggingface", ("chat",),
+           FamilyPreset("18-23", "p0.3-0.6", scale="scores"), _CPU, stats_args=_LLAVA_STATS,
+           parity_base=HuggingfaceImageTextToText),
     Family("Qwen2.5-VL, generic HF", "qwen2_5_vl", "lostattn_hf", "huggingface", ("chat",),
            FamilyPreset("1:", "p0.3-0.9"), _CPU, video=True, parity_base=HuggingfaceImageTextToText),
     Family("Idefics3, generic HF", "idefics3", "lostattn_hf", "huggingface", ("chat",), FamilyPreset("1:", "p0.3-0.9"),
@@ -319,12 +320,13 @@ def render_matrix() -> str:
     """README's support matrix, from :data:`FAMILIES` (every row is covered by every parametrised test above)."""
     rows = [
         "| family | `--model` | lmms-eval base (classes) | `model_type` tested | visual tokens checked "
-        "| `attn_preset=paper` layers / heads |",
+        "| `attn_preset=paper` layers / heads / scale, draw, head score |",
         "|---|---|---|---|---|---|",
     ]
     for family in FAMILIES:
         base = f"`{family.base_id}` ({', '.join(family.kinds)})"
-        preset = f"`{family.preset.layers}` / `{family.preset.heads}`"
+        preset = family.preset
+        preset = f"`{preset.layers}` / `{preset.heads}` / `{preset.scale}`, `{preset.draw}`, `{preset.head_score}`"
         visual = "image, video" if family.video else "image"
         rows.append(f"| {family.name} | `{family.model_id}` | {base} | `{family.variant}` | {visual} | {preset} |")
     footer = f"Every row passes, on a tiny random-weight model of that family: {_CHECKS}."

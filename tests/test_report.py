@@ -254,11 +254,17 @@ def test_html_leaderboard_renders_sorts_and_is_not_blank(compare_dir: pathlib.Pa
         page.screenshot(path=str(shot), full_page=True)
         browser.close()
     assert before == ["none", "gaussian", "knockout", "noise_delta"]
-    assert ascending == ["noise_delta", "knockout", "none", "gaussian"]  # MixIG(attn): 0.0067 < 0.1304 < 0.14378 < ...
+    mixig = {name: _pope_metric(name, "lostattn_mixig_attn") for name in before}  # from the results files themselves
+    assert ascending == sorted(before, key=mixig.__getitem__)
     assert descending == ascending[::-1]
     assert errors == []
     with Image.open(shot) as image:
         assert image.size[1] > 1000 and np.asarray(image.convert("L")).std() > 10
+
+
+def _pope_metric(run: str, metric: str) -> float:
+    (results,) = (RUNS / run).glob("*_results.json")
+    return json.loads(results.read_text())["results"]["lostattn_pope"][f"{metric},none"]
 
 
 # --- check -------------------------------------------------------------------------------------------------------
@@ -345,7 +351,7 @@ def _foreign_sidecar(folder: pathlib.Path) -> str:
     (mine,) = folder.glob("*_lostattn.json")
     (foreign,) = (RUNS / "gaussian").glob("*_lostattn.json")
     shutil.copy(foreign, mine)
-    return f"{mine}: spec_hash 3857c3ad2ed1 differs"
+    return f"{mine}: spec_hash {json.loads(foreign.read_text())['spec_hash']} differs"
 
 
 def _stray_file(folder: pathlib.Path) -> str:

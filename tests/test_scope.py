@@ -131,6 +131,16 @@ def test_rows_image_edits_image_rows_only(model, batch) -> None:
 CASES = [{"attn": mode} for mode in MODES] + [
     {"attn": "gaussian", "attn_heads": "p0.2-0.7", "attn_dist": "normal", "attn_sigma": 3},
     {"attn": "uniform", "attn_rows": "text", "attn_keys": "text", "attn_heads": "1,3"},
+    # the released SAP rule's options: p rescaled to the scores, one p per prompt, OneVision's head score
+    {
+        "attn": "gaussian",
+        "attn_scale": "scores",
+        "attn_draw": "shared",
+        "attn_heads": "p0.3-0.6",
+        "attn_head_score": "sides",
+    },
+    {"attn": "gaussian", "attn_scale": "scores", "attn_rows": "all", "attn_lambda": 0.5},
+    {"attn": "uniform", "attn_space": "logits", "attn_scale": "scores", "attn_keys": "all"},
 ]
 
 

@@ -5,6 +5,7 @@ Held-out data: the shipped tasks' scenes (generator seed 0) are never trained on
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -14,12 +15,13 @@ import sys
 import numpy as np
 import pytest
 import torch
-from cli_helpers import OFFLINE
+from cli_helpers import OFFLINE, pope_argv, results_of, run_cli_batch, run_error
 from safetensors.torch import load_file
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from lmms_lostattn import shapes_llava
 from lmms_lostattn.adapters import adapter_for
+from lmms_lostattn.priors import vision_attention_prior
 from lmms_lostattn.scope import intervene
 from lmms_lostattn.shapes_llava import (
     COLOR_POST_PROMPT,
@@ -48,6 +50,21 @@ def pope_rows():
 
 def _accuracy(predictions: list[str], rows: list[dict]) -> float:
     return sum(p == row["answer"] for p, row in zip(predictions, rows, strict=True)) / len(rows)
+
+
+def _one_prompt(processor, row: dict) -> dict:
+    prompt = shapes_llava.prompt(processor, row["question"] + POPE_POST_PROMPT)
+    return processor(images=[row["image"]], text=[prompt], return_tensors="pt")
+
+
+@contextlib.contextmanager
+def _eager(model):
+    """The whole model on eager attention (which returns the weights), sdpa again after."""
+    model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        model.set_attn_implementation("sdpa")
 
 
 def _scoped(model, **args: str):
@@ -118,17 +135,12 @@ def test_uniform_in_one_layer_edits_that_layer_only(shipped, pope_rows):
     that can see that row's output (the last one)."""
     model, processor = shipped
     row = pope_rows[0]
-    batch = processor(images=[row["image"]], text=[shapes_llava.prompt(processor, row["question"] + POPE_POST_PROMPT)],
-                      return_tensors="pt")
+    batch = _one_prompt(processor, row)
     image = batch["input_ids"][0] == model.config.image_token_index
-    model.set_attn_implementation("eager")
-    try:
-        with torch.no_grad():
-            before = model(**batch, output_attentions=True).attentions
-            with _scoped(model, attn="uniform", attn_layers="2"):
-                after = model(**batch, output_attentions=True).attentions
-    finally:
-        model.set_attn_implementation("sdpa")
+    with _eager(model), torch.no_grad():
+        before = model(**batch, output_attentions=True).attentions
+        with _scoped(model, attn="uniform", attn_layers="2"):
+            after = model(**batch, output_attentions=True).attentions
     for layer in (0, 1):
         torch.testing.assert_close(after[layer], before[layer], rtol=0, atol=0)
     torch.testing.assert_close(after[2][..., :-1, :], before[2][..., :-1, :], rtol=0, atol=0)
@@ -140,6 +152,39 @@ def test_uniform_in_one_layer_edits_that_layer_only(shipped, pope_rows):
     for layer in range(3, len(before)):
         torch.testing.assert_close(after[layer][..., :-1, :], before[layer][..., :-1, :], rtol=0, atol=0)
         assert not torch.equal(after[layer][..., -1, :], before[layer][..., -1, :])
+
+
+def test_image_priors_give_the_class_token_no_mass(shipped, pope_rows):
+    """shapes-llava keeps CLIP's class token as the first of its image tokens (select strategy ``full``): the
+    vision-attention prior covers the 36 patch tokens, in order, and the class token gets none (probs space, lambda 1,
+    layer 0, last row); the prior is computed here from the tower's own eager attention weights."""
+    model, processor = shipped
+    row = pope_rows[0]
+    batch = _one_prompt(processor, row)
+    image = batch["input_ids"][0] == model.config.image_token_index
+    with _eager(model), torch.no_grad():
+        vision = model.model.vision_tower(batch["pixel_values"], output_attentions=True).attentions[-1]
+        with _scoped(model, attn="vision_attention", attn_space="probs", attn_layers="0"):
+            weights = model(**batch, output_attentions=True).attentions[0][0, :, -1]
+    on_image = weights[:, image]
+    assert on_image.shape[1] == 37 and torch.equal(on_image[:, 0], torch.zeros(on_image.shape[0]))
+    prior = vision_attention_prior(vision)[0]
+    torch.testing.assert_close(on_image[:, 1:] / on_image.sum(-1, keepdim=True), prior.expand(on_image.shape[0], -1))
+
+
+@pytest.mark.cli
+def test_image_priors_run_through_lmms_eval(tmp_path):
+    """Both released priors with the paper preset (LLaVA: p rescaled to the scores) on shapes-llava, through the
+    lmms-eval command line."""
+    base = f"pretrained={SHAPES_LLAVA_DIR},device=cpu,device_map=cpu,dtype=float32,attn_preset=paper,attn_layers=1:"
+    runs = {mode: tmp_path / mode for mode in ("vision_attention", "complexity")}
+    run_cli_batch([pope_argv("lostattn_llava", f"{base},attn={mode}", out) for mode, out in runs.items()], tmp_path)
+    for mode, out in runs.items():
+        assert not run_error(out), run_error(out)
+        results = results_of(out)
+        assert "pope_accuracy,none" in results["results"]["lostattn_pope"]
+        assert results["lostattn"]["intervention"]["mode"] == mode
+        assert results["lostattn"]["intervention"]["scale"] == "scores"
 
 
 def test_patch_targets_mark_each_object_cell():

@@ -81,6 +81,13 @@ def test_parse_heads() -> None:
         ({"attn": "knockout", "attn_space": "logits"}, r"knockout.*accepted: probs"),
         ({"attn": "identity", "attn_keys": "image"}, r"identity.*attn_keys=all"),
         ({"attn": "gaussian", "attn_sigma": 2}, r"attn_sigma only shapes attn_dist=normal"),
+        ({"attn": "gaussian", "attn_scale": "logits"}, r"attn_scale='logits'.*none \| scores"),
+        ({"attn": "gaussian", "attn_draw": "per_layer"}, r"attn_draw.*per_head \| shared"),
+        ({"attn": "gaussian", "attn_head_score": "left"}, r"attn_head_score.*pooled \| sides"),
+        ({"attn": "gaussian", "attn_space": "probs", "attn_scale": "scores"}, r"attn_scale=scores.*attn_space=logits"),
+        ({"attn": "uniform", "attn_scale": "scores"}, r"attn_scale=scores.*attn=uniform is in probs space"),
+        ({"attn": "uniform", "attn_draw": "shared"}, r"attn_draw has no effect with attn=uniform"),
+        ({"attn": "shuffle", "attn_scale": "scores"}, r"attn_scale has no effect with attn=shuffle"),
         ({"stats": "some"}, r"stats='some'"),
         ({"stats": "paper", "stats_groups": "all,video"}, r"stats_groups"),
         ({"stats": "paper", "stats_max_tokens": 1}, r"stats_max_tokens"),
@@ -118,6 +125,33 @@ def test_paper_preset_follows_the_family_and_explicit_args_override() -> None:
     override = spec(attn="gaussian", attn_preset="paper", attn_layers="2", attn_heads="all")
     resolved = override.resolve(32, 32, llava.preset(_config("llava")))
     assert resolved.layers == (2,) and resolved.heads == HeadSelection("all") and resolved.preset == "paper"
+
+
+@pytest.mark.parametrize(
+    ("model_type", "expected"),
+    [
+        ("llava", ("scores", "shared", "pooled")),
+        ("llava_next", ("scores", "shared", "pooled")),
+        ("llava_onevision", ("scores", "shared", "sides")),
+        ("qwen2_vl", ("none", "shared", "pooled")),
+        ("qwen2_5_vl", ("none", "shared", "pooled")),
+        ("gemma3", ("none", "shared", "pooled")),
+    ],
+)
+def test_paper_preset_sets_the_released_rule_per_family(model_type: str, expected: tuple[str, str, str]) -> None:
+    config = _config(model_type)
+    preset = adapter_for(config).preset(config)
+    resolved = spec(attn="gaussian", attn_preset="paper", attn_layers="1:").resolve(32, 32, preset)
+    assert (resolved.scale, resolved.draw, resolved.head_score) == expected
+    explicit = spec(attn="gaussian", attn_preset="paper", attn_layers="1:", attn_scale="none", attn_draw="per_head")
+    assert (explicit.resolve(32, 32, preset).scale, explicit.resolve(32, 32, preset).draw) == ("none", "per_head")
+    assert spec(attn="gaussian", attn_layers="1:").resolve(32, 32, preset).scale == "none"  # no preset, no rescale
+
+
+def test_head_score_needs_a_head_band() -> None:
+    with pytest.raises(SpecError, match=r"attn_head_score=sides ranks heads for a pA-B band.*attn_heads=all"):
+        spec(attn="gaussian", attn_head_score="sides").resolve(4, 4)
+    assert spec(attn="gaussian", attn_heads="p0-1", attn_head_score="sides").resolve(4, 4).head_score == "sides"
 
 
 def test_preset_outside_a_small_model_asks_for_explicit_layers() -> None:
@@ -166,8 +200,11 @@ def test_hash_is_stable_and_tracks_every_choice() -> None:
         spec(attn="gaussian", attn_layers="1,3"),
         spec(attn="gaussian", attn_layers="1,2", attn_space="probs"),
         spec(attn="uniform", attn_layers="1,2"),
+        spec(attn="gaussian", attn_layers="1,2", attn_scale="scores"),
+        spec(attn="gaussian", attn_layers="1,2", attn_draw="shared"),
+        spec(attn="gaussian", attn_layers="1,2", attn_heads="p0-1", attn_head_score="sides"),
     ]
-    assert len({first.hash, *(v.resolve(4, 4).hash for v in variants)}) == 6
+    assert len({first.hash, *(v.resolve(4, 4).hash for v in variants)}) == 9
     # A known value pins the canonical form: changing it silently would orphan earlier results.
     assert spec(attn="none").resolve(4, 4).hash == spec().resolve(32, 32).hash
 

@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 from torch import nn
 from transformers import PretrainedConfig
 
-from lmms_lostattn.spec import FamilyPreset
+from lmms_lostattn import upstream
+from lmms_lostattn.spec import PRIOR_MODES, FamilyPreset, SpecError
 
 _VISUAL_TOKEN_ATTRS = ("image_token_id", "image_token_index", "video_token_id", "video_token_index")
 
@@ -19,6 +20,10 @@ class FamilyAdapter:
 
     ``layer_style`` says how a decoder layer adds its updates to the residual stream: ``pre_norm``
     (Llama/Qwen: Y = X + attn(norm X) + mlp(norm H)) or ``sandwich`` (Gemma: post-module norms before each add).
+    ``patch_prior_types``: the model types whose image tokens are one per vision patch, in the patch grid's
+    row-major order (the class token first where the config keeps it), so the image priors of
+    :mod:`lmms_lostattn.priors` map onto them; ``vision_tower`` and ``vision_layers`` locate the tower and its
+    encoder layers (CLIP/SigLIP-style attention).
     """
 
     family: str
@@ -28,6 +33,10 @@ class FamilyAdapter:
     mlp: str = "mlp"
     qkv: tuple[str, str, str] = ("q_proj", "k_proj", "v_proj")
     paper_presets: Mapping[str, FamilyPreset] = field(default_factory=dict)
+    patch_prior_types: tuple[str, ...] = ()
+    vision_tower: str = "model.vision_tower"
+    # the tower's encoder layers, by release: transformers 5.24's CLIP/SigLIP vision models hold them directly
+    vision_layers: tuple[str, ...] = ("encoder.layers", "vision_model.encoder.layers")
 
     def preset(self, config: PretrainedConfig) -> FamilyPreset:
         """The paper's defaults for this model type (the family's generic default when the paper had none)."""
@@ -46,6 +55,29 @@ class FamilyAdapter:
                 f"(looked for {', '.join(_VISUAL_TOKEN_ATTRS)})"
             )
         return tuple(sorted(ids))
+
+    def check_mode(self, config: PretrainedConfig, mode: str) -> None:
+        """Refuse, before the weights load, a mode this family cannot run (the image priors need one token per
+        vision patch)."""
+        if mode in PRIOR_MODES and config.model_type not in self.patch_prior_types:
+            supported = ", ".join(self.patch_prior_types) or "none in this family"
+            raise SpecError(
+                f"lostattn: attn={mode} maps a prior over the vision patches onto the image tokens, which needs one "
+                f"token per patch (model types: {supported}); {config.model_type} produces its image tokens "
+                "otherwise (merged patches, tiles or pooling). Use attn=gaussian or another mode."
+            )
+
+    def vision_modules(self, model: nn.Module) -> tuple[nn.Module, nn.Module]:
+        """The vision tower and its last encoder layer's attention module."""
+        tower = model.get_submodule(self.vision_tower)
+        for path in self.vision_layers:
+            try:
+                return tower, tower.get_submodule(path)[-1].self_attn
+            except AttributeError:
+                continue
+        raise upstream.drift(
+            "transformers", f"{type(tower).__name__} encoder layers", f"them under one of {self.vision_layers}"
+        )
 
     def attention_module(self, layer: nn.Module) -> nn.Module:
         return getattr(layer, self.attention)

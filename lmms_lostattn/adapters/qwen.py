@@ -2,7 +2,7 @@
 
 Pre-norm decoder layers; image and video patches are ``<|image_pad|>`` / ``<|video_pad|>`` tokens (both visual).
 Qwen3-VL's DeepStack adds visual features between the first layers, which the recorder handles by recording X at
-every layer.
+every layer. The released SAP code's Qwen2.5-VL file blends p unscaled (the preset's defaults).
 """
 
 from __future__ import annotations
