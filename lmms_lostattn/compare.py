@@ -22,7 +22,6 @@ from lmms_lostattn.runs import Run, RunError, comparability, version_changes
 ALPHA = 0.05
 BOOTSTRAP_ITERATIONS = 10_000
 BOOTSTRAP_SEED = 0
-STAT_ROWS = tuple(f"lostattn_{metric}_{module}" for metric in ("rid", "mixig") for module in ("attn", "ffn"))
 MODULE_ROWS = {"none": (("attention", "attn"), ("FFN", "ffn")), "noise_delta": (("Noise Δ", "attn"),),
                "noise_qkv": (("Noise QKV", "attn"),)}
 
@@ -142,14 +141,20 @@ def primary_metric(runs: Sequence[Run], task: str) -> str | None:
 
 def module_table(runs: Sequence[Run]) -> Table:
     """Paper Table 1: RID and MixIG of attention and FFN (vanilla runs), Noise Δ / Noise QKV (attention, those runs)."""
-    tasks = [t for t in _tasks(runs) if any(r.metric(t, "lostattn_rid_attn") is not None for r in runs)]
+    tasks = [t for t in _tasks(runs) if any(r.metric(t, r.stat_row("rid", "attn")) is not None for r in runs)]
     header = ["model", "row", "run"] + [f"{task} {name}" for task in tasks for name in ("RID", "MixIG")]
     rank = {mode: i for i, mode in enumerate(MODULE_ROWS)}
     chosen = sorted((run for run in runs if run.mode in MODULE_ROWS), key=lambda run: (run.model, rank[run.mode]))
-    rows = [[_text(run.model), _text(label), _text(run.name)]
-            + [_mean_cell(run, task, f"lostattn_{metric}_{module}") for task in tasks for metric in ("rid", "mixig")]
+    rows = [[_text(run.model), _text(_definition(label, run, module)), _text(run.name)]
+            + [_mean_cell(run, task, run.stat_row(metric, module)) for task in tasks for metric in ("rid", "mixig")]
             for run in chosen for label, module in MODULE_ROWS[run.mode]]
     return Table(header, rows, ["mean ± stderr over samples of each sample's mean over layers"])
+
+
+def _definition(label: str, run: Run, module: str) -> str:
+    """A Table 1 row label, with the RID row's name where its definition is not the paper's."""
+    row = run.stat_row("rid", module)
+    return label if row == f"lostattn_rid_{module}" else f"{label} ({row})"
 
 
 def accuracy_table(runs: Sequence[Run]) -> Table:

@@ -6,7 +6,9 @@ hidden units as columns. ``x`` is the residual stream entering a module, ``dx`` 
 
 * ``erank(X)        = exp(-sum_i p_i log p_i)``, ``p_i = sigma_i / sum_j sigma_j`` (singular values of X)
 * ``delta_s(X, X')  = |eRank(X') - eRank(X)| / min(S, H)``
-* ``delta_d(X, X')  = (||(I - P_C(X)) X'||_F + ||X' (I - P_R(X))||_F) / (2 ||X'||_F)``
+* ``delta_d(X, X')  = (||(I - P_C(X)) X'||_F + ||X' (I - P_R(X))||_F) / (2 ||X'||_F)``: the mean of the two
+  residual ratios r_c, r_r (``combine="mean"``, the paper); ``"l2"``: sqrt(r_c² + r_r²) (the authors' released
+  building blocks' default); ``"sum"``: r_c + r_r
 * ``rid(X, X')      = delta_s + delta_d``, in ``[0, 2]``
 * ``tme(X)``: normalised entropy of the token-mixing distribution ``P_t ∝ ((x̃_t·x̃_j + 1) / 2)^alpha``
 * ``mixig(X, X')    = TME(X') - TME(X)``
@@ -38,6 +40,7 @@ import torch
 
 __all__ = [
     "AGGS",
+    "COMBINES",
     "KINDS",
     "RANK_EPS",
     "delta_d",
@@ -45,6 +48,7 @@ __all__ = [
     "decompose",
     "delta_s",
     "erank",
+    "innovation",
     "mixig",
     "module_stats",
     "rid",
@@ -55,6 +59,7 @@ __all__ = [
 
 AGGS = ("last", "mean")
 KINDS = ("paper", "all")
+COMBINES = ("mean", "l2", "sum")
 RANK_EPS = float(torch.finfo(torch.float32).eps)
 """Machine epsilon of float32; the default rank tolerance is ``max(S, H) * RANK_EPS`` relative to ``sigma_max``."""
 
@@ -290,14 +295,22 @@ class Decomposition:
         return self._tme[key]
 
 
-def _delta_d(dec: Decomposition, x_new: torch.Tensor, rtol: float | None) -> float:
+def _delta_d(dec: Decomposition, x_new: torch.Tensor, rtol: float | None, combine: str = "mean") -> float:
     """ΔD of X' against X's subspaces, from X's decomposition (see :meth:`Decomposition.outside`)."""
     norm_new = float(torch.linalg.matrix_norm(x_new))
     if norm_new == 0.0:
         return 0.0
-    res_c, res_r = dec.outside(x_new, rtol)
     # Each residual is at most ||X'||_F exactly; the clamp only absorbs rounding.
-    return min(1.0, (res_c + res_r) / (2.0 * norm_new))
+    r_c, r_r = (min(1.0, residual / norm_new) for residual in dec.outside(x_new, rtol))
+    if combine == "l2":
+        return math.hypot(r_c, r_r)
+    return r_c + r_r if combine == "sum" else (r_c + r_r) / 2.0
+
+
+def _check_combine(combine: str) -> str:
+    if combine not in COMBINES:
+        raise ValueError(f"combine must be one of {COMBINES}; got {combine!r}")
+    return combine
 
 
 # --------------------------------------------------------------------------------------------------- public API
@@ -324,8 +337,11 @@ def delta_s(x: torch.Tensor, x_new: torch.Tensor) -> float:
     return _delta_s_from_eranks(e_x, e_new, x.shape)
 
 
-def delta_d(x: torch.Tensor, x_new: torch.Tensor, rtol: float | None = None) -> float:
+def delta_d(x: torch.Tensor, x_new: torch.Tensor, rtol: float | None = None, combine: str = "mean") -> float:
     """Directional innovation ``ΔD = (||(I - P_C) X'||_F + ||X' (I - P_R)||_F) / (2 ||X'||_F)``, in ``[0, 1]``.
+
+    With r_c = ||(I - P_C) X'||_F / ||X'||_F and r_r = ||X' (I - P_R)||_F / ||X'||_F: ``combine="mean"`` is
+    (r_c + r_r) / 2 (above), ``"l2"`` sqrt(r_c² + r_r²) in ``[0, √2]``, ``"sum"`` r_c + r_r in ``[0, 2]``.
 
     ``P_C = U_r U_r^T`` (S×S) and ``P_R = V_r V_r^T`` (H×H) project onto the column (token) and row (feature)
     spaces of X, from its thin SVD truncated at the numerical rank ``r = #{sigma_i > tol * sigma_max}``,
@@ -334,16 +350,17 @@ def delta_d(x: torch.Tensor, x_new: torch.Tensor, rtol: float | None = None) -> 
     Conventions: ``||X'||_F = 0`` gives 0 (no energy, nothing new); ``X = 0`` has rank 0, so a non-zero X' gives 1.
     """
     x, x_new = _prepare_pair(x, x_new)
-    return _delta_d(Decomposition(x), x_new, _check_rtol(rtol))
+    return _delta_d(Decomposition(x), x_new, _check_rtol(rtol), _check_combine(combine))
 
 
-def rid(x: torch.Tensor, x_new: torch.Tensor, rtol: float | None = None) -> float:
-    """Relative innovation degree ``RID = ΔS + ΔD`` (see :func:`delta_s`, :func:`delta_d`), in ``[0, 2]``."""
+def rid(x: torch.Tensor, x_new: torch.Tensor, rtol: float | None = None, combine: str = "mean") -> float:
+    """Relative innovation degree ``RID = ΔS + ΔD`` (see :func:`delta_s`, :func:`delta_d`), in ``[0, 2]`` for the
+    paper's ``combine="mean"``."""
     x, x_new = _prepare_pair(x, x_new)
-    rtol = _check_rtol(rtol)
+    rtol, combine = _check_rtol(rtol), _check_combine(combine)
     dec = Decomposition(x)
     d_s = _delta_s_from_eranks(dec.erank, Decomposition(x_new).erank, x.shape)
-    return d_s + _delta_d(dec, x_new, rtol)
+    return d_s + _delta_d(dec, x_new, rtol, combine)
 
 
 def tme(x: torch.Tensor, alpha: float = 8.0, agg: str = "last") -> float:
@@ -411,10 +428,33 @@ def module_stats(
     return update_stats(Decomposition(x), Decomposition(x_new), kind=kind, rtol=rtol)
 
 
+def innovation(
+    reference: Decomposition, after: Decomposition, *, rtol: float | None = None, combine: str = "mean"
+) -> tuple[float, float, float]:
+    """``(RID, ΔS, ΔD)`` of X' = ``after.x`` measured against ``reference``'s eRank and subspaces (for a module's
+    update, the module's input; for the layer-referenced FFN, the layer's input), both from :func:`decompose`."""
+    x_new = after.x
+    if reference.x.shape != x_new.shape:
+        raise ValueError(f"after must match the reference's shape {tuple(reference.x.shape)}; got {tuple(x_new.shape)}")
+    d_s = _delta_s_from_eranks(reference.erank, after.erank, x_new.shape)
+    d_d = _delta_d(reference, x_new, _check_rtol(rtol), _check_combine(combine))
+    return d_s + d_d, d_s, d_d
+
+
 def update_stats(
-    before: Decomposition, after: Decomposition, *, kind: str = "paper", rtol: float | None = None
+    before: Decomposition,
+    after: Decomposition,
+    *,
+    kind: str = "paper",
+    rtol: float | None = None,
+    combine: str = "mean",
+    reference: Decomposition | None = None,
 ) -> dict[str, float]:
     """:func:`module_stats` of the update from X (``before``) to X' (``after``), both from :func:`decompose`.
+
+    RID, ΔS and ΔD are measured against ``reference`` (default: X itself; the layer's input for the FFN's
+    layer-referenced RID), with ΔD's residuals joined by ``combine``; MixIG is always TME(X') - TME(X).
+    ``kind="all"`` also gives ``tme_update``, TME (alpha=8, last) of the update X' - X itself.
 
     No token cap is applied (select the rows first). Decompositions are reused across calls: pass the same
     object as ``after`` of one update and ``before`` of the next (e.g. attention then FFN) and X' is decomposed,
@@ -429,11 +469,11 @@ def update_stats(
             f"got {tuple(x_new.shape)}, {x_new.dtype}"
         )
     _check_tokens(x)
-    rtol = _check_rtol(rtol)
-    d_s = _delta_s_from_eranks(before.erank, after.erank, x.shape)
-    d_d = _delta_d(before, x_new, rtol)
-    out = {"rid": d_s + d_d, "mixig": after.tme(8.0, "last") - before.tme(8.0, "last")}
+    reference = before if reference is None else reference
+    rid_value, d_s, d_d = innovation(reference, after, rtol=rtol, combine=combine)
+    out = {"rid": rid_value, "mixig": after.tme(8.0, "last") - before.tme(8.0, "last")}
     if kind == "all":
         out["mixig_mean"] = after.tme(1.0, "mean") - before.tme(1.0, "mean")
-        out.update(delta_s=d_s, delta_d=d_d, erank_x=before.erank, erank_x_new=after.erank)
+        out.update(delta_s=d_s, delta_d=d_d, erank_x=reference.erank, erank_x_new=after.erank)
+        out["tme_update"] = _tme_from_unit(_unit_rows(x_new - x), 8.0, "last")
     return out

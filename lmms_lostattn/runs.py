@@ -49,6 +49,14 @@ class Run:
         preset = self.block["intervention"].get("preset")
         return f"{self.mode}{f' ({preset})' if preset else ''} [{self.block['spec_hash']}]"
 
+    def stat_row(self, metric: str, module: str) -> str:
+        """The table row of a module's RID or MixIG under this run's statistics definitions (runs written before
+        the definitions were recorded used the paper's: the module's input, ΔD as a mean)."""
+        from lmms_lostattn.stats import table_row
+
+        stats = self.block.get("stats", {})
+        return table_row(metric, module, stats.get("stats_reference", "module"), stats.get("stats_combine", "mean"))
+
     @property
     def tasks(self) -> list[str]:
         return sorted(self.results["results"])

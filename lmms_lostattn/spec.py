@@ -3,7 +3,7 @@
 Two stages keep errors early: :meth:`InterventionSpec.from_model_args` checks names, values and combinations
 without touching the model; :meth:`InterventionSpec.resolve` checks layer and head ranges against the model's
 config (read before the weights load) and fills family presets. The resolved :class:`Intervention` is what the
-attention function runs and what every result records, with its :attr:`Intervention.hash`.
+attention function runs; every result records it with :func:`spec_hash`, a hash of it and the statistics settings.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from lmms_lostattn.metrics import COMBINES
 
 PRIOR_MODES = ("vision_attention", "complexity")  # the released code's image priors (lmms_lostattn.priors)
 ATTN_MODES = (
@@ -38,8 +40,9 @@ SCALES = ("none", "scores")
 DRAWS = ("per_head", "shared")
 HEAD_SCORES = ("pooled", "sides")
 PRESETS = ("paper",)
-STATS = ("none", "paper", "all")
+STATS = ("none", "paper", "released", "all")
 STATS_GROUPS = ("all", "image", "text")
+STATS_REFERENCES = ("module", "layer")
 
 # Which optional arguments each mode reads; giving any other one is an error (it would be silently ignored).
 _EDITS = frozenset(  # what every attention-weight mode reads
@@ -228,14 +231,33 @@ class Intervention:
 
 @dataclass(frozen=True)
 class StatsConfig:
-    """Which residual statistics to compute (see SPEC §3)."""
+    """Which residual statistics to compute (see SPEC §3). ``reference``: what the FFN update's RID is measured
+    against (``module``: the FFN's own input; ``layer``: the layer's input); ``combine``: how ΔD joins its two
+    residual ratios (``mean``, ``l2``, ``sum``)."""
 
     kind: str = "none"
     groups: tuple[str, ...] = ("all",)
     max_tokens: int = 1024
+    reference: str = "module"
+    combine: str = "mean"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"stats": self.kind, "stats_groups": list(self.groups), "stats_max_tokens": self.max_tokens}
+        return {
+            "stats": self.kind,
+            "stats_groups": list(self.groups),
+            "stats_max_tokens": self.max_tokens,
+            "stats_reference": self.reference,
+            "stats_combine": self.combine,
+        }
+
+
+def spec_hash(intervention: Intervention, stats: StatsConfig) -> str:
+    """Stable 12-hex-digit hash of every choice a run's numbers depend on: the resolved intervention and the
+    statistics settings (independent of dict order and Python version)."""
+    canonical = json.dumps(
+        {"intervention": intervention.to_dict(), "stats": stats.to_dict()}, sort_keys=True, separators=(",", ":")
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()[:12]
 
 
 @dataclass(frozen=True)
@@ -288,6 +310,8 @@ class InterventionSpec:
         "stats",
         "stats_groups",
         "stats_max_tokens",
+        "stats_reference",
+        "stats_combine",
     )
 
     @classmethod
@@ -437,6 +461,12 @@ def _parse_stats(given: Mapping[str, object]) -> StatsConfig:
     max_tokens = _number("stats_max_tokens", given.get("stats_max_tokens", 1024), int, "an integer >= 2")
     if max_tokens < 2:
         raise _fail("stats_max_tokens", max_tokens, "an integer >= 2")
-    if kind == "none" and ("stats_groups" in given or "stats_max_tokens" in given):
-        raise SpecError("lostattn: stats_groups/stats_max_tokens have no effect with stats=none; set stats=paper|all")
-    return StatsConfig(kind=kind, groups=groups, max_tokens=max_tokens)
+    options = ("stats_groups", "stats_max_tokens", "stats_reference", "stats_combine")
+    if kind == "none" and any(name in given for name in options):
+        raise SpecError(f"lostattn: {'/'.join(options)} have no effect with stats=none; set stats=paper|released|all")
+    released = kind == "released"  # the authors' released building blocks: the layer's input, l2
+    reference = _choice(
+        "stats_reference", given.get("stats_reference", "layer" if released else "module"), STATS_REFERENCES
+    )
+    combine = _choice("stats_combine", given.get("stats_combine", "l2" if released else "mean"), COMBINES)
+    return StatsConfig(kind=kind, groups=groups, max_tokens=max_tokens, reference=reference, combine=combine)

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from lmms_lostattn.metrics import Decomposition, NonFiniteError, decompose, select_tokens, update_stats
+from lmms_lostattn.metrics import Decomposition, NonFiniteError, decompose, innovation, select_tokens, update_stats
 from lmms_lostattn.scope import PromptState
 from lmms_lostattn.spec import StatsConfig
 
@@ -77,11 +77,13 @@ class StatsCollector:
         after_ffn = _decompose_stream(out, "after the FFN update of", layer, key)
         if layer < self.num_layers - 1:
             self._carry[key] = (layer, out, after_ffn)
-        kind = self.config.kind
-        return {
-            "attn": update_stats(before, after_attn, kind=kind),
-            "ffn": update_stats(after_attn, after_ffn, kind=kind),
-        }
+        config = self.config
+        kind = "all" if config.kind == "all" else "paper"  # stats=released: the paper's metrics, other definitions
+        ffn_reference = before if config.reference == "layer" else None
+        ffn = update_stats(after_attn, after_ffn, kind=kind, combine=config.combine, reference=ffn_reference)
+        if kind == "all":  # the FFN against the layer's input too, from the decompositions already made
+            ffn["rid_layer"], _, ffn["delta_d_layer"] = innovation(before, after_ffn, combine=config.combine)
+        return {"attn": update_stats(before, after_attn, kind=kind, combine=config.combine), "ffn": ffn}
 
     def _empty(self) -> dict[str, Any]:
         values = {module: {group: {} for group in self.config.groups} for module in MODULES}
@@ -105,6 +107,26 @@ def _decompose_stream(stream: torch.Tensor, where: str, layer: int, key: tuple[i
             f"batch, {group} tokens: {error}), so RID/MixIG are undefined there. The model's own forward pass "
             "overflowed or produced NaN: run it in bfloat16 or float32 (the base wrapper's dtype argument)."
         ) from error
+
+
+def table_row(metric: str, module: str, reference: str = "module", combine: str = "mean") -> str:
+    """The table row of one module's metric, ``lostattn_{metric}_{module}``, named by what its definition changes
+    from the paper's: ``_layer`` (the FFN's RID against the layer's input) and ``_l2`` / ``_sum`` (ΔD's combination)
+    follow ``rid``; MixIG has one definition."""
+    name = f"lostattn_{metric}_{module}"
+    if metric == "rid":
+        name += "_layer" if module == "ffn" and reference == "layer" else ""
+        name += "" if combine == "mean" else f"_{combine}"
+    return name
+
+
+def table_rows(config: StatsConfig) -> dict[tuple[str, str], str]:
+    """``(metric, module) -> row name`` of the table rows under ``config``."""
+    return {
+        (metric, module): table_row(metric, module, config.reference, config.combine)
+        for metric in TABLE_METRICS
+        for module in MODULES
+    }
 
 
 def table_group(config: StatsConfig) -> str:

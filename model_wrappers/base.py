@@ -19,7 +19,7 @@ from transformers import AutoConfig, AutoImageProcessor
 from lmms_lostattn.adapters import adapter_for
 from lmms_lostattn.model_wrappers.reporting import Run, begin_run
 from lmms_lostattn.scope import intervene
-from lmms_lostattn.spec import InterventionSpec
+from lmms_lostattn.spec import InterventionSpec, spec_hash
 from lmms_lostattn.stats import StatsCollector
 from lmms_lostattn.upstream import internal, require_tested_versions
 
@@ -100,8 +100,8 @@ class LostAttnMixin:
         self._run = Run(model=str(pretrained), intervention=self.intervention, stats=self.stats_config)
         begin_run(self._run)
         logger.info(
-            f"lostattn: intervention {self.intervention.hash} {self.intervention.to_dict()}, "
-            f"stats={self.stats_config.kind}"
+            f"lostattn: spec {spec_hash(self.intervention, self.stats_config)}: intervention "
+            f"{self.intervention.to_dict()}, statistics {self.stats_config.to_dict()}"
         )
 
     def generate_until(self, requests: list[Instance]) -> list[Any]:

@@ -11,7 +11,8 @@ inert unless a lostattn model registered a :class:`Run`:
   dict) out of the table into a sidecar ``<date>_lostattn.json`` next to the results file, and records the
   intervention, its hash and the statistics settings in the results JSON under ``"lostattn"``.
 
-Rows per task: ``lostattn_{rid,mixig}_{attn,ffn}`` (mean over samples of each sample's layer mean) and
+Rows per task: ``lostattn_{rid,mixig}_{attn,ffn}`` (mean over samples of each sample's layer mean; RID rows named
+by their definition where it is not the paper's, see :func:`lmms_lostattn.stats.table_row`) and
 ``lostattn_samples`` (documents with statistics; fewer than the task's when ``--use_cache`` answered some).
 """
 
@@ -31,13 +32,12 @@ from lmms_eval.loggers.evaluation_tracker import EvaluationTracker
 from loguru import logger
 
 from lmms_lostattn.metrics import RANK_EPS
-from lmms_lostattn.spec import Intervention, StatsConfig
-from lmms_lostattn.stats import MODULES, TABLE_METRICS, aggregate, layer_mean, mean_records, table_group
+from lmms_lostattn.spec import Intervention, StatsConfig, spec_hash
+from lmms_lostattn.stats import aggregate, layer_mean, mean_records, table_group, table_rows
 from lmms_lostattn.upstream import internal
 
 LAYERS_METRIC = "lostattn_layers"
 SAMPLES_METRIC = "lostattn_samples"
-TABLE_ROWS = tuple(f"lostattn_{metric}_{module}" for metric in TABLE_METRICS for module in MODULES)
 
 
 @dataclass
@@ -61,7 +61,7 @@ class Run:
         }
         return {
             "model": self.model,
-            "spec_hash": self.intervention.hash,
+            "spec_hash": spec_hash(self.intervention, self.stats),
             "intervention": self.intervention.to_dict(),
             "stats": settings,
             "versions": {name: version(name) for name in ("lmms-lostattn", "lmms_eval", "torch", "transformers")},
@@ -84,11 +84,7 @@ def document_metrics(records: list[dict[str, Any]], stats: StatsConfig) -> dict[
         return {SAMPLES_METRIC: 0}
     record = mean_records(records)
     group = table_group(stats)
-    values = {
-        f"lostattn_{metric}_{module}": layer_mean(record, module, group, metric)
-        for metric in TABLE_METRICS
-        for module in MODULES
-    }
+    values = {row: layer_mean(record, module, group, metric) for (metric, module), row in table_rows(stats).items()}
     return {**{k: v for k, v in values.items() if v is not None}, SAMPLES_METRIC: 1, LAYERS_METRIC: record}
 
 
@@ -96,7 +92,7 @@ def _aggregate_layers(items: list[dict[str, Any]]) -> dict[str, Any]:
     return {"samples": len(items), "per_layer": aggregate(items)}
 
 
-_AGGREGATIONS = {**dict.fromkeys(TABLE_ROWS, mean), SAMPLES_METRIC: sum, LAYERS_METRIC: _aggregate_layers}
+_AGGREGATIONS = {SAMPLES_METRIC: sum, LAYERS_METRIC: _aggregate_layers}  # the table rows: mean
 
 
 def _process_document_results(original: Any, item: tuple, *, task: Any, **kwargs: Any) -> Any:
@@ -107,7 +103,7 @@ def _process_document_results(original: Any, item: tuple, *, task: Any, **kwargs
     metrics = document_metrics(_RUN.records.get((requests[0].task_name, doc_id), []), _RUN.stats)
     aggregations = task.aggregation()
     for name in metrics:
-        aggregations.setdefault(name, _AGGREGATIONS[name])
+        aggregations.setdefault(name, _AGGREGATIONS.get(name, mean))
     processed.metrics.update(metrics)
     if processed.logged_sample is not None:
         processed.logged_sample.update(metrics)

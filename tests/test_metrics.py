@@ -57,7 +57,7 @@ def _np_erank(x: np.ndarray) -> float:
     return float(np.exp(-np.sum(p * np.log(p))))
 
 
-def _np_delta_d(x: np.ndarray, x_new: np.ndarray) -> float:
+def _np_delta_d(x: np.ndarray, x_new: np.ndarray, combine: str = "mean") -> float:
     u, s, vt = np.linalg.svd(x, full_matrices=True)
     tol = max(x.shape) * np.finfo(np.float32).eps * s[0]
     r = int(np.sum(s > tol))
@@ -65,7 +65,8 @@ def _np_delta_d(x: np.ndarray, x_new: np.ndarray) -> float:
     p_r = vt[:r].T @ vt[:r]
     res_c = np.linalg.norm((np.eye(x.shape[0]) - p_c) @ x_new)
     res_r = np.linalg.norm(x_new @ (np.eye(x.shape[1]) - p_r))
-    return float((res_c + res_r) / (2 * np.linalg.norm(x_new)))
+    r_c, r_r = res_c / np.linalg.norm(x_new), res_r / np.linalg.norm(x_new)
+    return float({"mean": (r_c + r_r) / 2, "l2": np.sqrt(r_c**2 + r_r**2), "sum": r_c + r_r}[combine])
 
 
 def _np_tme(x: np.ndarray, alpha: float, agg: str) -> float:
@@ -79,11 +80,13 @@ def _np_tme(x: np.ndarray, alpha: float, agg: str) -> float:
     return float(entropies[-1] if agg == "last" else np.mean(entropies))
 
 
-def _np_all(x: np.ndarray, dx: np.ndarray) -> dict[str, float]:
+def _np_all(x: np.ndarray, dx: np.ndarray, combine: str = "mean", reference: np.ndarray | None = None) -> dict:
+    """Every ``kind="all"`` statistic; RID, ΔS and ΔD against ``reference`` (default x), MixIG from x."""
     x_new = x + dx
-    e_x, e_new = _np_erank(x), _np_erank(x_new)
+    ref = x if reference is None else reference
+    e_x, e_new = _np_erank(ref), _np_erank(x_new)
     d_s = abs(e_new - e_x) / min(x.shape)
-    d_d = _np_delta_d(x, x_new)
+    d_d = _np_delta_d(ref, x_new, combine)
     return {
         "rid": d_s + d_d,
         "mixig": _np_tme(x_new, 8.0, "last") - _np_tme(x, 8.0, "last"),
@@ -92,6 +95,7 @@ def _np_all(x: np.ndarray, dx: np.ndarray) -> dict[str, float]:
         "delta_d": d_d,
         "erank_x": e_x,
         "erank_x_new": e_new,
+        "tme_update": _np_tme(dx, 8.0, "last"),
     }
 
 
@@ -304,6 +308,62 @@ def test_delta_d_update_orthogonal_to_both_spaces_closed_form() -> None:
     assert delta_d(torch.zeros_like(x), dx) == pytest.approx(1.0, abs=1e-12)
     # ||X'|| = 0: defined as 0.
     assert delta_d(x, torch.zeros_like(x)) == 0.0
+
+
+@pytest.mark.parametrize("combine", ["mean", "l2", "sum"])
+@pytest.mark.parametrize("case", ["tall", "wide_rank_deficient"])
+def test_combine_and_reference_match_numpy(case: str, combine: str) -> None:
+    """Each ΔD combination, with the update measured against its own input and against an earlier stream (the
+    layer's input for the FFN), against the float64 NumPy reference."""
+    shape, rank = REFERENCE_CASES[case]
+    x_in = _rand(shape, 5, rank=rank)
+    x = x_in + 0.2 * _rand(shape, 6)
+    dx = 0.3 * _rand(shape, 7)
+    for reference in (None, x_in):
+        got = update_stats(
+            decompose(x),
+            decompose(x + dx),
+            kind="all",
+            combine=combine,
+            reference=None if reference is None else decompose(reference),
+        )
+        want = _np_all(x.numpy(), dx.numpy(), combine, None if reference is None else reference.numpy())
+        for key, value in want.items():
+            assert got[key] == pytest.approx(value, abs=1e-9 * max(1.0, abs(value))), (key, combine, reference is None)
+    assert delta_d(x, x + dx, combine=combine) == pytest.approx(_np_delta_d(x.numpy(), (x + dx).numpy(), combine))
+    assert rid(x, x + dx, combine=combine) == pytest.approx(_np_all(x.numpy(), dx.numpy(), combine)["rid"])
+
+
+def test_combinations_of_an_update_orthogonal_to_both_spaces() -> None:
+    """Both residual ratios are r = ||dX|| / sqrt(||X||² + ||dX||²): mean r, l2 √2·r, sum 2r; one ratio only
+    (an update in X's token space, outside its feature space): mean r/2, l2 r, sum r."""
+    x = torch.zeros(9, 11, dtype=torch.float64)
+    x[:4, :5] = _rand((4, 5), 40)
+    dx = torch.zeros_like(x)
+    dx[4:, 5:] = _rand((5, 6), 41)
+    r = float(dx.norm()) / math.sqrt(float(x.norm()) ** 2 + float(dx.norm()) ** 2)
+    for combine, factor in (("mean", 1.0), ("l2", math.sqrt(2.0)), ("sum", 2.0)):
+        assert delta_d(x, x + dx, combine=combine) == pytest.approx(factor * r, abs=1e-12)
+    dx_rows = torch.zeros_like(x)
+    dx_rows[:4, 5:] = _rand((4, 6), 42)
+    r = float(dx_rows.norm()) / math.sqrt(float(x.norm()) ** 2 + float(dx_rows.norm()) ** 2)
+    for combine, factor in (("mean", 0.5), ("l2", 1.0), ("sum", 1.0)):
+        assert delta_d(x, x + dx_rows, combine=combine) == pytest.approx(factor * r, abs=1e-12)
+    with pytest.raises(ValueError, match=r"combine must be one of \('mean', 'l2', 'sum'\); got 'max'"):
+        delta_d(x, x + dx, combine="max")
+
+
+def test_a_zero_ffn_update_gives_the_attention_rid_against_the_layer_input() -> None:
+    """Layer reference: the FFN's RID is that of the layer's input -> the stream after the FFN; with a zero FFN
+    update that stream is the one after attention, so the FFN's RID equals the attention's."""
+    x_in = _rand((20, 12), 60)
+    mid = x_in + 0.4 * _rand((20, 12), 61)
+    attention = update_stats(decompose(x_in), decompose(mid), kind="all")
+    ffn = update_stats(decompose(mid), decompose(mid.clone()), kind="all", reference=decompose(x_in))
+    assert ffn["rid"] == pytest.approx(attention["rid"], abs=1e-12)
+    assert ffn["delta_d"] == pytest.approx(attention["delta_d"], abs=1e-12)
+    assert ffn["mixig"] == 0.0  # MixIG stays the module's own: TME(X') - TME(X) with X' = X
+    assert update_stats(decompose(mid), decompose(mid.clone()))["rid"] == pytest.approx(0.0, abs=1e-12)
 
 
 def test_delta_d_rtol_override() -> None:

@@ -12,8 +12,10 @@ from lmms_lostattn.spec import (
     HeadSelection,
     InterventionSpec,
     SpecError,
+    StatsConfig,
     parse_heads,
     parse_layers,
+    spec_hash,
 )
 
 
@@ -92,6 +94,9 @@ def test_parse_heads() -> None:
         ({"stats": "paper", "stats_groups": "all,video"}, r"stats_groups"),
         ({"stats": "paper", "stats_max_tokens": 1}, r"stats_max_tokens"),
         ({"stats_max_tokens": 64}, r"no effect with stats=none"),
+        ({"stats_reference": "layer"}, r"stats_reference.*no effect with stats=none"),
+        ({"stats": "paper", "stats_reference": "input"}, r"stats_reference='input'.*module \| layer"),
+        ({"stats": "paper", "stats_combine": "max"}, r"stats_combine='max'.*mean \| l2 \| sum"),
     ],
 )
 def test_bad_arguments_name_the_argument(args: dict[str, object], message: str) -> None:
@@ -207,6 +212,29 @@ def test_hash_is_stable_and_tracks_every_choice() -> None:
     assert len({first.hash, *(v.resolve(4, 4).hash for v in variants)}) == 9
     # A known value pins the canonical form: changing it silently would orphan earlier results.
     assert spec(attn="none").resolve(4, 4).hash == spec().resolve(32, 32).hash
+
+
+def test_stats_definitions_default_per_kind_and_enter_the_spec_hash() -> None:
+    def stats(**args: object) -> StatsConfig:
+        return spec(**args).stats
+
+    assert (stats(stats="paper").reference, stats(stats="paper").combine) == ("module", "mean")
+    assert (stats(stats="released").reference, stats(stats="released").combine) == ("layer", "l2")
+    assert stats(stats="released", stats_combine="sum").combine == "sum"  # explicit arguments override
+    assert stats(stats="all", stats_reference="layer").reference == "layer"
+    intervention = spec(attn="gaussian").resolve(4, 4)
+    hashes = {
+        spec_hash(intervention, config)
+        for config in (
+            stats(stats="paper"),
+            stats(stats="released"),
+            stats(stats="paper", stats_combine="l2"),
+            stats(stats="paper", stats_reference="layer"),
+            StatsConfig(),
+        )
+    }
+    assert len(hashes) == 5
+    assert spec_hash(intervention, stats(stats="paper")) == spec_hash(intervention, stats(stats="PAPER"))
 
 
 def _config(model_type: str):

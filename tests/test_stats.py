@@ -12,7 +12,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from lmms_lostattn import stats as stats_module
 from lmms_lostattn.adapters import adapter_for
-from lmms_lostattn.metrics import decompose, module_stats
+from lmms_lostattn.metrics import decompose, mixig, module_stats, rid
 from lmms_lostattn.scope import PromptState, intervene
 from lmms_lostattn.spec import InterventionSpec, StatsConfig
 from lmms_lostattn.stats import StatsCollector, aggregate, layer_mean, mean_records
@@ -117,8 +117,32 @@ def test_collector_measures_each_sample_on_its_own_tokens(model, batch, kind: st
     assert set(records[0]["values"]["attn"]["all"]) == (
         {"rid", "mixig"}
         if kind == "paper"
-        else {"rid", "mixig", "mixig_mean", "delta_s", "delta_d", "erank_x", "erank_x_new"}
+        else {"rid", "mixig", "mixig_mean", "delta_s", "delta_d", "erank_x", "erank_x_new", "tme_update"}
     )
+    if kind == "all":  # and the FFN against the layer's input
+        assert set(records[0]["values"]["ffn"]["all"]) - set(records[0]["values"]["attn"]["all"]) == {
+            "rid_layer",
+            "delta_d_layer",
+        }
+
+
+def test_released_measures_the_ffn_against_the_layer_input(model, batch) -> None:
+    """``stats=released``: the FFN's RID (ΔD as l2) is that of the layer's input X -> the stream after the FFN;
+    the attention's RID uses l2 too; MixIG stays each module's own; checked against the single functions."""
+    config = StatsConfig(kind="released", reference="layer", combine="l2")
+    collector = StatsCollector(config, num_layers=4)
+    with torch.no_grad(), intervene(model, resolve(model), adapter_for(model.config), on_layer=collector):
+        model(**batch)
+    records = collector.take()
+    for sample, rec in enumerate(records):
+        for layer, x, d_attn, d_ffn, first_real in record(model, batch):
+            rows = torch.arange(int(first_real[sample]), x.shape[1])
+            x_in, mid = x[sample, rows], (x + d_attn)[sample, rows]
+            out = mid + d_ffn[sample, rows]
+            values = rec["values"]
+            assert values["attn"]["all"]["rid"][layer] == pytest.approx(rid(x_in, mid, combine="l2"), rel=1e-5)
+            assert values["ffn"]["all"]["rid"][layer] == pytest.approx(rid(x_in, out, combine="l2"), rel=1e-5)
+            assert values["ffn"]["all"]["mixig"][layer] == pytest.approx(mixig(mid, out), rel=1e-5, abs=1e-7)
 
 
 def test_batch_of_two_measures_like_two_batches_of_one(model, batch) -> None:

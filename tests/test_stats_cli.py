@@ -159,3 +159,28 @@ def test_cached_answers_are_counted_not_crashed_on(tiny_llava: pathlib.Path, tmp
     assert "lostattn_rid_attn,none" not in second
     assert second["pope_accuracy,none"] == first["pope_accuracy,none"]
     shutil.rmtree(cache, ignore_errors=True)
+
+
+def test_released_definitions_name_their_rows(tiny_llava: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    """``stats=released`` (the FFN's RID against the layer's input, ΔD as l2) and ``stats=all`` with the module
+    reference through the command line: the RID rows say which definition they report, MixIG rows keep their name,
+    the choices are in the results JSON and its spec hash, and the sidecar has the FFN's layer-referenced RID."""
+    hashes = {}
+    for kind in ("released", "all"):
+        out = tmp_path / kind
+        run_cli("--model", "lostattn_llava", "--model_args", model_args(tiny_llava, stats=kind), "--tasks", TASKS[0],
+                output=out, limit=2)
+        results = results_of(out)
+        metrics, settings = results["results"][TASKS[0]], results["lostattn"]["stats"]
+        rid_rows = ("lostattn_rid_attn_l2", "lostattn_rid_ffn_layer_l2") if kind == "released" else ROWS[:2]
+        for row in (*rid_rows, "lostattn_mixig_attn", "lostattn_mixig_ffn"):
+            assert math.isfinite(metrics[f"{row},none"]), (kind, row)
+        assert (settings["stats_reference"], settings["stats_combine"]) == (
+            ("layer", "l2") if kind == "released" else ("module", "mean")
+        )
+        hashes[kind] = results["lostattn"]["spec_hash"]
+        if kind == "all":
+            (sidecar,) = out.rglob("*_lostattn.json")
+            ffn = json.loads(sidecar.read_text())["tasks"][TASKS[0]]["per_layer"]["ffn"]["all"]
+            assert {"rid_layer", "delta_d_layer", "tme_update"} <= set(ffn)
+    assert hashes["released"] != hashes["all"]
