@@ -6,6 +6,9 @@
 * ``lostattn demo``: the README's main job: lmms-eval on the shipped trained model (shapes-llava) and the local tasks,
   learned attention vs. Gaussian, uniform and knocked-out attention over image tokens, with RID/MixIG; a comparison
   table, the report and the leaderboard.
+* ``lostattn reproduce --model M --model_args ... --tasks T [--seeds 0,1,2] [-o DIR]``: the paper's Table 1 (both
+  RID references) and Table 2 (vanilla against SAP over seeds, paired tests) through lmms-eval; finished runs are
+  kept, interrupted ones redone.
 * ``lostattn doctor``: the installed versions against the tested ranges, every contact point with an upstream
   internal, and a tiny model through prefill and cached decoding with edits and statistics; exit 0 when supported.
 * ``lostattn shapes-llava-path``: the directory of the shipped trained model (``pretrained=`` of lmms-eval).
@@ -18,9 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
-import subprocess
 import sys
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -47,19 +48,17 @@ DEMO_ROWS = (
 
 
 def _run_lmms_eval(model_args: str, tasks: Sequence[str], limit: int | None, output: pathlib.Path) -> dict:
-    """One lmms-eval run in a subprocess (its progress and table go to the terminal); returns its results JSON."""
+    """One demo run of ``lostattn_llava`` (4 new tokens, the shipped tasks); returns its results."""
+    from lmms_lostattn.runs import RunError, run_lmms_eval
     from lmms_lostattn.tasks import tasks_path
 
-    command = [sys.executable, "-m", "lmms_eval", "--model", "lostattn_llava", "--model_args", model_args,
-               "--tasks", ",".join(tasks), "--include_path", str(tasks_path()), "--gen_kwargs", "max_new_tokens=4",
-               "--output_path", str(output), *(["--limit", str(limit)] if limit else [])]
-    print("$ " + " ".join(command), flush=True)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    subprocess.run(command, env=env, check=True, cwd=output)
-    found = sorted(output.rglob("*_results.json"))
-    if not found:  # lmms-eval exits 0 even when the evaluation raised
-        raise SystemExit(f"lostattn demo: lmms-eval wrote no results under {output}; see its log above")
-    return json.loads(found[-1].read_text())["results"]
+    extra = ["--include_path", str(tasks_path()), "--gen_kwargs", "max_new_tokens=4"]
+    extra += ["--limit", str(limit)] if limit else []
+    try:
+        found = run_lmms_eval("lostattn_llava", model_args, tasks, output, *extra)
+    except RunError as error:
+        raise SystemExit(f"lostattn demo: {error}") from error
+    return json.loads(found.read_text())["results"]
 
 
 def demo(output: pathlib.Path, limit: int | None) -> None:
@@ -163,6 +162,28 @@ def check(path: pathlib.Path, baseline: pathlib.Path, max_drop: float, metrics: 
     return 1 if failures else 0
 
 
+def reproduce(args: argparse.Namespace) -> int:
+    """``lostattn reproduce``: check everything, run what is not done, write and print the two tables and the
+    per-layer plots; exit 2 on unusable input, before any run."""
+    from lmms_lostattn.model_wrappers.reproduce import ReproduceError, make_plan, parse_seeds, run_plan, tables
+
+    extra = ["--limit", str(args.limit)] if args.limit else []
+    extra += ["--gen_kwargs", args.gen_kwargs] if args.gen_kwargs else []
+    tasks = [task.strip() for task in args.tasks.split(",") if task.strip()]
+    try:
+        seeds = parse_seeds(args.seeds)
+        plan = make_plan(args.model, args.model_args, tasks, seeds, args.sap_args, args.include_path, extra)
+        folders = run_plan(plan, args.output)
+        files = tables(folders)
+    except ReproduceError as error:
+        print(f"lostattn reproduce: {error}", file=sys.stderr)
+        return 2
+    _write({args.output / name: content for name, content in files.items()}, force=True)
+    print("\n" + files["table1.md"] + "\n" + files["table2.md"])
+    report(list(folders.values()), args.output / "report", force=True)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="lostattn", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -172,6 +193,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     build.add_argument("--variant", default="llava", help=" | ".join(FAMILY_VARIANTS))
     commands.add_parser("shapes-llava-path", help="print the directory of the shipped trained model")
     commands.add_parser("doctor", help="check this environment: versions, upstream internals, a tiny model end to end")
+    repro = commands.add_parser("reproduce", help="the paper's Tables 1 and 2 for a model and tasks, via lmms-eval")
+    repro.add_argument("--model", required=True, help="a lostattn model id, e.g. lostattn_qwen2_5_vl")
+    repro.add_argument("--model_args", required=True, help="the base wrapper's arguments, with pretrained=")
+    repro.add_argument("--tasks", required=True, help="lmms-eval tasks, comma-separated")
+    repro.add_argument("--seeds", default="0,1,2", help="seeds of the SAP runs (default 0,1,2)")
+    repro.add_argument("--sap-args", default="", help="attention arguments added to the SAP runs (attn_layers=1:)")
+    repro.add_argument("--include_path", default=None, help="lmms-eval --include_path for local tasks")
+    repro.add_argument("--limit", type=int, default=None, help="documents per task and run")
+    repro.add_argument("--gen_kwargs", default=None, help="lmms-eval --gen_kwargs")
+    repro.add_argument("-o", "--output", type=pathlib.Path, default=pathlib.Path("lostattn-reproduce"))
     run = commands.add_parser("demo", help="learned vs. edited attention on the shipped trained model, with RID/MixIG")
     run.add_argument("--output", type=pathlib.Path, default=None, help="where lmms-eval writes (default: a temp dir)")
     run.add_argument("--limit", type=int, default=None, help="documents per task and run (default: all)")
@@ -211,6 +242,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         from lmms_lostattn.shapes_llava import SHAPES_LLAVA_DIR
 
         print(SHAPES_LLAVA_DIR)
+    elif args.command == "reproduce":
+        sys.exit(reproduce(args))
     elif args.command == "doctor":
         from lmms_lostattn.doctor import doctor
         from lmms_lostattn.model_wrappers.contacts import CONTACT_POINTS

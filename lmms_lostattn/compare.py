@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -260,3 +261,72 @@ def check(base: Run, run: Run, max_drop: float, metrics: Sequence[str] = ()) -> 
                 f"(drop {drop:+.4f}, bound {max_drop}, {diff.test} p={diff.p:.4g})")
         lines.append(("FAILED" if drop > max_drop and diff.significant else "ok", line))
     return lines
+
+
+# --- lostattn reproduce: the paper's two tables ----------------------------------------------------------------
+
+# The paper's Table 1: module averages over 15 models (RID, MixIG).
+PAPER_TABLE1 = {"attention": (0.06, 0.61), "FFN": (0.21, 0.02), "Noise Δ": (0.61, -0.80), "Noise QKV": (0.44, -0.50)}
+
+
+def _sidecar_cell(run: Run, task: str, module: str, metric: str) -> Cell:
+    """A layer-averaged statistic from the sidecar (for values that have no table row, e.g. ``rid_layer``)."""
+    group = run.block.get("stats", {}).get("table_group") or "all"
+    overall = (((run.sidecar or {}).get("tasks", {}).get(task, {}).get("per_layer", {}).get(module, {})
+                .get(group, {}).get(metric, {})).get("overall", {}))
+    mean, stderr = overall.get("mean"), overall.get("stderr")
+    if mean is None:
+        return Cell("—", {"": None, "stderr": None})
+    return Cell(f"{mean:.4f}" + (f" ± {stderr:.4f}" if stderr is not None else ""), {"": mean, "stderr": stderr})
+
+
+def reproduction_table1(vanilla: Run, noise_delta: Run, noise_qkv: Run) -> Table:
+    """Table 1 under both references: attention, the FFN against its own input and against the layer's input
+    (``stats=all``'s ``rid_layer``), Noise Δ and Noise QKV, with the paper's values beside."""
+    tasks = [t for t in vanilla.tasks if vanilla.metric(t, vanilla.stat_row("rid", "attn")) is not None]
+    header = ["row", "RID measured against", "run"] + [f"{t} {name}" for t in tasks for name in ("RID", "MixIG")]
+    header += ["RID (paper)", "MixIG (paper)"]
+
+    def row(label: str, against: str, run: Run, module: str, layer_reference: bool = False) -> list[Cell]:
+        cells = []
+        for task in tasks:
+            rid = (_sidecar_cell(run, task, module, "rid_layer") if layer_reference
+                   else _mean_cell(run, task, run.stat_row("rid", module)))
+            cells += [rid, _mean_cell(run, task, run.stat_row("mixig", module))]
+        paper = [_text(f"{value:.2f}") for value in PAPER_TABLE1[label]]
+        return [_text(label), _text(against), _text(run.name), *cells, *paper]
+
+    rows = [row("attention", "the layer's input (its own)", vanilla, "attn"),
+            row("FFN", "the FFN's input", vanilla, "ffn"),
+            row("FFN", "the layer's input", vanilla, "ffn", layer_reference=True),
+            row("Noise Δ", "the layer's input (its own)", noise_delta, "attn"),
+            row("Noise QKV", "the layer's input (its own)", noise_qkv, "attn")]
+    return Table(header, rows, ["mean ± stderr over samples of each sample's mean over layers; the paper's values "
+                                "are its averages over 15 models", "MixIG is TME(X') - TME(X) of the module's input"])
+
+
+def reproduction_table2(vanilla: Run, saps: Sequence[Run]) -> Table:
+    """Table 2: each task's headline metric, vanilla against the SAP runs (one per seed): mean ± sd over the seeds,
+    the mean difference, and each seed's paired test against vanilla."""
+    tasks = [t for t in vanilla.tasks if primary_metric([vanilla], t)]
+    header = ["task", "metric", "vanilla", f"SAP mean ± sd ({len(saps)} seeds)", "Δ mean", "p per seed"]
+    rows = []
+    for task in tasks:
+        metric = primary_metric([vanilla], task)
+        base = vanilla.metric(task, metric)
+        values = [v for run in saps if (v := run.metric(task, metric)) is not None]
+        mean = sum(values) / len(values) if values else None
+        sd = statistics.stdev(values) if len(values) > 1 else None
+        tests = [difference(vanilla, run, task, metric) for run in saps]
+        ps = ", ".join("—" if t.p is None else f"{t.p:.3g}" for t in tests)
+        rows.append([
+            _text(task), _text(metric), Cell("—" if base is None else f"{base:.4f}", {"": base}),
+            Cell("—" if mean is None else f"{mean:.4f}" + (f" ± {sd:.4f}" if sd is not None else ""),
+                 {"": mean, "sd": sd}),
+            Cell("—" if mean is None or base is None else f"{mean - base:+.4f}",
+                 {"": None if mean is None or base is None else mean - base}),
+            Cell(ps, {"": ps}),
+        ])
+    notes = [f"paired test per seed: exact McNemar for 0/1 per-sample scores, else paired bootstrap "
+             f"({BOOTSTRAP_ITERATIONS} resamples); p < {ALPHA} is significant"]
+    return Table(header, rows, notes)

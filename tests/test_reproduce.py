@@ -1,0 +1,133 @@
+"""``lostattn reproduce``: bad input fails before any run; shapes-llava end to end on CPU, then again with nothing
+re-run, then an interrupted run redone alone."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import pytest
+
+from lmms_lostattn.__main__ import main
+from lmms_lostattn.runs import OFFLINE
+from lmms_lostattn.shapes_llava import SHAPES_LLAVA_DIR
+from lmms_lostattn.tasks import tasks_path
+
+BASE = f"pretrained={SHAPES_LLAVA_DIR},device=cpu,device_map=cpu,dtype=float32"
+RUNS = ("vanilla", "noise_delta", "noise_qkv", "sap_seed0", "sap_seed1")
+
+
+def _argv(
+    output: pathlib.Path,
+    model: str = "lostattn_llava",
+    model_args: str = BASE,
+    tasks: str = "lostattn_pope",
+    seeds: str = "0,1",
+) -> list[str]:
+    return [
+        "reproduce",
+        "--model",
+        model,
+        "--model_args",
+        model_args,
+        "--tasks",
+        tasks,
+        "--seeds",
+        seeds,
+        "--include_path",
+        str(tasks_path()),
+        "--sap-args",
+        "attn_layers=1:",
+        "--limit",
+        "4",
+        "--gen_kwargs",
+        "max_new_tokens=4",
+        "-o",
+        str(output),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"model": "llava_hf"}, r"--model 'llava_hf' is not a lostattn model; accepted: .*lostattn_llava"),
+        ({"seeds": "0,one"}, r"--seeds '0,one': expected integers"),
+        ({"tasks": "lostattn_pope,no_such_task"}, r"--tasks: lmms-eval knows no task no_such_task"),
+        ({"model_args": f"{BASE},attn=uniform"}, r"--model_args sets attn, which the runs set themselves"),
+    ],
+)
+def test_bad_input_fails_before_any_run(tmp_path, capsys, change: dict, message: str) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(_argv(tmp_path / "out", **change))
+    assert exit_info.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_preset_that_does_not_fit_the_model_fails_before_any_run(tmp_path, capsys) -> None:
+    argv = _argv(tmp_path / "out")
+    argv[argv.index("--sap-args") + 1] = ""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2 and "layers 18-23" in capsys.readouterr().err
+
+
+def _reproduce(output: pathlib.Path) -> str:
+    argv = _argv(output, tasks="lostattn_pope,lostattn_shapes_color")
+    done = subprocess.run(
+        [sys.executable, "-m", "lmms_lostattn", *argv],
+        env={**os.environ, **OFFLINE},
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=output.parent,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+def _results(output: pathlib.Path, run: str) -> pathlib.Path:
+    (found,) = (output / run).rglob("*_results.json")
+    return found
+
+
+@pytest.mark.cli
+def test_shapes_llava_end_to_end_then_nothing_re_run(tmp_path) -> None:
+    output = tmp_path / "out"
+    _reproduce(output)
+    rows = list(csv.DictReader((output / "table1.csv").open()))
+    assert [(row["row"], row["RID measured against"]) for row in rows] == [
+        ("attention", "the layer's input (its own)"),
+        ("FFN", "the FFN's input"),
+        ("FFN", "the layer's input"),
+        ("Noise Δ", "the layer's input (its own)"),
+        ("Noise QKV", "the layer's input (its own)"),
+    ]
+    vanilla = json.loads(_results(output, "vanilla").read_text())["results"]["lostattn_pope"]
+    (sidecar,) = (output / "vanilla").rglob("*_lostattn.json")
+    layer_rid = json.loads(sidecar.read_text())["tasks"]["lostattn_pope"]["per_layer"]["ffn"]["all"]["rid_layer"]
+    assert float(rows[0]["lostattn_pope RID"]) == pytest.approx(vanilla["lostattn_rid_attn,none"])
+    assert float(rows[1]["lostattn_pope RID"]) == pytest.approx(vanilla["lostattn_rid_ffn,none"])
+    assert float(rows[2]["lostattn_pope RID"]) == pytest.approx(layer_rid["overall"]["mean"])
+    table2 = list(csv.DictReader((output / "table2.csv").open()))
+    assert [row["task"] for row in table2] == ["lostattn_pope", "lostattn_shapes_color"]
+    saps = [json.loads(_results(output, f"sap_seed{s}").read_text()) for s in (0, 1)]
+    assert [sap["lostattn"]["intervention"]["seed"] for sap in saps] == [0, 1]
+    accuracies = [sap["results"]["lostattn_pope"]["pope_accuracy,none"] for sap in saps]
+    assert float(table2[0]["SAP mean ± sd (2 seeds)"]) == pytest.approx(sum(accuracies) / 2)
+    assert (output / "report" / "layers_lostattn_pope.png").is_file()
+
+    written = {run: _results(output, run).stat().st_mtime_ns for run in RUNS}
+    again = _reproduce(output)
+    assert all(f"{run} is done" in again for run in RUNS)
+    assert {run: _results(output, run).stat().st_mtime_ns for run in RUNS} == written
+
+    _results(output, "noise_qkv").unlink()  # as if that run had been interrupted
+    third = _reproduce(output)
+    assert "noise_qkv is done" not in third and all(f"{run} is done" in third for run in RUNS if run != "noise_qkv")
+    assert _results(output, "noise_qkv").is_file()
