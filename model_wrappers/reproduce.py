@@ -21,9 +21,17 @@ import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from transformers import AutoConfig
+
+from lmms_lostattn.adapters import adapter_for
+from lmms_lostattn.compare import csv_text, markdown, reproduction_table1, reproduction_table2
+from lmms_lostattn.model_wrappers.base import bracket_list_values
 from lmms_lostattn.runs import RESULTS_SUFFIX, RunError, load_run, run_lmms_eval
+from lmms_lostattn.spec import InterventionSpec, SpecError
+from lmms_lostattn.upstream import internal
 
 COMMAND_FILE = "command.json"
+RUN_SET = ("attn", "attn_preset", "attn_seed")  # what the SAP runs set themselves
 FIXED_RUNS = {
     "vanilla": "attn=none,stats=all",
     "noise_delta": "attn=noise_delta,attn_layers=all,stats=all",
@@ -67,9 +75,6 @@ def parse_seeds(text: str) -> tuple[int, ...]:
 
 def _arguments(text: str) -> dict[str, str]:
     """``key=value,...`` as lmms-eval splits ``--model_args`` (list values may be written plainly)."""
-    from lmms_lostattn.model_wrappers.base import bracket_list_values
-    from lmms_lostattn.upstream import internal
-
     pieces = internal("lmms_eval.utils", "_smart_comma_split")(bracket_list_values(text)) if text else []
     return dict(piece.partition("=")[::2] for piece in pieces if piece)
 
@@ -84,9 +89,6 @@ def make_plan(
     extra: Sequence[str] = (),
 ) -> Plan:
     """The runs for ``model``, after checking every input before anything runs."""
-    from lmms_lostattn.spec import InterventionSpec
-    from lmms_lostattn.upstream import internal
-
     internal("lmms_eval.models", "get_model")  # lmms-eval's registry first: it imports our manifests itself
     from lmms_lostattn.registration import get_manifests
 
@@ -102,9 +104,10 @@ def make_plan(
             f"--model_args sets {', '.join(taken)}, which the runs set themselves; give SAP options with --sap-args"
         )
     sap = _arguments(sap_args)
-    unknown = [key for key in sap if key not in InterventionSpec.ARGS or key.startswith("stats")]
+    unknown = [key for key in sap if key not in InterventionSpec.ARGS or key.startswith("stats") or key in RUN_SET]
     if unknown:
-        raise ReproduceError(f"--sap-args: {', '.join(unknown)} are not attention arguments of lostattn")
+        accepted = ", ".join(k for k in InterventionSpec.ARGS if k.startswith("attn_") and k not in RUN_SET)
+        raise ReproduceError(f"--sap-args: {', '.join(unknown)} cannot be given; accepted: {accepted}")
     _check_tasks(tasks, include_path)
     _check_preset(given, sap)
     runs = dict(FIXED_RUNS)
@@ -117,8 +120,6 @@ def make_plan(
 
 
 def _check_tasks(tasks: Sequence[str], include_path: str | None) -> None:
-    from lmms_lostattn.upstream import internal
-
     if not tasks:
         raise ReproduceError("--tasks: give at least one task")
     known = set(internal("lmms_eval.tasks", "TaskManager")(include_path=include_path).all_tasks)
@@ -131,11 +132,6 @@ def _check_tasks(tasks: Sequence[str], include_path: str | None) -> None:
 def _check_preset(given: dict[str, str], sap: dict[str, str]) -> None:
     """Resolve the SAP runs' arguments against the model's config (no weights), so a preset that does not fit the
     model fails now, not in the fourth run."""
-    from transformers import AutoConfig
-
-    from lmms_lostattn.adapters import adapter_for
-    from lmms_lostattn.spec import InterventionSpec, SpecError
-
     remote = given.get("trust_remote_code", "").lower() == "true"
     config = AutoConfig.from_pretrained(given["pretrained"], trust_remote_code=remote)
     adapter = adapter_for(config)
@@ -173,8 +169,6 @@ def run_plan(plan: Plan, output: pathlib.Path) -> dict[str, pathlib.Path]:
 
 def tables(folders: dict[str, pathlib.Path]) -> dict[str, str]:
     """``file name -> content`` of Table 1 and Table 2 (Markdown and CSV)."""
-    from lmms_lostattn.compare import csv_text, markdown, reproduction_table1, reproduction_table2
-
     try:
         runs = {name: load_run(folder) for name, folder in folders.items()}
     except RunError as error:
