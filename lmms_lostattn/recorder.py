@@ -27,16 +27,6 @@ def _tensor(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output
 
 
-def _stream_entering(layer: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
-    """The residual stream a decoder layer is called with: ``hidden_states=`` or its first positional argument."""
-    stream = kwargs.get("hidden_states", args[0] if args else None)
-    if not isinstance(stream, torch.Tensor):
-        raise upstream.drift(
-            "transformers", f"{type(layer).__name__}.forward", "the residual stream as hidden_states or first argument"
-        )
-    return stream
-
-
 @contextmanager
 def record_residuals(
     layers: nn.ModuleList, adapter: FamilyAdapter, on_layer: LayerCallback, active: Callable[[], bool]
@@ -49,7 +39,7 @@ def record_residuals(
 
             def before_layer(module: nn.Module, args: tuple, kwargs: dict, seen: dict = seen) -> None:
                 if active():
-                    seen["x"] = _stream_entering(module, args, kwargs)
+                    seen["x"] = upstream.forward_input(module, args, kwargs, "hidden_states")
 
             def after_attention(module: nn.Module, args: tuple, output: Any, seen: dict = seen) -> None:
                 if active():

@@ -556,17 +556,12 @@ def _prior_hook(
     it) and hands it to the scope; the tower's own kernel and outputs stay as they are."""
     tower, last_attention = adapter.vision_modules(model)
 
-    def tensor_in(args: tuple, kwargs: dict[str, Any], name: str) -> torch.Tensor:
-        value = kwargs.get(name, args[0] if args else None)
-        if not isinstance(value, torch.Tensor):
-            raise upstream.drift("transformers", f"{type(tower).__name__}.forward", f"its input as {name}")
-        return value
-
     if scope.intervention.mode == "vision_attention":
 
         def attention_prior(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
             with scope.recording_errors():
-                weights = priors.eager_attention_weights(module, tensor_in(args, kwargs, "hidden_states"))
+                hidden = upstream.forward_input(module, args, kwargs, "hidden_states")
+                weights = priors.eager_attention_weights(module, hidden)
                 scope.pending_priors.append(priors.vision_attention_prior(weights))
 
         return last_attention.register_forward_pre_hook(attention_prior, with_kwargs=True)
@@ -580,7 +575,7 @@ def _prior_hook(
 
     def complexity_prior(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         with scope.recording_errors():
-            pixels = tensor_in(args, kwargs, "pixel_values").float()
+            pixels = upstream.forward_input(module, args, kwargs, "pixel_values").float()
             images = pixels * std.to(pixels.device) + mean.to(pixels.device)
             grid = (pixels.shape[-2] // patch, pixels.shape[-1] // patch)
             scope.pending_priors.append(priors.complexity_prior(images, grid))

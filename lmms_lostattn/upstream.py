@@ -138,6 +138,17 @@ def forward_cache(kwargs: Mapping[str, Any]) -> Any | None:
     return cache
 
 
+def forward_input(module: Any, args: tuple, kwargs: Mapping[str, Any], name: str) -> Any:
+    """The tensor ``module``'s forward was called with as ``name=`` or as its first positional argument (what a
+    forward pre-hook with ``with_kwargs=True`` sees), or an :class:`UpstreamError` naming the module."""
+    import torch
+
+    value = kwargs[name] if name in kwargs else (args[0] if args else None)
+    if not isinstance(value, torch.Tensor):
+        raise drift("transformers", f"{type(module).__name__}.forward", f"its input as {name}= or first argument")
+    return value
+
+
 def _module_of(obj: Any) -> Any:
     return sys.modules[type(obj).__module__]
 

@@ -47,6 +47,14 @@ def test_a_missing_internal_is_named_with_the_version() -> None:
         upstream.internal("transformers.integrations.sdpa_attention", "no_such_kernel")
 
 
+def test_a_forward_input_is_found_by_name_or_position_and_else_named() -> None:
+    layer, stream = torch.nn.Linear(2, 2), torch.ones(1, 2)
+    assert upstream.forward_input(layer, (), {"hidden_states": stream}, "hidden_states") is stream
+    assert upstream.forward_input(layer, (stream,), {}, "hidden_states") is stream
+    with pytest.raises(UpstreamError, match=r"Linear\.forward \(transformers 5\..*its input as hidden_states="):
+        upstream.forward_input(layer, (), {"x": stream}, "hidden_states")
+
+
 def test_the_cache_is_found_under_either_tested_name() -> None:
     cache = DynamicCache()
     assert upstream.forward_cache({"cache": cache}) is cache
