@@ -4,12 +4,16 @@
 
 * a forward pre-hook on the top-level model that tracks the current prompt: which key positions are visual
   tokens (from ``input_ids`` and the family's image/video token ids, through prefill and cached decoding), where
-  each sample's first non-padding token is, and each sample's identity for the random draws;
+  each sample's first non-padding token is, and each sample's identity for the random draws (the KV cache is read
+  through :func:`lmms_lostattn.upstream.forward_cache`; a decoding step it cannot place is an error);
+* for the image priors (``vision_attention``, ``complexity``), a pre-hook on the vision tower that computes each
+  image's prior when the tower runs, and a hook after each top-level forward that closes the prompt's images;
 * for attention-weight modes, the ``lostattn`` attention function on the language decoder only (the vision
   tower keeps its own); layers that are not edited, and rows that are not edited, go straight to the original
   kernel (sdpa or eager), so only the edited rows of edited layers pay for materialised weights (with eager, the
   returned attention weights, e.g. ``output_attentions``, are the edited ones); the edited rows and keys are
-  worked out once per forward step for all edited layers, and the ``gaussian`` draws once per prompt and layer;
+  worked out once per forward step for all edited layers, and the ``gaussian`` draws once per prompt and layer
+  (or once per prompt, ``attn_draw=shared``); every tensor handed to a layer is on that layer's device;
 * for ``noise_delta``, forward hooks on the edited layers' attention modules; for ``noise_qkv``, replaced q/k/v
   weights, restored bit for bit on exit.
 
