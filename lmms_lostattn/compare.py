@@ -120,11 +120,15 @@ def _text(value: str) -> Cell:
     return Cell(value, {"": value})
 
 
-def _mean_cell(run: Run, task: str, metric: str) -> Cell:
-    mean, stderr = run.metric(task, metric), run.stderr(task, metric)
+def _estimate_cell(mean: float | None, spread: float | None, name: str = "stderr") -> Cell:
+    """``mean ± spread`` (the spread's raw value in the CSV column ``<column> <name>``); ``—`` without a mean."""
     if mean is None:
-        return Cell("—", {"": None, "stderr": None})
-    return Cell(f"{mean:.4f}" + (f" ± {stderr:.4f}" if stderr is not None else ""), {"": mean, "stderr": stderr})
+        return Cell("—", {"": None, name: None})
+    return Cell(f"{mean:.4f}" + (f" ± {spread:.4f}" if spread is not None else ""), {"": mean, name: spread})
+
+
+def _mean_cell(run: Run, task: str, metric: str) -> Cell:
+    return _estimate_cell(run.metric(task, metric), run.stderr(task, metric))
 
 
 def _tasks(runs: Sequence[Run]) -> list[str]:
@@ -274,10 +278,7 @@ def _sidecar_cell(run: Run, task: str, module: str, metric: str) -> Cell:
     group = run.block.get("stats", {}).get("table_group") or "all"
     overall = (((run.sidecar or {}).get("tasks", {}).get(task, {}).get("per_layer", {}).get(module, {})
                 .get(group, {}).get(metric, {})).get("overall", {}))
-    mean, stderr = overall.get("mean"), overall.get("stderr")
-    if mean is None:
-        return Cell("—", {"": None, "stderr": None})
-    return Cell(f"{mean:.4f}" + (f" ± {stderr:.4f}" if stderr is not None else ""), {"": mean, "stderr": stderr})
+    return _estimate_cell(overall.get("mean"), overall.get("stderr"))
 
 
 def reproduction_table1(vanilla: Run, noise_delta: Run, noise_qkv: Run) -> Table:
@@ -321,8 +322,7 @@ def reproduction_table2(vanilla: Run, saps: Sequence[Run]) -> Table:
         ps = ", ".join("—" if t.p is None else f"{t.p:.3g}" for t in tests)
         rows.append([
             _text(task), _text(metric), Cell("—" if base is None else f"{base:.4f}", {"": base}),
-            Cell("—" if mean is None else f"{mean:.4f}" + (f" ± {sd:.4f}" if sd is not None else ""),
-                 {"": mean, "sd": sd}),
+            _estimate_cell(mean, sd, "sd"),
             Cell("—" if mean is None or base is None else f"{mean - base:+.4f}",
                  {"": None if mean is None or base is None else mean - base}),
             Cell(ps, {"": ps}),
