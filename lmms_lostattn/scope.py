@@ -168,7 +168,7 @@ class Scope:
         self.intervention = intervention
         self.adapter = adapter
         self.visual_ids = torch.tensor(adapter.visual_token_ids(model.config))
-        self.sample_ids: Sequence[str] | None = None
+        self.sample_ids: Sequence[str] | Callable[[int], Sequence[str]] | None = None
         self.state: PromptState | None = None
         self.prefill = False  # True while the forward pass of a new prompt runs
         # this forward step's selections, by (Q, K, device); device None: on the prompt state's device
@@ -182,8 +182,10 @@ class Scope:
 
     # -- sample identity and errors -------------------------------------------------------------------------
 
-    def set_samples(self, sample_ids: Sequence[str] | None) -> None:
-        """Name the samples of the next prompt (e.g. ``task/split/doc_id``); ``None`` = hash of the prompt tokens."""
+    def set_samples(self, sample_ids: Sequence[str] | Callable[[int], Sequence[str]] | None) -> None:
+        """Name the samples of the next prompt (e.g. ``task/split/doc_id``); ``None`` = hash of the prompt tokens. A
+        callable names the samples of every new prompt from its number of rows, when it starts (a host that runs
+        its own batches: see :class:`lmms_lostattn.model_wrappers.base.RequestRows`)."""
         self.sample_ids = sample_ids
         self.state = None
 
@@ -228,8 +230,9 @@ class Scope:
                     f"it to hold the {state.is_visual.shape[1]} positions the scope has seen, it holds {cached}",
                 )
             state.is_visual = torch.cat([state.is_visual, is_visual], dim=1)
-        elif state is not None and self._continues(state, input_ids):
-            state.is_visual = is_visual  # decoding without a KV cache: the whole sequence again
+        elif cache is None and state is not None and self._continues(state, input_ids):
+            state.is_visual = is_visual  # decoding without a KV cache: the whole sequence again (an empty cache
+            # starts a prompt, even one that extends the last: the next batch a host runs may)
         else:
             _refuse_hidden_cache(kwargs.get("position_ids"))
             self.state = self._new_prompt(input_ids, is_visual, kwargs.get("attention_mask"), kwargs.get("labels"))
@@ -258,7 +261,11 @@ class Scope:
             first_real = torch.zeros(batch, dtype=torch.long, device=input_ids.device)
         else:
             if not bool(attention_mask[:, -1].all()):
-                raise InterventionError("lostattn needs left padding (padding_side='left'); the batch is right-padded")
+                raise InterventionError(
+                    "lostattn needs left padding (padding_side='left'); the batch is right-padded. Generation with a "
+                    "decoder-only model needs left padding with or without the plugin: use a tokenizer that pads "
+                    "left (tokenizer.padding_side='left') or batch size 1"
+                )
             first_real = attention_mask.long().argmax(dim=1)
         inter = self.intervention
         if inter.edits_weights and "image" in (inter.keys, inter.rows) and not bool(is_visual.any(dim=1).all()):
@@ -283,15 +290,16 @@ class Scope:
 
     def _sample_keys(self, input_ids: torch.Tensor, first_real: torch.Tensor) -> torch.Tensor:
         batch = input_ids.shape[0]
-        if self.sample_ids is None:
+        sample_ids = self.sample_ids(batch) if callable(self.sample_ids) else self.sample_ids
+        if sample_ids is None:
             names = [
                 hashlib.blake2b(row[start:].cpu().numpy().tobytes(), digest_size=8).hexdigest()
                 for row, start in zip(input_ids, first_real.tolist(), strict=True)
             ]
-        elif batch % len(self.sample_ids) == 0:  # num_beams / num_return_sequences repeat each sample
-            names = [name for name in self.sample_ids for _ in range(batch // len(self.sample_ids))]
+        elif batch % len(sample_ids) == 0:  # num_beams / num_return_sequences repeat each sample
+            names = [name for name in sample_ids for _ in range(batch // len(sample_ids))]
         else:
-            raise InterventionError(f"lostattn: {len(self.sample_ids)} sample ids for a batch of {batch}")
+            raise InterventionError(f"lostattn: {len(sample_ids)} sample ids for a batch of {batch}")
         keys = [rng.stable_key(self.intervention.seed, name) for name in names]
         return torch.tensor(keys, dtype=torch.int64, device=input_ids.device)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import sys
+from collections.abc import Iterator
 
 from lmms_lostattn.upstream import ContactPoint, expect, internal
 
@@ -38,8 +39,8 @@ def _reentrant_filelocks() -> None:
     internal("lmms_eval.evaluator", "_enable_reentrant_filelocks")()
 
 
-def _progress_bars() -> None:
-    """The base classes draw their bars with their module's ``tqdm``, which the glue silences while it shows one."""
+def _wrapped_classes() -> Iterator[tuple[type, type]]:
+    """Each registered plugin class with the lmms-eval class it wraps."""
     from lmms_lostattn.model_wrappers.base import LostAttnMixin
     from lmms_lostattn.registration import get_manifests
 
@@ -47,10 +48,32 @@ def _progress_bars() -> None:
         for path in filter(None, (manifest.simple_class_path, manifest.chat_class_path)):
             module, _, name = path.rpartition(".")
             wrapper = internal(module, name)
-            base = wrapper.__mro__[wrapper.__mro__.index(LostAttnMixin) + 1]
-            for method in ("generate_until", "loglikelihood"):
-                defined_in = sys.modules[getattr(base, method).__module__]
-                expect(hasattr(defined_in, "tqdm"), f"{defined_in.__name__} (for {name}.{method}) has no tqdm")
+            yield wrapper, wrapper.__mro__[wrapper.__mro__.index(LostAttnMixin) + 1]
+
+
+def _progress_bars() -> None:
+    """The base classes draw their bars with their module's ``tqdm``, which the glue silences while it shows one."""
+    for wrapper, base in _wrapped_classes():
+        for method in ("generate_until", "loglikelihood"):
+            defined_in = sys.modules[getattr(base, method).__module__]
+            expect(hasattr(defined_in, "tqdm"), f"{defined_in.__name__} (for {wrapper.__name__}.{method}) has no tqdm")
+
+
+def _collator_batches() -> None:
+    """The classes whose batches the glue follows build them with ``lmms_eval.utils.Collator`` (looked up on the
+    module when they run, where the glue substitutes its subclass), whose ``get_batched`` yields lists of the very
+    argument tuples it was given."""
+    collator = internal("lmms_eval.utils", "Collator")
+    arguments = [("b", 1), ("a", 2), ("c", 3)]
+    batches = list(collator(arguments, lambda x: x[0], grouping=False).get_batched(n=2))
+    expect(
+        [len(b) for b in batches] == [2, 1] and all(any(x is y for y in arguments) for b in batches for x in b),
+        f"get_batched(n=2) gives {batches}, not lists of the arguments it was given",
+    )
+    for wrapper, base in _wrapped_classes():
+        for method in wrapper.follows_batches:
+            source = inspect.getsource(getattr(base, method))
+            expect("utils.Collator(" in source, f"{base.__name__}.{method} no longer batches with utils.Collator")
 
 
 def _huggingface_fallback() -> None:
@@ -93,6 +116,7 @@ CONTACT_POINTS: tuple[ContactPoint, ...] = (
     ContactPoint("EvaluationTracker.save_results_aggregated", "lmms_eval", _save_results_aggregated),
     ContactPoint("lmms_eval.evaluator._enable_reentrant_filelocks (filelock._api)", "filelock", _reentrant_filelocks),
     ContactPoint("the base classes' module-level tqdm", "lmms_eval", _progress_bars),
+    ContactPoint("lmms_eval.utils.Collator batches (followed under the plugin)", "lmms_eval", _collator_batches),
     ContactPoint("lmms_eval.models.chat.huggingface.AutoModel fallback", "lmms_eval", _huggingface_fallback),
     ContactPoint("lmms_eval.utils._smart_comma_split", "lmms_eval", _smart_comma_split),
     ContactPoint("lmms_eval.models.get_model (lmms_eval.models entry points)", "lmms_eval", _model_registry),

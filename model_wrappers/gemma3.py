@@ -9,3 +9,5 @@ from lmms_lostattn.model_wrappers.base import LostAttnMixin
 
 class LostAttnGemma3Simple(LostAttnMixin, Gemma3Simple):
     """lmms-eval's simple ``gemma3`` with the lostattn arguments."""
+
+    follows_batches = frozenset({"generate_until"})

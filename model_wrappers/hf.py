@@ -69,3 +69,5 @@ class HuggingfaceImageTextToText(Huggingface):
 
 class LostAttnHfChat(LostAttnMixin, HuggingfaceImageTextToText):
     """lmms-eval's chat ``huggingface`` (fixed as above) with the lostattn arguments."""
+
+    follows_batches = frozenset({"generate_until"})

@@ -10,3 +10,5 @@ from lmms_lostattn.model_wrappers.base import LostAttnMixin
 
 class LostAttnIdefics2Simple(LostAttnMixin, Idefics2Simple):
     """lmms-eval's simple ``idefics2`` with the lostattn arguments."""
+
+    follows_batches = frozenset({"generate_until"})

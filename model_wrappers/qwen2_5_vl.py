@@ -16,6 +16,10 @@ from lmms_lostattn.model_wrappers.base import LostAttnMixin
 class LostAttnQwen2_5_VLSimple(LostAttnMixin, Qwen2_5_VLSimple):
     """lmms-eval's simple ``qwen2_5_vl`` with the lostattn arguments (``--force_simple``)."""
 
+    follows_batches = frozenset({"generate_until"})
+
 
 class LostAttnQwen2_5_VLChat(LostAttnMixin, Qwen2_5_VLChat):
     """lmms-eval's chat ``qwen2_5_vl`` with the lostattn arguments (the default)."""
+
+    follows_batches = frozenset({"generate_until"})

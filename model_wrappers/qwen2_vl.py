@@ -9,3 +9,5 @@ from lmms_lostattn.model_wrappers.base import LostAttnMixin
 
 class LostAttnQwen2_VLSimple(LostAttnMixin, Qwen2_VLSimple):
     """lmms-eval's simple ``qwen2_vl`` with the lostattn arguments."""
+
+    follows_batches = frozenset({"generate_until"})

@@ -11,6 +11,10 @@ from lmms_lostattn.model_wrappers.base import LostAttnMixin
 class LostAttnQwen3_VLSimple(LostAttnMixin, Qwen3_VLSimple):
     """lmms-eval's simple ``qwen3_vl`` with the lostattn arguments (``--force_simple``)."""
 
+    follows_batches = frozenset({"generate_until"})
+
 
 class LostAttnQwen3_VLChat(LostAttnMixin, Qwen3_VLChat):
     """lmms-eval's chat ``qwen3_vl`` with the lostattn arguments (the default)."""
+
+    follows_batches = frozenset({"generate_until"})

@@ -14,9 +14,10 @@ OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALL
 
 
 def run_cli(
-    *args: str, output: pathlib.Path, limit: int = 4, launcher: tuple[str, ...] = ()
+    *args: str, output: pathlib.Path, limit: int = 4, launcher: tuple[str, ...] = (), env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess:
-    """Run ``lmms-eval`` with ``--verbosity DEBUG`` (so a failure fails), assert it succeeded, return the process."""
+    """Run ``lmms-eval`` with ``--verbosity DEBUG`` (so a failure fails), assert it succeeded, return the process;
+    ``env`` adds to its environment."""
     command = [
         *(launcher or (sys.executable,)),
         "-m",
@@ -34,8 +35,8 @@ def run_cli(
         "DEBUG",
     ]
     output.mkdir(parents=True, exist_ok=True)  # also the working directory: the checkout must not shadow the install
-    done = subprocess.run(command, env={**os.environ, **OFFLINE}, capture_output=True, text=True, timeout=600,
-                          cwd=output)
+    done = subprocess.run(command, env={**os.environ, **OFFLINE, **(env or {})}, capture_output=True, text=True,
+                          timeout=600, cwd=output)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     return done
 

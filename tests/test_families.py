@@ -56,6 +56,9 @@ class Family:
     # What the parity test runs as the base when lmms-eval's own class cannot run (lmms-eval's generic
     # ``huggingface`` on transformers 5): that class with only the fixes the plugin's class applies.
     parity_base: type | None = None
+    # Why the plugin does not follow the base class's batches (it then runs one request at a time), or the condition
+    # under which it does; the README's "batches under the plugin" column
+    batch_note: str = ""
 
     @property
     def test_id(self) -> str:
@@ -70,35 +73,41 @@ _CPU = {"device": "cpu", "device_map": "cpu"}
 _LLAVA_CPU = {**_CPU, "dtype": "float32"}
 _QWEN_CPU = {**_CPU, "min_pixels": 28 * 28 * 4, "max_pixels": 28 * 28 * 16}
 _LLAVA_STATS = {"attn_preset": "paper", "attn_layers": "1:"}  # the paper's layers 18-23 / 21-27 exceed 4 layers
+_BATCH_ONE = "its class runs batch size 1"
+_TOKENIZER_PADS = "it pads as its tokenizer says: a right-padded batch is refused"
 
 FAMILIES = [
     Family("Qwen2.5-VL", "qwen2_5_vl", "lostattn_qwen2_5_vl", "qwen2_5_vl", ("chat", "simple"),
            FamilyPreset("1:", "p0.3-0.9"), _QWEN_CPU, video=True),
     Family("Qwen2-VL", "qwen2_vl", "lostattn_qwen2_vl", "qwen2_vl", ("simple",),
-           FamilyPreset("1:", "p0.3-0.9"), _QWEN_CPU, video=True),
+           FamilyPreset("1:", "p0.3-0.9"), _QWEN_CPU, video=True, batch_note=_TOKENIZER_PADS),
     Family("Qwen3-VL", "qwen3_vl", "lostattn_qwen3_vl", "qwen3_vl", ("chat", "simple"),
            FamilyPreset("1:", "p0.3-0.9"), _QWEN_CPU, video=True),
     Family("LLaVA-1.5", "llava", "lostattn_llava", "llava_hf", ("chat", "simple"),
-           FamilyPreset("18-23", "p0.3-0.6", scale="scores"), _LLAVA_CPU, stats_args=_LLAVA_STATS),
+           FamilyPreset("18-23", "p0.3-0.6", scale="scores"), _LLAVA_CPU, stats_args=_LLAVA_STATS,
+           batch_note=_BATCH_ONE),
     Family("LLaVA-NeXT", "llava_next", "lostattn_llava", "llava_hf", ("chat", "simple"),
-           FamilyPreset("18-23", "p0.3-0.6", scale="scores"), _LLAVA_CPU, stats_args=_LLAVA_STATS),
+           FamilyPreset("18-23", "p0.3-0.6", scale="scores"), _LLAVA_CPU, stats_args=_LLAVA_STATS,
+           batch_note=_BATCH_ONE),
     Family("LLaVA-OneVision", "llava_onevision", "lostattn_llava", "llava_hf", ("chat", "simple"),
-           FamilyPreset("21-27", "p0.3-0.6", scale="scores", head_score="sides"), _LLAVA_CPU, stats_args=_LLAVA_STATS),
+           FamilyPreset("21-27", "p0.3-0.6", scale="scores", head_score="sides"), _LLAVA_CPU, stats_args=_LLAVA_STATS,
+           batch_note=_BATCH_ONE),
     Family("Gemma 3", "gemma3", "lostattn_gemma3", "gemma3", ("simple",), FamilyPreset("1:", "p0.3-0.9"), _CPU,
            image_token="tokenizer.image_token_id"),  # Gemma 3's processor.image_token_id is BOI, not the soft token
     Family("InternVL (HF)", "internvl", "lostattn_internvl", "internvl_hf", ("chat",), FamilyPreset("1:", "p0.3-0.9"),
-           {**_CPU, "max_patches": 4}),
+           {**_CPU, "max_patches": 4}, batch_note=_BATCH_ONE),
     Family("Idefics2", "idefics2", "lostattn_idefics", "idefics2", ("simple",), FamilyPreset("1:", "p0.3-0.9"),
-           {**_CPU, "dtype": "float32"}),
+           {**_CPU, "dtype": "float32"}, batch_note=_TOKENIZER_PADS),
     Family("Mistral 3 (Pixtral)", "mistral3", "lostattn_mistral3_vl", "mistral3_vl", ("simple",),
-           FamilyPreset("1:", "p0.3-0.9"), _CPU),
+           FamilyPreset("1:", "p0.3-0.9"), _CPU, batch_note="its class generates each prompt of a batch alone"),
     Family("LLaVA-1.5, generic HF", "llava", "lostattn_hf", "huggingface", ("chat",),
            FamilyPreset("18-23", "p0.3-0.6", scale="scores"), _CPU, stats_args=_LLAVA_STATS,
-           parity_base=HuggingfaceImageTextToText),
+           parity_base=HuggingfaceImageTextToText, batch_note=_TOKENIZER_PADS),
     Family("Qwen2.5-VL, generic HF", "qwen2_5_vl", "lostattn_hf", "huggingface", ("chat",),
-           FamilyPreset("1:", "p0.3-0.9"), _CPU, video=True, parity_base=HuggingfaceImageTextToText),
+           FamilyPreset("1:", "p0.3-0.9"), _CPU, video=True, parity_base=HuggingfaceImageTextToText,
+           batch_note=_TOKENIZER_PADS),
     Family("Idefics3, generic HF", "idefics3", "lostattn_hf", "huggingface", ("chat",), FamilyPreset("1:", "p0.3-0.9"),
-           _CPU, parity_base=HuggingfaceImageTextToText),
+           _CPU, parity_base=HuggingfaceImageTextToText, batch_note=_TOKENIZER_PADS),
 ]
 FAMILY_IDS = [family.test_id for family in FAMILIES]
 PARITY = [pytest.param(family, kind, id=f"{family.test_id}-{kind}") for family in FAMILIES for kind in family.kinds]
@@ -316,21 +325,42 @@ _GENERIC = (
 )
 
 
+_BATCHES = (
+    "\"Batches under the plugin\": with `attn` or `stats` set and `--batch_size N`, the plugin runs the base class's "
+    "own `generate_until` batches (rows named by their documents, statistics per row; each row equals its batch-of-one "
+    "run up to the model's own batched float differences, `tests/test_batching.py`); where it says no, it runs one "
+    "request at a time. `loglikelihood` runs one request at a time in every class."
+)
+
+
+def _batches(family: Family) -> str:
+    """The "batches under the plugin" cell, from the plugin's classes themselves."""
+    classes = [get_model(family.model_id, force_simple=kind == "simple") for kind in family.kinds]
+    (follows,) = {"generate_until" in model_class.follows_batches for model_class in classes}
+    if follows:
+        return f"yes ({family.batch_note})" if family.batch_note else "yes"
+    assert family.batch_note, f"{family.name}: say why the plugin does not follow its batches"
+    return f"no: {family.batch_note}"
+
+
 def render_matrix() -> str:
     """README's support matrix, from :data:`FAMILIES` (every row is covered by every parametrised test above)."""
     rows = [
         "| family | `--model` | lmms-eval base (classes) | `model_type` tested | visual tokens checked "
-        "| `attn_preset=paper` layers / heads / scale, draw, head score |",
-        "|---|---|---|---|---|---|",
+        "| `attn_preset=paper` layers / heads / scale, draw, head score | batches under the plugin |",
+        "|---|---|---|---|---|---|---|",
     ]
     for family in FAMILIES:
         base = f"`{family.base_id}` ({', '.join(family.kinds)})"
         preset = family.preset
         preset = f"`{preset.layers}` / `{preset.heads}` / `{preset.scale}`, `{preset.draw}`, `{preset.head_score}`"
         visual = "image, video" if family.video else "image"
-        rows.append(f"| {family.name} | `{family.model_id}` | {base} | `{family.variant}` | {visual} | {preset} |")
+        rows.append(
+            f"| {family.name} | `{family.model_id}` | {base} | `{family.variant}` | {visual} | {preset} "
+            f"| {_batches(family)} |"
+        )
     footer = f"Every row passes, on a tiny random-weight model of that family: {_CHECKS}."
-    return "\n".join([_MATRIX_START, *rows, "", footer, "", _GENERIC, _MATRIX_END])
+    return "\n".join([_MATRIX_START, *rows, "", footer, "", _BATCHES, "", _GENERIC, _MATRIX_END])
 
 
 def _readme_matrix() -> str:
