@@ -40,7 +40,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlavaForConditionalGeneration
 from transformers.utils import logging as transformers_logging
 
-from lmms_lostattn.model_wrappers.llava import LostAttnLlavaSimple
+from lmms_lostattn.model_wrappers.lmms_eval.llava import LostAttnLlavaSimple
 from lmms_lostattn.scope import intervene
 from lmms_lostattn.testing import build_tokenizer, llava_config_and_processor
 
@@ -191,7 +191,7 @@ def request_scope(lm: Any) -> Iterator[Callable[[Callable[[], Any]], Any]]:
     if intervention is None or intervention.mode == "none":
         yield lambda fn: fn()
         return
-    with intervene(lm.model, intervention, lm.adapter) as scope:
+    with intervene(lm.model, intervention, lm.lostattn.adapter) as scope:
 
         def call(fn: Callable[[], Any]) -> Any:
             scope.set_samples(["bench/test/0"])
@@ -392,7 +392,7 @@ def run(cfg: BenchConfig, rounds: int, new_tokens: int, workdir: pathlib.Path) -
     return {
         "config": asdict(cfg),
         "settings": [asdict(s) for s in SETTINGS],
-        "interventions": {s.name: models[s.name].intervention.to_dict() for s in SETTINGS if s.plugin},
+        "interventions": {s.name: models[s.name].lostattn.intervention.to_dict() for s in SETTINGS if s.plugin},
         "prompt_tokens": int(inputs["input_ids"].shape[1]),
         "image_tokens": image_tokens,
         "rounds": rounds,

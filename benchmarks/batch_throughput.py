@@ -34,7 +34,7 @@ from loguru import logger
 from PIL import Image
 from transformers.utils import logging as transformers_logging
 
-from lmms_lostattn.model_wrappers.qwen2_5_vl import LostAttnQwen2_5_VLChat
+from lmms_lostattn.model_wrappers.lmms_eval.qwen2_5_vl import LostAttnQwen2_5_VLChat
 from lmms_lostattn.testing import _PARTS
 
 QUESTIONS = [

@@ -1,6 +1,7 @@
 """The ``lostattn`` command (also ``python -m lmms_lostattn``).
 
-* ``lostattn tasks-path``: the directory to pass to ``lmms-eval --include_path`` for the shipped local tasks.
+* ``lostattn tasks-path [--host lm_eval]``: the directory to pass to ``lmms-eval --include_path`` (or
+  ``lostattn-lm-eval --include_path``) for the shipped local tasks.
 * ``lostattn build-tiny DIR [--variant V]``: a tiny random-weight model of any supported family (default LLaVA-1.5),
   loadable with ``from_pretrained(DIR)``.
 * ``lostattn demo``: the README's main job: lmms-eval on the shipped trained model (shapes-llava) and the local tasks,
@@ -20,6 +21,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import pathlib
 import sys
@@ -165,7 +167,13 @@ def check(path: pathlib.Path, baseline: pathlib.Path, max_drop: float, metrics: 
 def reproduce(args: argparse.Namespace) -> int:
     """``lostattn reproduce``: check everything, run what is not done, write and print the two tables and the
     per-layer plots; exit 2 on unusable input, before any run."""
-    from lmms_lostattn.model_wrappers.reproduce import ReproduceError, make_plan, parse_seeds, run_plan, tables
+    from lmms_lostattn.model_wrappers.lmms_eval.reproduce import (
+        ReproduceError,
+        make_plan,
+        parse_seeds,
+        run_plan,
+        tables,
+    )
 
     extra = ["--limit", str(args.limit)] if args.limit else []
     extra += ["--gen_kwargs", args.gen_kwargs] if args.gen_kwargs else []
@@ -187,7 +195,8 @@ def reproduce(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="lostattn", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("tasks-path", help="print the --include_path directory of the shipped tasks")
+    paths = commands.add_parser("tasks-path", help="print the --include_path directory of the shipped tasks")
+    paths.add_argument("--host", choices=("lmms_eval", "lm_eval"), default="lmms_eval", help="whose tasks")
     build = commands.add_parser("build-tiny", help="build a tiny random-weight model of a supported family")
     build.add_argument("directory", type=pathlib.Path)
     build.add_argument("--variant", default="llava", help=" | ".join(FAMILY_VARIANTS))
@@ -237,7 +246,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     elif args.command == "tasks-path":
         from lmms_lostattn.tasks import tasks_path
 
-        print(tasks_path())
+        print(tasks_path(host=args.host))
     elif args.command == "shapes-llava-path":
         from lmms_lostattn.shapes_llava import SHAPES_LLAVA_DIR
 
@@ -246,9 +255,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(reproduce(args))
     elif args.command == "doctor":
         from lmms_lostattn.doctor import doctor
-        from lmms_lostattn.model_wrappers.contacts import CONTACT_POINTS
+        from lmms_lostattn.model_wrappers.lmms_eval.contacts import CONTACT_POINTS
 
-        sys.exit(doctor(CONTACT_POINTS))
+        points = CONTACT_POINTS
+        if importlib.util.find_spec("lm_eval") is not None:  # the optional second host
+            from lmms_lostattn.model_wrappers.lm_eval.contacts import CONTACT_POINTS as LM_EVAL_POINTS
+
+            points = (*points, *LM_EVAL_POINTS)
+        sys.exit(doctor(points))
     elif args.command == "build-tiny":
         from lmms_lostattn.testing import build_tiny_model
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from lmms_eval.models.registry_v2 import ModelManifest
 
-_WRAPPERS = "lmms_lostattn.model_wrappers"
+_WRAPPERS = "lmms_lostattn.model_wrappers.lmms_eval"
 
 
 def get_manifests() -> list[ModelManifest]:
@@ -26,7 +26,7 @@ def get_manifests() -> list[ModelManifest]:
 
 
 def _manifest(module: str, simple: str | None, chat: str | None) -> ModelManifest:
-    """``lostattn_<module>`` with the classes of ``model_wrappers/<module>.py``."""
+    """``lostattn_<module>`` with the classes of ``model_wrappers/lmms_eval/<module>.py``."""
     return ModelManifest(
         model_id=f"lostattn_{module}",
         simple_class_path=simple and f"{_WRAPPERS}.{module}.{simple}",

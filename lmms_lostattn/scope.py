@@ -4,7 +4,8 @@
 
 * a forward pre-hook on the top-level model that tracks the current prompt: which key positions are visual
   tokens (from ``input_ids`` and the family's image/video token ids, through prefill and cached decoding), where
-  each sample's first non-padding token is, and each sample's identity for the random draws (the KV cache is read
+  each sample's real tokens start (left padding, from the attention mask) and end (right padding without a mask,
+  as the host says in :class:`PromptRows`), and each sample's identity for the random draws (the KV cache is read
   through :func:`lmms_lostattn.upstream.forward_cache`; a decoding step it cannot place is an error);
 * for the image priors (``vision_attention``, ``complexity``), a pre-hook on the vision tower that computes each
   image's prior when the tower runs, and a hook after each top-level forward that closes the prompt's images;
@@ -52,6 +53,21 @@ class InterventionError(RuntimeError):
     """The intervention cannot run on this input (the message says why and what is accepted)."""
 
 
+NO_END = torch.iinfo(torch.int64).max  # a row without right padding: its real tokens run to the end
+
+
+@dataclass(frozen=True)
+class PromptRows:
+    """What a host knows about the rows of a prompt it is about to run (one entry per row, or per sample when
+    beams repeat each sample): each row's sample name for the draws and, for rows right-padded without an
+    attention mask (lm-eval's scoring passes), where its real tokens end (exclusive) and where the continuation it
+    scores starts (the position of its first scored token, as ``labels`` would mark it)."""
+
+    names: Sequence[str]
+    ends: Sequence[int] | None = None
+    continuation_starts: Sequence[int] | None = None
+
+
 @dataclass
 class PromptState:
     """What the scope knows about the prompt being processed (batch of B samples, T positions so far)."""
@@ -59,6 +75,7 @@ class PromptState:
     prompt_ids: torch.Tensor  # (B, P) the prompt as first seen, left-padded
     is_visual: torch.Tensor  # (B, T) bool, grows by one column per decoding step
     first_real: torch.Tensor  # (B,) index of each sample's first non-padding token
+    real_end: torch.Tensor  # (B,) end (exclusive) of each sample's real tokens; NO_END where it is not right-padded
     sample_key: torch.Tensor  # (B,) int64 keys from (seed, sample identity)
     # per (layer, or SHARED_LAYER for draws shared by all layers; device): its Coordinates.memo
     draws: dict[tuple[int, torch.device], dict[str, torch.Tensor]] = field(default_factory=dict)
@@ -100,6 +117,18 @@ class _Selection:
             if isinstance(value, torch.Tensor) and value.device != device
         }
         return dataclasses.replace(self, **moved) if moved else self
+
+
+def _repeated(values: Sequence[Any], batch: int, what: str) -> list[Any]:
+    """One value per row of a batch of ``batch`` rows: ``values`` per row, or per sample when each sample is
+    repeated (``num_beams`` / ``num_return_sequences``)."""
+    if not values or batch % len(values):
+        raise InterventionError(f"lostattn: {len(values)} {what} for a batch of {batch}")
+    return [value for value in values for _ in range(batch // len(values))]
+
+
+def _per_row(values: Sequence[int], batch: int, what: str, device: torch.device) -> torch.Tensor:
+    return torch.tensor(_repeated(list(values), batch, what), dtype=torch.long, device=device)
 
 
 def _eager_passthrough(module: nn.Module, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -168,7 +197,7 @@ class Scope:
         self.intervention = intervention
         self.adapter = adapter
         self.visual_ids = torch.tensor(adapter.visual_token_ids(model.config))
-        self.sample_ids: Sequence[str] | Callable[[int], Sequence[str]] | None = None
+        self.sample_ids: Sequence[str] | Callable[[int], PromptRows] | None = None
         self.state: PromptState | None = None
         self.prefill = False  # True while the forward pass of a new prompt runs
         # this forward step's selections, by (Q, K, device); device None: on the prompt state's device
@@ -182,10 +211,10 @@ class Scope:
 
     # -- sample identity and errors -------------------------------------------------------------------------
 
-    def set_samples(self, sample_ids: Sequence[str] | Callable[[int], Sequence[str]] | None) -> None:
+    def set_samples(self, sample_ids: Sequence[str] | Callable[[int], PromptRows] | None) -> None:
         """Name the samples of the next prompt (e.g. ``task/split/doc_id``); ``None`` = hash of the prompt tokens. A
-        callable names the samples of every new prompt from its number of rows, when it starts (a host that runs
-        its own batches: see :class:`lmms_lostattn.model_wrappers.base.RequestRows`)."""
+        callable describes every new prompt from its number of rows, when it starts (a host that runs its own
+        batches: see :class:`lmms_lostattn.model_wrappers.rows.RequestRows`)."""
         self.sample_ids = sample_ids
         self.state = None
 
@@ -255,10 +284,12 @@ class Scope:
         labels: torch.Tensor | None,
     ) -> PromptState:
         """A new prompt; with ``labels`` (a loglikelihood pass scoring context + continuation in one forward), the
-        continuation starts at each sample's first label other than -100, as if it had been generated."""
+        continuation starts at each sample's first label other than -100, as if it had been generated; a host's
+        :class:`PromptRows` may give it instead, with each row's real end for right-padded rows."""
         batch, length = input_ids.shape
+        device = input_ids.device
         if attention_mask is None:
-            first_real = torch.zeros(batch, dtype=torch.long, device=input_ids.device)
+            first_real = torch.zeros(batch, dtype=torch.long, device=device)
         else:
             if not bool(attention_mask[:, -1].all()):
                 raise InterventionError(
@@ -267,6 +298,11 @@ class Scope:
                     "left (tokenizer.padding_side='left') or batch size 1"
                 )
             first_real = attention_mask.long().argmax(dim=1)
+        rows = self.sample_ids(batch) if callable(self.sample_ids) else None
+        names = rows.names if rows is not None else self.sample_ids
+        real_end = torch.full((batch,), NO_END, dtype=torch.long, device=device)
+        if rows is not None and rows.ends is not None:
+            real_end = _per_row(rows.ends, batch, "row ends", device)
         inter = self.intervention
         if inter.edits_weights and "image" in (inter.keys, inter.rows) and not bool(is_visual.any(dim=1).all()):
             missing = (~is_visual.any(dim=1)).nonzero().flatten().tolist()
@@ -279,27 +315,29 @@ class Scope:
         if labels is not None and labels.shape == input_ids.shape:
             scored = labels != -100
             continuation_start = torch.where(scored.any(dim=1), scored.int().argmax(dim=1), length)
+        elif rows is not None and rows.continuation_starts is not None:
+            continuation_start = _per_row(rows.continuation_starts, batch, "continuation starts", device)
         return PromptState(
             input_ids.clone(),
             is_visual,
             first_real,
-            self._sample_keys(input_ids, first_real),
+            real_end,
+            self._sample_keys(input_ids, first_real, real_end, names),
             continuation_start=continuation_start,
             prior_parts=self.pending_priors,  # the vision tower runs just before this forward or inside it
         )
 
-    def _sample_keys(self, input_ids: torch.Tensor, first_real: torch.Tensor) -> torch.Tensor:
+    def _sample_keys(
+        self, input_ids: torch.Tensor, first_real: torch.Tensor, real_end: torch.Tensor, names: Sequence[str] | None
+    ) -> torch.Tensor:
         batch = input_ids.shape[0]
-        sample_ids = self.sample_ids(batch) if callable(self.sample_ids) else self.sample_ids
-        if sample_ids is None:
+        if names is None:
             names = [
-                hashlib.blake2b(row[start:].cpu().numpy().tobytes(), digest_size=8).hexdigest()
-                for row, start in zip(input_ids, first_real.tolist(), strict=True)
+                hashlib.blake2b(row[start:end].cpu().numpy().tobytes(), digest_size=8).hexdigest()
+                for row, start, end in zip(input_ids, first_real.tolist(), real_end.tolist(), strict=True)
             ]
-        elif batch % len(sample_ids) == 0:  # num_beams / num_return_sequences repeat each sample
-            names = [name for name in sample_ids for _ in range(batch // len(sample_ids))]
         else:
-            raise InterventionError(f"lostattn: {len(sample_ids)} sample ids for a batch of {batch}")
+            names = _repeated(names, batch, "sample ids")
         keys = [rng.stable_key(self.intervention.seed, name) for name in names]
         return torch.tensor(keys, dtype=torch.int64, device=input_ids.device)
 
@@ -318,7 +356,7 @@ class Scope:
     def edited_rows(self, query_abs: torch.Tensor) -> torch.Tensor:
         """(B, Q) bool: the query rows the intervention edits (never padding)."""
         state, rows = self.state, self.intervention.rows
-        real = query_abs[None, :] >= state.first_real[:, None]
+        real = (query_abs[None, :] >= state.first_real[:, None]) & (query_abs[None, :] < state.real_end[:, None])
         if rows == "last":
             return real & (query_abs[None, :] >= state.last_rows_from())
         if rows == "all":
@@ -331,7 +369,8 @@ class Scope:
         keys = self.intervention.keys
         if keys == "all":
             return torch.ones_like(visual)
-        return visual if keys == "image" else ~visual & (key_abs[None, :] >= self.state.first_real[:, None])
+        real = (key_abs[None, :] >= self.state.first_real[:, None]) & (key_abs[None, :] < self.state.real_end[:, None])
+        return visual if keys == "image" else ~visual & real
 
     def _selection(self, num_q: int, num_k: int, device: torch.device) -> _Selection | None:
         """The edited rows and keys of a ``(Q, K)`` attention block of this step on ``device`` (``None``: no row is

@@ -51,7 +51,8 @@ class StatsCollector:
         mid = x + d_attn
         out = mid + d_ffn
         for sample, record in enumerate(self._records):
-            real = torch.arange(int(state.first_real[sample]), x.shape[1], device=x.device)
+            end = min(int(state.real_end[sample]), x.shape[1])
+            real = torch.arange(int(state.first_real[sample]), end, device=x.device)
             visual = state.is_visual[sample].to(x.device)[real]  # the layer may sit on another device
             rows = {"all": real, "image": real[visual], "text": real[~visual]}
             for group in self.config.groups:

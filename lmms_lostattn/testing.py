@@ -1,10 +1,10 @@
-"""Tiny random-weight models of every supported LVLM family, for offline tests.
+"""Tiny random-weight models of every supported family (LVLMs and text LLMs), for offline tests.
 
 ``build_tiny_model(dir, variant)`` writes a complete ``from_pretrained`` directory (fp32 safetensors weights, a
 byte-level BPE tokenizer trained on a built-in corpus with the family's special tokens, image/video processor,
-processor and chat template) for any of :data:`FAMILY_VARIANTS`: hidden size 64, 4 decoder layers, 4 query / 2
-key-value heads, 32 px images (Qwen: 28-112 px). ``tiny_model_dir`` caches one build per variant;
-``build_tiny_llava`` / ``tiny_llava_dir`` are the same for the LLaVA-1.5/NeXT variants (:data:`TINY_VARIANTS`).
+processor and chat template; a text LLM has its tokenizer only) for any of :data:`FAMILY_VARIANTS`: hidden size 64,
+4 decoder layers, 4 query / 2 key-value heads, 32 px images (Qwen: 28-112 px). ``tiny_model_dir`` caches one build per
+variant; ``build_tiny_llava`` / ``tiny_llava_dir`` are the same for the LLaVA-1.5/NeXT variants (:data:`TINY_VARIANTS`).
 ``build_tokenizer`` (the BPE on :data:`CORPUS`) and ``llava_config_and_processor`` (a LLaVA-1.5-style config and
 processor of any size) also build shapes-llava and the benchmark checkpoints. Nothing touches the Hugging Face hub.
 """
@@ -21,6 +21,7 @@ from typing import Any
 __all__ = [
     "CORPUS",
     "FAMILY_VARIANTS",
+    "TEXT_VARIANTS",
     "TINY_VARIANTS",
     "build_tiny_llava",
     "build_tiny_model",
@@ -608,6 +609,44 @@ def _gemma3_parts(variant: str, text_layers: int):
     return Gemma3ForConditionalGeneration, config, processor
 
 
+# Text LLMs (lm-eval's ``hf``): model_type -> (config class, causal-LM class, config arguments beyond the shared ones).
+_TEXT_FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 8}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16}),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 8}),
+    "gemma3_text": (
+        "Gemma3TextConfig",
+        "Gemma3ForCausalLM",
+        {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 8},
+    ),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {}),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", {}),
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", {}),
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", {"use_parallel_residual": True}),
+}
+TEXT_VARIANTS = tuple(_TEXT_FAMILIES)
+
+
+def _text_parts(variant: str, text_layers: int):
+    """(model class, config, tokenizer) of a tiny text LLM: the shared width-64 decoder (GPT-2 and GPT-NeoX, which
+    have no key-value head groups, with 4 heads), Llama-style tokenizer (``<s>`` first), left padding."""
+    import transformers
+
+    config_name, model_name, extra = _TEXT_FAMILIES[variant]
+    tokenizer = build_tokenizer(padding_side="left", chat_template=LLAVA_CHAT_TEMPLATE, extra_special_tokens={})
+    shared = _text_kwargs(tokenizer, text_layers)
+    if variant == "gpt2":
+        ids = {key: shared[key] for key in ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id")}
+        config = transformers.GPT2Config(**ids, n_embd=64, n_inner=128, n_layer=text_layers, n_head=4, n_positions=4096)
+    else:
+        if variant == "gpt_neox":
+            shared.pop("num_key_value_heads")
+        config = getattr(transformers, config_name)(**shared, **extra)
+    return getattr(transformers, model_name), config, tokenizer
+
+
 # Every tiny model the factory builds: variant -> parts(variant, text_layers).
 _PARTS = {
     "llava": _llava_parts,
@@ -621,13 +660,14 @@ _PARTS = {
     "idefics3": _idefics3_parts,
     "mistral3": _mistral3_parts,
     "gemma3": _gemma3_parts,
+    **dict.fromkeys(TEXT_VARIANTS, _text_parts),
 }
 FAMILY_VARIANTS = tuple(_PARTS)
 
 
 def make_tiny_model(variant: str, *, seed: int = 0, text_layers: int = 4):
     """``(model, processor)``: a tiny random-weight float32 model of any :data:`FAMILY_VARIANTS`, in memory, with its
-    tokenizer, processor and chat template."""
+    tokenizer, processor and chat template (for the text LLMs of :data:`TEXT_VARIANTS`, the tokenizer)."""
     _check_variant(variant, FAMILY_VARIANTS)
     if text_layers < 1:
         raise ValueError(f"text_layers must be >= 1, got {text_layers}")
@@ -637,7 +677,7 @@ def make_tiny_model(variant: str, *, seed: int = 0, text_layers: int = 4):
     with torch.random.fork_rng(devices=[]):  # deterministic weights without disturbing the caller's RNG
         torch.manual_seed(seed)
         model = model_cls(config).to(torch.float32).eval()
-    tokenizer = processor.tokenizer
+    tokenizer = getattr(processor, "tokenizer", processor)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model, processor

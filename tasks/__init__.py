@@ -1,9 +1,10 @@
-"""Local lmms-eval tasks shipped with lmms-lostattn.
+"""Local tasks shipped with lmms-lostattn: for lmms-eval (the ``*.yaml`` next to this module) and for lm-eval
+(``lm_eval/*.yaml``, text tasks on the shape scenes described in words).
 
-The ``*.yaml`` files next to this module are templates: ``lostattn_pope.yaml`` must ``include:`` lmms-eval's
-own ``pope.yaml`` by file path and both tasks read parquet files shipped in ``data/``, and neither location is
-fixed relative to this package (editable checkout vs. wheel). :func:`tasks_path` fills in the absolute paths
-and returns a directory holding only the rendered task YAMLs, for ``lmms-eval --include_path``.
+The YAML files are templates: ``lostattn_pope.yaml`` must ``include:`` lmms-eval's own ``pope.yaml`` by file path
+and every task reads a parquet file shipped in ``data/``, and neither location is fixed relative to this package
+(editable checkout vs. wheel). :func:`tasks_path` fills in the absolute paths and returns a directory holding only
+one host's rendered task YAMLs, for that host's ``--include_path``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,16 @@ from string import Template
 
 TEMPLATE_DIR = Path(__file__).resolve().parent
 DATA_DIR = TEMPLATE_DIR / "data"
-TASK_NAMES = ("lostattn_pope", "lostattn_shapes_color")
+HOSTS = ("lmms_eval", "lm_eval")
+# host -> (template directory, task names)
+TASKS: dict[str, tuple[Path, tuple[str, ...]]] = {
+    "lmms_eval": (TEMPLATE_DIR, ("lostattn_pope", "lostattn_shapes_color")),
+    "lm_eval": (
+        TEMPLATE_DIR / "lm_eval",
+        ("lostattn_shapes_text_mc", "lostattn_shapes_text_gen", "lostattn_shapes_text_rolling"),
+    ),
+}
+TASK_NAMES = TASKS["lmms_eval"][1]
 
 
 def pope_yaml_path() -> Path:
@@ -33,27 +43,28 @@ def pope_yaml_path() -> Path:
     return path
 
 
-def render_tasks() -> dict[str, str]:
-    """Rendered YAML text of every task, keyed by file name."""
+def render_tasks(host: str = "lmms_eval") -> dict[str, str]:
+    """Rendered YAML text of every task of ``host`` (one of :data:`HOSTS`), keyed by file name."""
+    if host not in TASKS:
+        raise ValueError(f"unknown host {host!r}; the shipped tasks are for {', '.join(HOSTS)}")
+    folder, names = TASKS[host]
+    paths = {"data_dir": DATA_DIR, **({"pope_yaml": pope_yaml_path()} if host == "lmms_eval" else {})}
     # json.dumps escapes the value for the double-quoted YAML scalars in the templates
-    values = {
-        key: json.dumps(path.as_posix())[1:-1]
-        for key, path in {"pope_yaml": pope_yaml_path(), "data_dir": DATA_DIR}.items()
-    }
+    values = {key: json.dumps(path.as_posix())[1:-1] for key, path in paths.items()}
     return {
-        f"{name}.yaml": Template((TEMPLATE_DIR / f"{name}.yaml").read_text(encoding="utf-8")).substitute(values)
-        for name in TASK_NAMES
+        f"{name}.yaml": Template((folder / f"{name}.yaml").read_text(encoding="utf-8")).substitute(values)
+        for name in names
     }
 
 
-def tasks_path(cache_dir: str | os.PathLike[str] | None = None) -> Path:
-    """Directory with the rendered task YAMLs (only those), for ``lmms-eval --include_path``.
+def tasks_path(cache_dir: str | os.PathLike[str] | None = None, host: str = "lmms_eval") -> Path:
+    """Directory with the rendered task YAMLs of ``host`` (only those), for its ``--include_path``.
 
     Lives in ``<cache>/tasks-<hash>``, where ``<cache>`` is ``cache_dir``, else ``$LOSTATTN_CACHE``, else
     ``~/.cache/lmms_lostattn``, and ``<hash>`` covers the rendered text (templates, lmms-eval and data
     locations). Idempotent; created atomically (temporary directory, then rename).
     """
-    rendered = render_tasks()
+    rendered = render_tasks(host)
     digest = hashlib.sha256(json.dumps(rendered, sort_keys=True).encode()).hexdigest()[:16]
     root = Path(cache_dir or os.environ.get("LOSTATTN_CACHE") or "~/.cache/lmms_lostattn").expanduser().resolve()
     target = root / f"tasks-{digest}"

@@ -180,7 +180,29 @@ def make_color_rows(n: int, seed: int) -> list[dict]:
     return rows
 
 
-ROW_MAKERS = {"pope": make_pope_rows, "color": make_color_rows}
+def describe(scene: Scene) -> str:
+    """The scene in words, objects in drawing order: ``The picture shows a red circle and a blue star.``"""
+    names = [f"a {o.color} {o.shape}" for o in scene.objects]
+    listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + f" and {names[-1]}"
+    return f"The picture shows {listed}."
+
+
+def make_text_rows(n: int, seed: int) -> list[dict]:
+    """The colour rows of :func:`make_color_rows` (same scenes, same asked object) with the scene described in
+    words instead of drawn: text tasks for text LLMs (lm-eval), whose answer is in the context."""
+    return [
+        {
+            "question_id": row["question_id"].replace("color_", "text_"),
+            "description": describe(scene),
+            "question": row["question"],
+            "answer": row["answer"],
+            "shape": row["shape"],
+        }
+        for scene, row in zip(make_scenes(n, seed), make_color_rows(n, seed), strict=True)
+    ]
+
+
+ROW_MAKERS = {"pope": make_pope_rows, "color": make_color_rows, "text": make_text_rows}
 
 
 def write_parquet(path: str | Path, n: int, seed: int, kind: str = "pope") -> Path:

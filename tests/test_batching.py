@@ -12,15 +12,12 @@ intervention. The tolerances below cover those and stay under the smallest diffe
 
 from __future__ import annotations
 
-import copy
 import itertools
 import pathlib
 import re
 import sys
-from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -30,7 +27,7 @@ from lmms_eval.models import get_model
 from PIL import Image
 
 from lmms_lostattn import patterns
-from lmms_lostattn.model_wrappers.base import PROGRESS, RequestRows
+from lmms_lostattn.model_wrappers.lmms_eval.base import PROGRESS
 from lmms_lostattn.scope import InterventionError
 from lmms_lostattn.testing import tiny_model_dir
 
@@ -216,7 +213,7 @@ def _run(variant: str, simple: bool, batch_size: int, model_args: str) -> tuple[
         texts = [getattr(out, "text", out) for out in lm.generate_until(_requests(lm.is_simple))]
     stats = []
     for doc_id in range(DOCUMENTS):
-        (record,) = lm._run.records["toy", doc_id]
+        (record,) = lm.lostattn.run.records["toy", doc_id]
         values = record["values"]
         stats.append([v for m in ("attn", "ffn") for k in ("rid", "mixig") for v in values[m]["all"][k]])
     return texts, stats, draws
@@ -254,66 +251,4 @@ def test_a_class_that_runs_its_batches_one_prompt_at_a_time_falls_back_to_one_re
     assert "generate_until" not in lm.follows_batches
     lm.task_dict = {"toy": {"test": DOCS}}
     lm.generate_until(_requests(simple=True)[:3])
-    assert all(len(lm._run.records["toy", doc_id]) == 1 for doc_id in range(3))
-
-
-# -- RequestRows: rows that cannot be named are errors --------------------------------------------------------------
-
-
-def _rows(count: int) -> tuple[RequestRows, list[Instance]]:
-    requests = [
-        Instance(
-            "generate_until",
-            ("q", {}, None, doc_id, "toy", "test"),
-            0,
-            {"task": "toy", "doc_id": doc_id, "repeats": 1, "split": "test"},
-        )
-        for doc_id in range(count)
-    ]
-    run = SimpleNamespace(records={})
-    return RequestRows(requests, "LostAttnX", run, None, SimpleNamespace(update=lambda n: None)), requests
-
-
-def test_rows_are_named_by_their_documents_in_batch_order_and_repeat_for_beams() -> None:
-    rows, requests = _rows(4)
-    rows.batched([requests[2].args, requests[0].args])
-    rows.batched([requests[1].args, requests[3].args])
-    assert rows.next_prompt(2) == ["toy/test/2", "toy/test/0"]
-    assert rows.next_prompt(4) == ["toy/test/1", "toy/test/3"]  # two beams each: the scope repeats the names
-    rows.finish(ran_all=True)
-
-
-@pytest.mark.parametrize(
-    ("act", "message"),
-    [
-        (lambda rows, requests: rows.batched([("other",)]), r"1 request\(s\) that are not among those it was given"),
-        (lambda rows, requests: rows.next_prompt(1), r"beyond the batches it built"),
-        (
-            lambda rows, requests: (rows.batched([r.args for r in requests]), rows.next_prompt(1)),
-            r"prompt of 1 rows for its batch of 3",
-        ),
-        (
-            lambda rows, requests: (rows.batched([requests[0].args]), rows.finish(ran_all=True)),
-            r"built 1 batch\(es\) it never ran",
-        ),
-    ],
-    ids=["unknown-arguments", "prompt-beyond-batches", "prompt-smaller-than-batch", "batch-never-ran"],
-)
-def test_rows_that_cannot_be_named_are_errors(act: Callable, message: str) -> None:
-    rows, requests = _rows(3)
-    with pytest.raises(InterventionError, match=rf"LostAttnX's base class .*{message}"):
-        act(rows, requests)
-
-
-def test_a_padding_copy_of_a_request_gets_no_statistics() -> None:
-    """lmms-eval pads a short rank with shallow copies of its last request (the same argument tuple)."""
-    real = Instance("generate_until", ("q", {}, None, 0, "toy", "test"), 0, {"task": "toy", "doc_id": 0, "repeats": 1})
-    padding = copy.copy(real)
-    padding.metadata = {**real.metadata, "__padding_only__": True}
-    run = SimpleNamespace(records=defaultdict(list))
-    collector = SimpleNamespace(take=lambda: [{"row": 0}, {"row": 1}])
-    rows = RequestRows([real, padding], "LostAttnX", run, collector, SimpleNamespace(update=lambda n: None))
-    rows.batched([real.args, padding.args])
-    rows.next_prompt(2)
-    rows.finish(ran_all=True)
-    assert run.records == {("toy", 0): [{"row": 0}]}
+    assert all(len(lm.lostattn.run.records["toy", doc_id]) == 1 for doc_id in range(3))

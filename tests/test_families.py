@@ -30,7 +30,7 @@ from PIL import Image
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
 from lmms_lostattn.adapters import adapter_for
-from lmms_lostattn.model_wrappers.hf import HuggingfaceImageTextToText, MediaArgumentsProcessor
+from lmms_lostattn.model_wrappers.lmms_eval.hf import HuggingfaceImageTextToText, MediaArgumentsProcessor
 from lmms_lostattn.scope import intervene
 from lmms_lostattn.spec import FamilyPreset, InterventionSpec
 
@@ -218,10 +218,10 @@ def test_stats_paper_are_finite_for_every_layer(tiny_model: Callable[[str], path
     lm = _load(family.model_id, family.kinds[0], tiny_model(family.variant), family, **args)
     text = lm.model.config.get_text_config()
     spec = InterventionSpec.from_model_args({k: v for k, v in args.items() if k.startswith("attn")})
-    assert lm.intervention == spec.resolve(text.num_hidden_layers, text.num_attention_heads, family.preset)
+    assert lm.lostattn.intervention == spec.resolve(text.num_hidden_layers, text.num_attention_heads, family.preset)
     _texts(lm, family.kinds[0])
     for doc_id in range(len(DOCS)):
-        (record,) = lm._run.records[("toy", doc_id)]
+        (record,) = lm.lostattn.run.records[("toy", doc_id)]
         for module in ("attn", "ffn"):
             for metric in ("rid", "mixig"):
                 values = record["values"][module]["all"][metric]
@@ -284,7 +284,8 @@ def test_unsupported_models_are_refused_before_loading(
 def test_lmms_eval_huggingface_fails_on_transformers_5_as_lostattn_hf_says(
     tiny_model: Callable[[str], pathlib.Path],
 ) -> None:
-    """The two failures ``model_wrappers/hf.py`` fixes; when this fails, lmms-eval fixed them and the fixes can go."""
+    """The two failures ``model_wrappers/lmms_eval/hf.py`` fixes; when this fails, lmms-eval fixed them and the fixes
+    can go."""
     lm = get_model("huggingface")(pretrained=str(tiny_model("llava")), **_CPU)
     assert type(lm.model).__name__ == "LlavaModel"  # AutoModel: no LM head, no generate()
     assert not hasattr(lm.model, "lm_head") and not hasattr(lm.model, "generate")

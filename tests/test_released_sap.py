@@ -16,7 +16,7 @@ from torch import nn
 
 from lmms_lostattn.adapters import adapter_for
 from lmms_lostattn.patterns import Coordinates
-from lmms_lostattn.scope import PromptState, Scope, sdpa_attention_forward
+from lmms_lostattn.scope import NO_END, PromptState, Scope, sdpa_attention_forward
 from lmms_lostattn.spec import InterventionSpec
 from lmms_lostattn.testing import make_tiny_model
 
@@ -74,7 +74,7 @@ def _prompt_state(batch: int, total: int) -> PromptState:
     visual = torch.zeros(batch, total, dtype=torch.bool)
     visual[:, IMAGE.start : IMAGE.stop] = True
     keys = torch.tensor([1000 + 17 * b for b in range(batch)])
-    return PromptState(ids, visual, torch.zeros(batch, dtype=torch.long), keys)
+    return PromptState(ids, visual, torch.zeros(batch, dtype=torch.long), torch.full((batch,), NO_END), keys)
 
 
 @pytest.mark.parametrize("kv_heads", [HEADS, 2], ids=["MHA", "GQA"])

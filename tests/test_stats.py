@@ -13,7 +13,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from lmms_lostattn import stats as stats_module
 from lmms_lostattn.adapters import adapter_for
 from lmms_lostattn.metrics import decompose, mixig, module_stats, rid
-from lmms_lostattn.scope import PromptState, intervene
+from lmms_lostattn.scope import NO_END, PromptState, intervene
 from lmms_lostattn.spec import InterventionSpec, StatsConfig
 from lmms_lostattn.stats import StatsCollector, aggregate, layer_mean, mean_records
 
@@ -201,6 +201,7 @@ def test_collector_decomposes_each_stream_once(monkeypatch, chained: bool) -> No
         prompt_ids=torch.zeros(1, 9, dtype=torch.long),
         is_visual=torch.zeros(1, 9, dtype=torch.bool),
         first_real=torch.tensor([1]),
+        real_end=torch.tensor([NO_END]),
         sample_key=torch.zeros(1, dtype=torch.long),
     )
     collector = StatsCollector(StatsConfig(kind="all"), layers)
@@ -231,14 +232,20 @@ def test_a_non_finite_stream_names_the_layer_and_sample_and_padding_is_ignored()
         prompt_ids=torch.zeros(2, 9, dtype=torch.long),
         is_visual=torch.zeros(2, 9, dtype=torch.bool),
         first_real=torch.tensor([0, 3]),
+        real_end=torch.tensor([6, NO_END]),  # sample 0 right-padded after 6 tokens, sample 1 left-padded
         sample_key=torch.arange(2),
     )
     gen = torch.Generator().manual_seed(0)
     x, d_attn, d_ffn = (torch.randn(2, 9, 6, generator=gen) for _ in range(3))
-    d_ffn[1, :3] = float("nan")  # padding rows of sample 1: never measured
+    d_ffn[1, :3] = float("nan")  # padding rows: never measured
+    d_ffn[0, 6:] = float("nan")
     collector = StatsCollector(StatsConfig(kind="paper"), num_layers=4)
     collector(0, x, d_attn, d_ffn, state)
-    assert math.isfinite(collector.take()[1]["values"]["ffn"]["all"]["rid"][0])
+    records = collector.take()
+    assert records[0]["values"]["ffn"]["all"]["rid"][0] == pytest.approx(
+        module_stats((x + d_attn)[0, :6], d_ffn[0, :6], kind="paper")["rid"], abs=1e-6
+    )
+    assert math.isfinite(records[1]["values"]["ffn"]["all"]["rid"][0])
     d_ffn[1, 5, 2] = float("inf")
     message = r"after the FFN update of decoder layer 2 is not finite \(sample 1 .*bfloat16"
     with pytest.raises(ValueError, match=message):

@@ -11,7 +11,7 @@ import sys
 import pytest
 from cli_helpers import results_of, run_cli, samples_of
 
-from lmms_lostattn.model_wrappers.base import PROGRESS
+from lmms_lostattn.model_wrappers.lmms_eval.base import PROGRESS
 
 pytestmark = pytest.mark.cli
 

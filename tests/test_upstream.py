@@ -18,13 +18,14 @@ from lmms_lostattn import upstream
 from lmms_lostattn.__main__ import main
 from lmms_lostattn.adapters import adapter_for
 from lmms_lostattn.doctor import doctor
-from lmms_lostattn.model_wrappers.contacts import CONTACT_POINTS as HOST_POINTS
+from lmms_lostattn.model_wrappers.lm_eval.contacts import CONTACT_POINTS as LM_EVAL_POINTS
+from lmms_lostattn.model_wrappers.lmms_eval.contacts import CONTACT_POINTS as HOST_POINTS
 from lmms_lostattn.scope import _attention_implementation, intervene, text_config_key
 from lmms_lostattn.spec import InterventionSpec
 from lmms_lostattn.testing import FAMILY_VARIANTS, make_tiny_model
 from lmms_lostattn.upstream import CONTACT_POINTS, UpstreamError
 
-ALL_POINTS = (*CONTACT_POINTS, *HOST_POINTS)
+ALL_POINTS = (*CONTACT_POINTS, *HOST_POINTS, *LM_EVAL_POINTS)
 
 
 @pytest.mark.parametrize("point", ALL_POINTS, ids=[point.name for point in ALL_POINTS])
@@ -193,9 +194,13 @@ def test_every_family_has_what_the_scope_needs(variant: str) -> None:
     layers = adapter.decoder_layers(model)
     upstream.check_model(model, [adapter.attention_module(layer) for layer in layers], eager=True)
     config = model.config
-    before = {name: getattr(config, name)._attn_implementation for name in config.sub_configs}
+
+    def implementations() -> dict[str, str]:  # per sub-config; a text LLM's own config is its text config ("")
+        configs = {name: getattr(config, name) for name in config.sub_configs} or {"": config}
+        return {name: sub._attn_implementation for name, sub in configs.items()}
+
+    before = implementations()
     text_key = text_config_key(model)
     with _attention_implementation(model):
-        during = {name: getattr(config, name)._attn_implementation for name in config.sub_configs}
-        assert during == {**before, text_key: "lostattn"}
-    assert {name: getattr(config, name)._attn_implementation for name in config.sub_configs} == before
+        assert implementations() == {**before, text_key: "lostattn" if before[text_key] == "sdpa" else "lostattn_eager"}
+    assert implementations() == before

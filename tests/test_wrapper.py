@@ -14,8 +14,8 @@ from lmms_eval.models.simple.llava_hf import LlavaHf as LlavaHfSimple
 from PIL import Image
 from transformers import LlavaForConditionalGeneration
 
-from lmms_lostattn.model_wrappers.base import LostAttnMixin, bracket_list_values
-from lmms_lostattn.model_wrappers.llava import LostAttnLlavaChat, LostAttnLlavaSimple
+from lmms_lostattn.model_wrappers.lmms_eval.base import LostAttnMixin, bracket_list_values
+from lmms_lostattn.model_wrappers.lmms_eval.llava import LostAttnLlavaChat, LostAttnLlavaSimple
 from lmms_lostattn.registration import get_manifests
 from lmms_lostattn.scope import InterventionError, Scope
 from lmms_lostattn.spec import SpecError
@@ -92,7 +92,7 @@ def test_interventions_change_answers_and_record_their_hash(tiny_llava: pathlib.
         LostAttnLlavaChat, tiny_llava, "chat", [0, 1], attn="knockout", attn_layers="all", attn_rows="all"
     )
     assert edited != base
-    assert lm.intervention.mode == "knockout" and len(lm.intervention.hash) == 12
+    assert lm.lostattn.intervention.mode == "knockout" and len(lm.lostattn.intervention.hash) == 12
 
 
 @pytest.mark.parametrize(
@@ -120,7 +120,7 @@ def test_bad_arguments_fail_before_the_model_loads(
 def test_the_base_classes_attn_implementation_argument_passes_through(tiny_llava: pathlib.Path, wrapper) -> None:
     lm = wrapper(pretrained=str(tiny_llava), **CPU, attn_implementation="eager", attn="uniform", attn_layers="1")
     assert lm.model.config.get_text_config()._attn_implementation == "eager"
-    assert lm.intervention.mode == "uniform" and lm.intervention.layers == (1,)
+    assert lm.lostattn.intervention.mode == "uniform" and lm.lostattn.intervention.layers == (1,)
 
 
 def test_errors_inside_generate_are_raised_not_swallowed(

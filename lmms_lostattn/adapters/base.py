@@ -9,17 +9,22 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from lmms_lostattn import upstream
-from lmms_lostattn.spec import PRIOR_MODES, FamilyPreset, SpecError
+from lmms_lostattn.spec import PRIOR_MODES, FamilyPreset, Intervention, SpecError, StatsConfig
 
 _VISUAL_TOKEN_ATTRS = ("image_token_id", "image_token_index", "video_token_id", "video_token_index")
 
 
 @dataclass(frozen=True)
 class FamilyAdapter:
-    """Where an LVLM family keeps its decoder layers, attention, MLP and visual tokens.
+    """Where a decoder family keeps its decoder layers, attention, MLP and visual tokens.
 
     ``layer_style`` says how a decoder layer adds its updates to the residual stream: ``pre_norm``
-    (Llama/Qwen: Y = X + attn(norm X) + mlp(norm H)) or ``sandwich`` (Gemma: post-module norms before each add).
+    (Llama/Qwen: Y = X + attn(norm X) + mlp(norm H)), ``sandwich`` (Gemma, OLMo-2: post-module norms before each
+    add, whose outputs are the updates) or ``parallel`` (GPT-NeoX/Pythia: Y = X + attn(norm X) + mlp(norm' X), both
+    read X; the statistics take the two updates in the order of the sum: the attention update on X -> X + dA, the
+    FFN update on X + dA -> Y). ``images``: whether the family's prompts hold image tokens (False for text LLMs,
+    where every token is text). ``layers``: the decoder's attribute holding its layers; ``qkv``: the query, key and
+    value projections, or one fused projection (``noise_qkv`` needs them separate).
     ``patch_prior_types``: the model types whose image tokens are one per vision patch, in the patch grid's
     row-major order (the class token first where the config keeps it), so the image priors of
     :mod:`lmms_lostattn.priors` map onto them; ``vision_tower`` and ``vision_layers`` locate the tower and its
@@ -29,9 +34,11 @@ class FamilyAdapter:
     family: str
     model_types: tuple[str, ...]
     layer_style: str = "pre_norm"
+    images: bool = True
+    layers: str = "layers"
     attention: str = "self_attn"
     mlp: str = "mlp"
-    qkv: tuple[str, str, str] = ("q_proj", "k_proj", "v_proj")
+    qkv: tuple[str, ...] = ("q_proj", "k_proj", "v_proj")
     paper_presets: Mapping[str, FamilyPreset] = field(default_factory=dict)
     patch_prior_types: tuple[str, ...] = ()
     vision_tower: str = "model.vision_tower"
@@ -44,10 +51,12 @@ class FamilyAdapter:
 
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         """The language decoder's layers, in order."""
-        return model.get_decoder().layers
+        return getattr(model.get_decoder(), self.layers)
 
     def visual_token_ids(self, config: PretrainedConfig) -> tuple[int, ...]:
         """Token ids that stand for image or video patches in ``input_ids``."""
+        if not self.images:
+            return ()
         ids = {getattr(config, name) for name in _VISUAL_TOKEN_ATTRS if isinstance(getattr(config, name, None), int)}
         if not ids:
             raise ValueError(
@@ -65,6 +74,32 @@ class FamilyAdapter:
                 f"lostattn: attn={mode} maps a prior over the vision patches onto the image tokens, which needs one "
                 f"token per patch (model types: {supported}); {config.model_type} produces its image tokens "
                 "otherwise (merged patches, tiles or pooling). Use attn=gaussian or another mode."
+            )
+
+    def check_intervention(self, config: PretrainedConfig, intervention: Intervention, stats: StatsConfig) -> None:
+        """Refuse, before the weights load, what this family cannot run: :meth:`check_mode`, image tokens a text
+        model does not have, and ``noise_qkv`` on a fused q/k/v projection."""
+        self.check_mode(config, intervention.mode)
+        if not self.images:
+            asked = []
+            if intervention.edits_weights:
+                asked += [
+                    f"{arg}=image"
+                    for arg, value in (("attn_keys", intervention.keys), ("attn_rows", intervention.rows))
+                    if value == "image"
+                ]
+            asked += [f"stats_groups={','.join(stats.groups)}"] if "image" in stats.groups else []
+            if asked:
+                raise SpecError(
+                    f"lostattn: {', '.join(asked)} ask for image tokens, and {config.model_type} is a text model "
+                    "without them; use attn_keys=text|all, attn_rows=last|text|all and stats_groups=all|text "
+                    "(every attention-weight mode but identity edits image keys unless attn_keys is given)"
+                )
+        if intervention.mode == "noise_qkv" and len(self.qkv) != 3:
+            raise SpecError(
+                "lostattn: attn=noise_qkv redraws the query, key and value projections separately; "
+                f"{config.model_type} fuses them in one ({'/'.join(self.qkv)}). Use attn=noise_delta or an "
+                "attention-weight mode."
             )
 
     def vision_modules(self, model: nn.Module) -> tuple[nn.Module, nn.Module]:

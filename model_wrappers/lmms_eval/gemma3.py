@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from lmms_eval.models.simple.gemma3 import Gemma3 as Gemma3Simple
 
-from lmms_lostattn.model_wrappers.base import LostAttnMixin
+from lmms_lostattn.model_wrappers.lmms_eval.base import LostAttnMixin
 
 
 class LostAttnGemma3Simple(LostAttnMixin, Gemma3Simple):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from lmms_eval.models.simple.mistral3_vl import Mistral3_VL as Mistral3_VLSimple
 
-from lmms_lostattn.model_wrappers.base import LostAttnMixin
+from lmms_lostattn.model_wrappers.lmms_eval.base import LostAttnMixin
 
 
 class LostAttnMistral3_VLSimple(LostAttnMixin, Mistral3_VLSimple):

@@ -25,7 +25,7 @@ from transformers import AutoConfig
 
 from lmms_lostattn.adapters import adapter_for
 from lmms_lostattn.compare import csv_text, markdown, reproduction_table1, reproduction_table2
-from lmms_lostattn.model_wrappers.base import bracket_list_values
+from lmms_lostattn.model_wrappers.lmms_eval.base import bracket_list_values
 from lmms_lostattn.runs import RESULTS_SUFFIX, RunError, load_run, run_lmms_eval
 from lmms_lostattn.spec import InterventionSpec, SpecError
 from lmms_lostattn.upstream import internal

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from lmms_eval.models.chat.internvl_hf import InternVLHf as InternVLHfChat
 
-from lmms_lostattn.model_wrappers.base import LostAttnMixin
+from lmms_lostattn.model_wrappers.lmms_eval.base import LostAttnMixin
 
 
 class LostAttnInternVLChat(LostAttnMixin, InternVLHfChat):

@@ -21,9 +21,6 @@ from __future__ import annotations
 import functools
 import json
 import pathlib
-from collections import defaultdict
-from dataclasses import dataclass, field
-from importlib.metadata import version
 from typing import Any
 
 from lmms_eval import evaluator
@@ -31,42 +28,9 @@ from lmms_eval.api.metrics import mean
 from lmms_eval.loggers.evaluation_tracker import EvaluationTracker
 from loguru import logger
 
-from lmms_lostattn.metrics import RANK_EPS
-from lmms_lostattn.spec import Intervention, StatsConfig, spec_hash
-from lmms_lostattn.stats import aggregate, layer_mean, mean_records, table_group, table_rows
+from lmms_lostattn.model_wrappers.plugin import Run
+from lmms_lostattn.model_wrappers.results import LAYERS_METRIC, SAMPLES_METRIC, aggregate_layers, document_metrics
 from lmms_lostattn.upstream import internal
-
-LAYERS_METRIC = "lostattn_layers"
-SAMPLES_METRIC = "lostattn_samples"
-
-
-@dataclass
-class Run:
-    """What one lostattn model contributes to the run's outputs."""
-
-    model: str
-    intervention: Intervention
-    stats: StatsConfig
-    records: dict[tuple[str, Any], list[dict[str, Any]]] = field(default_factory=lambda: defaultdict(list))
-
-    def describe(self) -> dict[str, Any]:
-        settings = {
-            **self.stats.to_dict(),
-            "table_group": table_group(self.stats) if self.stats.kind != "none" else None,
-            "mixig": {"alpha": 8.0, "agg": "last"},
-            "mixig_mean": {"alpha": 1.0, "agg": "mean"} if self.stats.kind == "all" else None,
-            "rank_tolerance": f"max(S, H) * {RANK_EPS:.6g} * sigma_max",
-            "token_cap_rule": "rows round(i*(S-1)/(cap-1)), i=0..cap-1 (first and last kept) when S > cap",
-            "computed_on": "prefill pass of each request, float32, non-padding tokens",
-        }
-        return {
-            "model": self.model,
-            "spec_hash": spec_hash(self.intervention, self.stats),
-            "intervention": self.intervention.to_dict(),
-            "stats": settings,
-            "versions": {name: version(name) for name in ("lmms-lostattn", "lmms_eval", "torch", "transformers")},
-        }
-
 
 _RUN: Run | None = None
 
@@ -78,21 +42,7 @@ def begin_run(run: Run) -> None:
     _install()
 
 
-def document_metrics(records: list[dict[str, Any]], stats: StatsConfig) -> dict[str, Any]:
-    """The per-document metric values: table rows, coverage, and the per-layer record for the sidecar."""
-    if not records:
-        return {SAMPLES_METRIC: 0}
-    record = mean_records(records)
-    group = table_group(stats)
-    values = {row: layer_mean(record, module, group, metric) for (metric, module), row in table_rows(stats).items()}
-    return {**{k: v for k, v in values.items() if v is not None}, SAMPLES_METRIC: 1, LAYERS_METRIC: record}
-
-
-def _aggregate_layers(items: list[dict[str, Any]]) -> dict[str, Any]:
-    return {"samples": len(items), "per_layer": aggregate(items)}
-
-
-_AGGREGATIONS = {SAMPLES_METRIC: sum, LAYERS_METRIC: _aggregate_layers}  # the table rows: mean
+_AGGREGATIONS = {SAMPLES_METRIC: sum, LAYERS_METRIC: aggregate_layers}  # the table rows: mean
 
 
 def _process_document_results(original: Any, item: tuple, *, task: Any, **kwargs: Any) -> Any:

@@ -23,7 +23,7 @@ import lmms_eval.models.chat.huggingface as lmms_eval_huggingface
 from lmms_eval.models.chat.huggingface import Huggingface
 from transformers import AutoModelForImageTextToText
 
-from lmms_lostattn.model_wrappers.base import LostAttnMixin
+from lmms_lostattn.model_wrappers.lmms_eval.base import LostAttnMixin
 
 _DEFAULT_PRETRAINED = inspect.signature(Huggingface.__init__).parameters["pretrained"].default
 _MEDIA_ARGUMENTS = {"images": "images", "videos": "videos", "audios": "audio"}  # lmms-eval's name -> processor's

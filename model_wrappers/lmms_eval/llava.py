@@ -5,7 +5,7 @@ from __future__ import annotations
 from lmms_eval.models.chat.llava_hf import LlavaHf as LlavaHfChat
 from lmms_eval.models.simple.llava_hf import LlavaHf as LlavaHfSimple
 
-from lmms_lostattn.model_wrappers.base import LostAttnMixin
+from lmms_lostattn.model_wrappers.lmms_eval.base import LostAttnMixin
 
 
 class LostAttnLlavaSimple(LostAttnMixin, LlavaHfSimple):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from lmms_eval.models.chat.qwen3_vl import Qwen3_VL as Qwen3_VLChat
 from lmms_eval.models.simple.qwen3_vl import Qwen3_VL as Qwen3_VLSimple
 
-from lmms_lostattn.model_wrappers.base import LostAttnMixin
+from lmms_lostattn.model_wrappers.lmms_eval.base import LostAttnMixin
 
 
 class LostAttnQwen3_VLSimple(LostAttnMixin, Qwen3_VLSimple):

@@ -41,7 +41,7 @@ def _reentrant_filelocks() -> None:
 
 def _wrapped_classes() -> Iterator[tuple[type, type]]:
     """Each registered plugin class with the lmms-eval class it wraps."""
-    from lmms_lostattn.model_wrappers.base import LostAttnMixin
+    from lmms_lostattn.model_wrappers.lmms_eval.base import LostAttnMixin
     from lmms_lostattn.registration import get_manifests
 
     for manifest in get_manifests():
@@ -92,7 +92,7 @@ def _smart_comma_split() -> None:
 
 def _model_registry() -> None:
     """``--model lostattn_llava`` resolves through the ``lmms_eval.models`` entry points to the plugin's classes."""
-    from lmms_lostattn.model_wrappers.llava import LostAttnLlavaChat, LostAttnLlavaSimple
+    from lmms_lostattn.model_wrappers.lmms_eval.llava import LostAttnLlavaChat, LostAttnLlavaSimple
 
     get_model = internal("lmms_eval.models", "get_model")
     expect(get_model("lostattn_llava") is LostAttnLlavaChat, "lostattn_llava does not resolve to the chat class")

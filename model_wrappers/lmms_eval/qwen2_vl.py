@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from lmms_eval.models.simple.qwen2_vl import Qwen2_VL as Qwen2_VLSimple
 
-from lmms_lostattn.model_wrappers.base import LostAttnMixin
+from lmms_lostattn.model_wrappers.lmms_eval.base import LostAttnMixin
 
 
 class LostAttnQwen2_VLSimple(LostAttnMixin, Qwen2_VLSimple):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from lmms_eval.models.simple.idefics2 import Idefics2 as Idefics2Simple
 
-from lmms_lostattn.model_wrappers.base import LostAttnMixin
+from lmms_lostattn.model_wrappers.lmms_eval.base import LostAttnMixin
 
 
 class LostAttnIdefics2Simple(LostAttnMixin, Idefics2Simple):

@@ -1,0 +1,92 @@
+"""Statistics into lm-eval's own outputs, for any task and group.
+
+lm-eval 0.4.13 takes metrics only from each task's ``process_results``, so the ``lostattn-lm-eval`` command wraps
+``lm_eval.evaluator.evaluate`` (inert unless a lostattn model registered a :class:`Run`). On the results it returns
+(rank 0), it adds, for every task and group:
+
+* the rows ``lostattn_{rid,mixig}_{attn,ffn}`` with their ``_stderr`` (the mean over documents of each document's
+  layer mean, stderr of that mean) and ``lostattn_samples`` (documents with statistics: fewer than the task's when
+  ``--use_cache`` answered some), under lm-eval's ``none`` filter, so its table prints them and its results JSON
+  holds them;
+* each document's values in its ``--log_samples`` record;
+* ``results["lostattn"]``: the intervention, its hash, the statistics settings, versions, and per task the
+  per-layer means and stderrs (what lmms-eval runs write to the sidecar).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import defaultdict
+from collections.abc import Iterable
+from typing import Any
+
+from lm_eval import evaluator
+from lm_eval.api.metrics import mean, mean_stderr
+
+from lmms_lostattn.model_wrappers.plugin import Run
+from lmms_lostattn.model_wrappers.results import LAYERS_METRIC, SAMPLES_METRIC, aggregate_layers, document_metrics
+from lmms_lostattn.stats import table_rows
+from lmms_lostattn.upstream import internal
+
+FILTER = "none"
+_RUN: Run | None = None
+
+
+def begin_run(run: Run) -> None:
+    """Make ``run`` the one whose statistics and settings go into this process's lm-eval results."""
+    global _RUN
+    _RUN = run
+    install()
+
+
+def _leaves(name: str, subtasks: dict[str, list[str]]) -> Iterable[str]:
+    for child in subtasks.get(name, ()):
+        yield from _leaves(child, subtasks) if child in subtasks else (child,)
+
+
+def _rows(documents: list[dict[str, Any]], names: Iterable[str]) -> dict[str, Any]:
+    rows: dict[str, Any] = {}
+    for name in names:
+        values = [document[name] for document in documents if name in document]
+        if values:
+            rows[f"{name},{FILTER}"] = mean(values)
+            rows[f"{name}_stderr,{FILTER}"] = mean_stderr(values) if len(values) > 1 else "N/A"
+    rows[f"{SAMPLES_METRIC},{FILTER}"] = sum(document[SAMPLES_METRIC] for document in documents)
+    return rows
+
+
+def add_statistics(results: dict[str, Any], run: Run) -> None:
+    """Add the run's statistics rows, per-sample values and settings to lm-eval's ``results`` (see the module)."""
+    per_task: dict[str, dict[Any, dict[str, Any]]] = defaultdict(dict)
+    for (task, doc_id), records in run.records.items():
+        per_task[task][doc_id] = document_metrics(records, run.stats)
+    subtasks = results.get("group_subtasks", {})
+    names = list(table_rows(run.stats).values())
+    for section in ("results", "groups"):
+        for name, metrics in results.get(section, {}).items():
+            tasks = list(_leaves(name, subtasks)) if name in subtasks else [name]
+            documents = [document for task in tasks for document in per_task.get(task, {}).values()]
+            metrics.update(_rows(documents, names))
+    for task, samples in results.get("samples", {}).items():
+        for sample in samples:
+            values = per_task.get(task, {}).get(sample.get("doc_id"), {SAMPLES_METRIC: 0})
+            sample.update({key: value for key, value in values.items() if key != LAYERS_METRIC})
+    layers = {
+        task: aggregate_layers([values[LAYERS_METRIC] for values in documents.values() if LAYERS_METRIC in values])
+        for task, documents in per_task.items()
+    }
+    results["lostattn"] = {**run.describe(), "tasks": layers}
+
+
+def _evaluate(original: Any, *args: Any, **kwargs: Any) -> Any:
+    results = original(*args, **kwargs)
+    if _RUN is not None and results is not None and _RUN.stats.kind != "none":
+        add_statistics(results, _RUN)
+    return results
+
+
+@functools.cache
+def install() -> None:
+    """Wrap ``lm_eval.evaluator.evaluate`` (once per process; inert while no Run is registered)."""
+    original = internal("lm_eval.evaluator", "evaluate")
+    evaluator.evaluate = functools.wraps(original)(functools.partial(_evaluate, original))

@@ -1,0 +1,324 @@
+"""The lm-evaluation-harness host: ``lostattn-hf`` against lm-eval's own ``hf`` on tiny models of every text family,
+batch-size invariance of every mode on right-padded scoring rows, the continuation rows ``attn_rows=last`` edits,
+errors before loading, and ``lostattn-lm-eval`` end to end on the shipped text tasks (multiple choice, generation,
+rolling loglikelihood)."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+from cli_helpers import OFFLINE
+from lm_eval.api.instance import Instance
+from lm_eval.models.hf_vlms import HFMultimodalLM
+from lm_eval.models.huggingface import HFLM
+from PIL import Image
+
+from lmms_lostattn.adapters import adapter_for
+from lmms_lostattn.model_wrappers.lm_eval.launcher import bracket_model_args
+from lmms_lostattn.model_wrappers.lm_eval.models import LostAttnHFLM, LostAttnHFMultimodalLM
+from lmms_lostattn.scope import intervene
+from lmms_lostattn.spec import InterventionSpec, SpecError
+from lmms_lostattn.tasks import tasks_path
+from lmms_lostattn.testing import TEXT_VARIANTS
+
+MODES = ["none", "gaussian", "uniform", "identity", "sink", "shuffle", "knockout", "noise_delta", "noise_qkv"]
+_CPU = {"device": "cpu", "dtype": "float32"}
+# (context, continuations): one-token choices share a row under lm-eval's logits cache; multi-token ones do not;
+# the contexts differ in length, so batches of 4 right-pad
+DOCS = [
+    ("The car is", [" red", " blue", " green"]),
+    ("USER: Is there a dog in the image? ASSISTANT:", [" Yes", " No"]),
+    ("What color", [" is the car?", " 1 2 3"]),
+    ("A small white cat sits on a wooden table next to a blue cup. The cup is", [" blue", " a cup of"]),
+]
+GENERATE = ["The car is", "USER: What color is the car? ASSISTANT:", "Options: A. red B. green"]
+
+
+def _scoring_requests() -> list[Instance]:
+    return [
+        Instance("loglikelihood", {}, (context, continuation), index, ("toy", doc_id, 1))
+        for doc_id, (context, continuations) in enumerate(DOCS)
+        for index, continuation in enumerate(continuations)
+    ]
+
+
+def _generation_requests() -> list[Instance]:
+    gen_kwargs = {"until": ["\n"], "max_gen_toks": 4, "do_sample": False}
+    return [
+        Instance("generate_until", {}, (context, dict(gen_kwargs)), 0, ("toy", doc_id, 1))
+        for doc_id, context in enumerate(GENERATE)
+    ]
+
+
+def _extra(mode: str) -> dict[str, str]:
+    """A text model has no image tokens: the attention-weight modes edit every key (identity's default)."""
+    return {} if mode in ("none", "noise_delta", "noise_qkv", "identity") else {"attn_keys": "all"}
+
+
+@pytest.mark.parametrize("variant", TEXT_VARIANTS)
+def test_attn_none_with_statistics_scores_and_generates_like_lm_eval_hf(
+    tiny_model: Callable[[str], pathlib.Path], variant: str
+) -> None:
+    """The scope attached (stats=paper) leaves lm-eval's loglikelihoods (1e-5) and greedy generations unchanged,
+    at batch size 1 and 4; every document gets finite statistics."""
+    path = str(tiny_model(variant))
+    for batch_size in (1, 4):
+        base = HFLM(pretrained=path, batch_size=batch_size, **_CPU)
+        ours = LostAttnHFLM(pretrained=path, batch_size=batch_size, stats="paper", **_CPU)
+        expected, got = base.loglikelihood(_scoring_requests()), ours.loglikelihood(_scoring_requests())
+        assert [greedy for _, greedy in got] == [greedy for _, greedy in expected]
+        assert [value for value, _ in got] == pytest.approx([value for value, _ in expected], abs=1e-5)
+        assert ours.generate_until(_generation_requests()) == base.generate_until(_generation_requests())
+        records = ours.lostattn.run.records
+        assert {doc_id for _, doc_id in records} == set(range(max(len(DOCS), len(GENERATE))))
+        layers = len(adapter_for(ours.model.config).decoder_layers(ours.model))
+        for record in (r for rs in records.values() for r in rs):
+            values = record["values"]["attn"]["all"]["rid"]
+            assert len(values) == layers and all(value is not None and 0 <= value <= 1 for value in values)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_every_mode_scores_each_row_as_at_batch_size_one(tiny_model: Callable[[str], pathlib.Path], mode: str) -> None:
+    """Right-padded batches of 4 (shared multiple-choice rows included): each request's loglikelihood and each
+    document's statistics equal their batch-of-one values (float32; the base model's own batch differences are
+    below 1e-5 here), and the generations are equal."""
+    path = str(tiny_model("llama"))
+    runs = {}
+    for batch_size in (1, 4):
+        lm = LostAttnHFLM(pretrained=path, batch_size=batch_size, attn=mode, stats="paper", **_extra(mode), **_CPU)
+        runs[batch_size] = (
+            lm.loglikelihood(_scoring_requests()),
+            lm.generate_until(_generation_requests()),
+            dict(lm.lostattn.run.records),
+        )
+    (scores_1, texts_1, records_1), (scores_4, texts_4, records_4) = runs[1], runs[4]
+    assert [value for value, _ in scores_4] == pytest.approx([value for value, _ in scores_1], abs=1e-5)
+    assert texts_4 == texts_1
+    assert records_4.keys() == records_1.keys()
+    for key, records in records_1.items():
+        for one, four in zip(records, records_4[key], strict=True):
+            for metric in ("rid", "mixig"):
+                for module in ("attn", "ffn"):
+                    a, b = one["values"][module]["all"][metric], four["values"][module]["all"][metric]
+                    assert b == pytest.approx(a, abs=1e-5), (key, module, metric)
+    if mode != "none":
+        base = LostAttnHFLM(pretrained=path, batch_size=4, **_CPU).loglikelihood(_scoring_requests())
+        assert any(abs(a[0] - b[0]) > 1e-4 for a, b in zip(base, scores_4, strict=True)), "the mode changed nothing"
+
+
+@pytest.mark.parametrize("mode", ["uniform", "knockout"])
+def test_attn_rows_last_edits_the_rows_that_predict_the_continuation(
+    tiny_model: Callable[[str], pathlib.Path], mode: str
+) -> None:
+    """lm-eval's right-padded scoring pass edits what a labelled forward edits (lmms-eval's scoring path: the rows
+    from the one before the first labelled token on): the same sum of continuation log-probabilities."""
+    path = str(tiny_model("qwen2"))
+    lm = LostAttnHFLM(pretrained=path, batch_size=4, attn=mode, attn_keys="all", attn_layers="all", **_CPU)
+    got = [value for value, _ in lm.loglikelihood(_scoring_requests())]
+    model = lm.model
+    intervention = InterventionSpec.from_model_args({"attn": mode, "attn_keys": "all", "attn_layers": "all"}).resolve(
+        model.config.num_hidden_layers, model.config.num_attention_heads
+    )
+    expected = []
+    with intervene(model, intervention, adapter_for(model.config)), torch.no_grad():
+        for context, continuations in DOCS:
+            for continuation in continuations:
+                context_ids, continuation_ids = lm._encode_pair(context, continuation)
+                ids = torch.tensor([context_ids + continuation_ids])
+                labels = torch.full_like(ids, -100)
+                labels[0, len(context_ids) :] = ids[0, len(context_ids) :]
+                logits = model(input_ids=ids, labels=labels).logits.log_softmax(-1)[0]
+                rows = torch.arange(len(context_ids) - 1, ids.shape[1] - 1)
+                expected.append(float(logits[rows, ids[0, rows + 1]].sum()))
+    assert got == pytest.approx(expected, abs=1e-4)
+
+
+def _image_requests(image_token: str) -> list[Instance]:
+    gen_kwargs = {"until": ["\n"], "max_gen_toks": 4, "do_sample": False}
+    return [
+        Instance(
+            "generate_until",
+            {},
+            (
+                f"{image_token} Is there a {shape} in the image?",
+                dict(gen_kwargs),
+                {"visual": [Image.new("RGB", (32, 32), color)]},
+            ),
+            0,
+            ("mm", doc_id, 1),
+        )
+        for doc_id, (shape, color) in enumerate([("cat", "red"), ("dog", "blue"), ("circle", "green")])
+    ]
+
+
+@pytest.mark.parametrize("variant", ["llava", "qwen2_5_vl"])
+def test_hf_multimodal_generates_like_lm_eval_and_each_row_as_alone(
+    tiny_model: Callable[[str], pathlib.Path], variant: str
+) -> None:
+    """``lostattn-hf-multimodal``: with statistics attached the generations are lm-eval's own; knocking out every
+    image key in every layer changes them, and each row of a batch of 2 generates as at batch size 1."""
+    path = str(tiny_model(variant))
+    image_token = {"llava": "<image>", "qwen2_5_vl": "<|vision_start|><|image_pad|><|vision_end|>"}[variant]
+    knockout = {"attn": "knockout", "attn_layers": "all", "attn_rows": "text"}
+    texts = {}
+    for batch_size in (1, 2):
+        base = HFMultimodalLM(pretrained=path, batch_size=batch_size, **_CPU)
+        ours = LostAttnHFMultimodalLM(pretrained=path, batch_size=batch_size, stats="paper", **_CPU)
+        expected = base.generate_until(_image_requests(image_token))
+        assert ours.generate_until(_image_requests(image_token)) == expected
+        assert sorted(ours.lostattn.run.records) == [("mm", doc_id) for doc_id in range(3)]
+        edited = LostAttnHFMultimodalLM(pretrained=path, batch_size=batch_size, **knockout, **_CPU)
+        texts[batch_size] = edited.generate_until(_image_requests(image_token))
+        assert texts[batch_size] != expected
+    assert texts[2] == texts[1]
+
+
+@pytest.mark.parametrize(
+    ("variant", "args", "message"),
+    [
+        ("llama", {"attn": "uniform"}, r"attn_keys=image ask for image tokens, and llama is a text model"),
+        (
+            "llama",
+            {"attn": "gaussian", "attn_rows": "image", "attn_keys": "all"},
+            r"attn_rows=image ask for image tokens",
+        ),
+        ("qwen3", {"stats": "paper", "stats_groups": "all,image"}, r"stats_groups=all,image ask for image tokens"),
+        ("gpt2", {"attn": "noise_qkv"}, r"gpt2 fuses them in one \(c_attn\)"),
+        ("llama", {"attn": "vision_attention"}, r"attn=vision_attention maps a prior over the vision patches"),
+        ("llama", {"attn": "uniform", "attn_keys": "all", "batch_size": "auto"}, r"batch_size=auto probes memory"),
+        ("llama", {"attn_layer": "1"}, r"attn_layer"),
+        ("llama", {"attn": "uniform", "attn_keys": "all", "attn_layers": "9"}, r"this model has layers 0-3"),
+    ],
+    ids=["default-image-keys", "image-rows", "image-stats", "fused-qkv", "prior", "auto-batch", "typo", "layer"],
+)
+def test_bad_arguments_are_refused_before_the_weights_load(
+    tiny_model: Callable[[str], pathlib.Path], monkeypatch: pytest.MonkeyPatch, variant: str, args: dict, message: str
+) -> None:
+    def no_loading(*_: object, **__: object) -> None:
+        raise AssertionError("the base class started loading the model")
+
+    monkeypatch.setattr(HFLM, "__init__", no_loading)
+    with pytest.raises((SpecError, ValueError), match=message):
+        LostAttnHFLM(pretrained=str(tiny_model(variant)), **{**_CPU, **args})
+
+
+def test_plain_lists_in_model_args_are_bracketed_as_lm_eval_splits_them() -> None:
+    from lm_eval._cli.utils import split_top_level
+
+    argv = ["--model", "x", "--model_args", "pretrained=p,attn_layers=1,2,attn=uniform", "dtype=float32", "--tasks"]
+    assert bracket_model_args(argv, split_top_level) == [
+        "--model", "x", "--model_args", "pretrained=p,attn_layers=[1,2],attn=uniform", "dtype=float32", "--tasks",
+    ]  # fmt: skip
+    assert bracket_model_args(["-a=attn_heads=0,3", "--limit", "2"], split_top_level) == [
+        "-a=attn_heads=[0,3]", "--limit", "2",
+    ]  # fmt: skip
+    assert (
+        bracket_model_args(["--model_args", '{"attn_layers": [1, 2]}'], split_top_level)[1] == '{"attn_layers": [1, 2]}'
+    )
+
+
+# -- lostattn-lm-eval end to end -----------------------------------------------------------------------------------
+
+TASKS = ("lostattn_shapes_text_mc", "lostattn_shapes_text_gen", "lostattn_shapes_text_rolling")
+TABLE_ROWS = ("lostattn_rid_attn", "lostattn_rid_ffn", "lostattn_mixig_attn", "lostattn_mixig_ffn")
+LIMIT = 4
+README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _lm_eval_cli(model_args: str, output: pathlib.Path, batch_size: int) -> subprocess.CompletedProcess:
+    command = [
+        *(sys.executable, "-m", "lmms_lostattn.model_wrappers.lm_eval.launcher"),
+        *("--model", "lostattn-hf", "--model_args", model_args, "--tasks", *TASKS),
+        *("--include_path", str(tasks_path(host="lm_eval")), "--limit", str(LIMIT), "--batch_size", str(batch_size)),
+        *("--device", "cpu", "--output_path", str(output), "--log_samples"),
+    ]
+    output.mkdir(parents=True, exist_ok=True)  # also the working directory: the checkout must not shadow the install
+    done = subprocess.run(
+        command, env={**os.environ, **OFFLINE}, capture_output=True, text=True, timeout=600, cwd=output
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    return done
+
+
+def _outputs(output: pathlib.Path) -> tuple[dict, dict[str, list[dict]]]:
+    (results,) = output.rglob("results_*.json")
+    samples = {
+        task: sorted(
+            (json.loads(line) for path in output.rglob(f"samples_{task}_*.jsonl") for line in path.open()),
+            key=lambda sample: sample["doc_id"],
+        )
+        for task in TASKS
+    }
+    return json.loads(results.read_text()), samples
+
+
+@pytest.fixture(scope="module")
+def cli_runs(
+    tiny_model: Callable[[str], pathlib.Path], tmp_path_factory: pytest.TempPathFactory
+) -> dict[tuple[str, int], pathlib.Path]:
+    """Every mode at batch size 4, and uniform also at batch size 1, two processes at a time."""
+    path = tiny_model("llama")
+    root = tmp_path_factory.mktemp("lm_eval_cli")
+    runs = [(mode, 4) for mode in MODES] + [("uniform", 1)]
+
+    def run(mode: str, batch_size: int) -> pathlib.Path:
+        extra = "".join(f",{key}={value}" for key, value in _extra(mode).items())
+        output = root / f"{mode}-{batch_size}"
+        _lm_eval_cli(f"pretrained={path},dtype=float32,attn={mode}{extra},stats=paper", output, batch_size)
+        return output
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        outputs = list(pool.map(lambda args: run(*args), runs))
+    return dict(zip(runs, outputs, strict=True))
+
+
+@pytest.mark.cli
+@pytest.mark.parametrize("mode", MODES)
+def test_every_mode_runs_through_lostattn_lm_eval_with_statistics_rows(
+    cli_runs: dict[tuple[str, int], pathlib.Path], mode: str
+) -> None:
+    results, samples = _outputs(cli_runs[mode, 4])
+    own = {"lostattn_shapes_text_mc": "acc,none", "lostattn_shapes_text_gen": "exact_match,none"}
+    own["lostattn_shapes_text_rolling"] = "word_perplexity,none"
+    for task in TASKS:
+        metrics = results["results"][task]
+        assert own[task] in metrics
+        assert metrics["lostattn_samples,none"] == LIMIT
+        for row in TABLE_ROWS:
+            assert torch.isfinite(torch.tensor(metrics[f"{row},none"])), (task, row)
+            assert isinstance(metrics[f"{row}_stderr,none"], float)
+            per_sample = [sample[row] for sample in samples[task]]
+            assert len(per_sample) == LIMIT and metrics[f"{row},none"] == pytest.approx(sum(per_sample) / LIMIT)
+    assert results["lostattn"]["intervention"]["mode"] == mode
+    assert results["lostattn"]["versions"]["lm_eval"] == "0.4.13"
+    assert set(results["lostattn"]["tasks"]) == set(TASKS)
+
+
+@pytest.mark.cli
+def test_cli_per_sample_results_equal_across_batch_sizes(cli_runs: dict[tuple[str, int], pathlib.Path]) -> None:
+    (_, one), (_, four) = _outputs(cli_runs["uniform", 1]), _outputs(cli_runs["uniform", 4])
+    for task in TASKS:
+        for a, b in zip(one[task], four[task], strict=True):
+            assert a["doc_id"] == b["doc_id"]
+            assert a["resps"] == b["resps"] if task.endswith("gen") else True
+            for row in TABLE_ROWS:
+                assert b[row] == pytest.approx(a[row], abs=1e-5), (task, a["doc_id"], row)
+            if task.endswith("mc"):
+                assert [float(r[0][0]) for r in b["resps"]] == pytest.approx([float(r[0][0]) for r in a["resps"]])
+
+
+def test_every_text_family_has_a_tiny_builder_and_a_readme_entry() -> None:
+    from lmms_lostattn.adapters import TEXT
+
+    model_types = {model_type for adapter in TEXT for model_type in adapter.model_types}
+    assert model_types == set(TEXT_VARIANTS)
+    section = README.read_text().split("## With lm-evaluation-harness", 1)[1].split("\n## ", 1)[0]
+    assert all(f"`{model_type}`" in section for model_type in model_types)
