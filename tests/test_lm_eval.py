@@ -322,3 +322,39 @@ def test_every_text_family_has_a_tiny_builder_and_a_readme_entry() -> None:
     assert model_types == set(TEXT_VARIANTS)
     section = README.read_text().split("## With lm-evaluation-harness", 1)[1].split("\n## ", 1)[0]
     assert all(f"`{model_type}`" in section for model_type in model_types)
+
+
+def _record(rid_attn: list[float]) -> dict:
+    series = {"rid": rid_attn, "mixig": [0.5] * len(rid_attn)}
+    return {"layers": len(rid_attn), "values": {"attn": {"all": series}, "ffn": {"all": dict(series)}}}
+
+
+def test_groups_pool_their_tasks_documents_and_uncovered_documents_are_counted() -> None:
+    """A group's rows are the mean over the documents of all its tasks (not the mean of task means); a document
+    without statistics (answered from ``--use_cache``) is not in the rows and counts 0 in ``lostattn_samples``."""
+    from lmms_lostattn.model_wrappers.lm_eval.reporting import add_statistics
+    from lmms_lostattn.model_wrappers.plugin import Run
+    from lmms_lostattn.spec import Intervention, StatsConfig
+
+    run = Run("m", "lm_eval", Intervention("none"), StatsConfig(kind="paper"))
+    run.records[("t1", 0)] = [_record([0.2, 0.4])]  # layer mean 0.3
+    run.records[("t1", 1)] = [_record([0.6, 0.8]), _record([0.6, 0.8])]  # two rows of one document: 0.7
+    run.records[("t2", 0)] = [_record([0.1, 0.3])]  # 0.2
+    results = {
+        "results": {"g": {}, "t1": {"acc,none": 1.0}, "t2": {}},
+        "groups": {"g": {}},
+        "group_subtasks": {"g": ["t1", "t2"]},
+        "samples": {"t1": [{"doc_id": 0}, {"doc_id": 1}, {"doc_id": 2}], "t2": [{"doc_id": 0}]},
+    }
+    add_statistics(results, run)
+    t1, group = results["results"]["t1"], results["results"]["g"]
+    assert t1["lostattn_rid_attn,none"] == pytest.approx(0.5)
+    assert t1["lostattn_rid_attn_stderr,none"] == pytest.approx(0.2)  # sd(0.3, 0.7) / sqrt(2)
+    assert t1["lostattn_samples,none"] == 2 and t1["acc,none"] == 1.0
+    assert group["lostattn_rid_attn,none"] == pytest.approx(0.4) and group["lostattn_samples,none"] == 3
+    assert results["groups"]["g"] == group
+    assert results["results"]["t2"]["lostattn_rid_attn_stderr,none"] == "N/A"  # one document
+    assert [s["lostattn_samples"] for s in results["samples"]["t1"]] == [1, 1, 0]
+    assert results["samples"]["t1"][1]["lostattn_rid_attn"] == pytest.approx(0.7)
+    assert "lostattn_layers" not in results["samples"]["t1"][0]
+    assert results["lostattn"]["tasks"]["t1"]["samples"] == 2
