@@ -50,9 +50,9 @@ class StatsCollector:
             self._records = [self._empty() for _ in range(x.shape[0])]
         mid = x + d_attn
         out = mid + d_ffn
+        starts, ends = state.first_real.tolist(), state.real_end.tolist()  # one host sync per layer, not per sample
         for sample, record in enumerate(self._records):
-            end = min(int(state.real_end[sample]), x.shape[1])
-            real = torch.arange(int(state.first_real[sample]), end, device=x.device)
+            real = torch.arange(starts[sample], min(ends[sample], x.shape[1]), device=x.device)
             visual = state.is_visual[sample].to(x.device)[real]  # the layer may sit on another device
             rows = {"all": real, "image": real[visual], "text": real[~visual]}
             for group in self.config.groups:

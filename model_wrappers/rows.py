@@ -106,13 +106,18 @@ class RequestRows:
     def _end_prompt(self) -> None:
         served, self._running = self._running, []
         if self._collector is not None and served:
-            records = self._collector.take()
-            repeats = len(records) // len(served)
-            for row, requests in enumerate(served):
-                documents = {(r.task_name, r.doc_id) for r in requests if not self._is_padding(r)}
-                for document in sorted(documents, key=str) if records else ():
-                    self._run.records[document].append(records[row * repeats])
+            self._hand_out(served, self._collector.take())
         self._advance(sum(map(len, served)))
+
+    def _hand_out(self, served: list[list[Any]], records: list[dict[str, Any]]) -> None:
+        """Row i's record (the first of its beams) to each document row i served, once per document."""
+        if not records:  # the prompt ran no prefill the collector saw
+            return
+        repeats = len(records) // len(served)
+        for row, requests in enumerate(served):
+            documents = {(r.task_name, r.doc_id) for r in requests if not self._is_padding(r)}
+            for document in sorted(documents, key=str):
+                self._run.records[document].append(records[row * repeats])
 
     def _advance(self, requests: int) -> None:
         if self._progress is not None:

@@ -308,7 +308,8 @@ def test_cli_per_sample_results_equal_across_batch_sizes(cli_runs: dict[tuple[st
     for task in TASKS:
         for a, b in zip(one[task], four[task], strict=True):
             assert a["doc_id"] == b["doc_id"]
-            assert a["resps"] == b["resps"] if task.endswith("gen") else True
+            if task.endswith("gen"):
+                assert a["resps"] == b["resps"]
             for row in TABLE_ROWS:
                 assert b[row] == pytest.approx(a[row], abs=1e-5), (task, a["doc_id"], row)
             if task.endswith("mc"):

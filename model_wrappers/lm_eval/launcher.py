@@ -10,11 +10,12 @@ being imported before ``--model`` is resolved, which this command does before ha
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 
 _MODEL_ARGS = ("--model_args", "-a")
 
 
-def bracket_model_args(argv: list[str], split: object) -> list[str]:
+def bracket_model_args(argv: list[str], split: Callable[[str], list[str]]) -> list[str]:
     """``argv`` with each ``--model_args`` value's plain lists bracketed (JSON values are left as they are)."""
     from lmms_lostattn.model_wrappers.plugin import bracket_list_values
 
