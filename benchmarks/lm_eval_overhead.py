@@ -77,7 +77,7 @@ def make_requests(documents: int) -> list[Instance]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--documents", type=int, default=16)
     parser.add_argument("--json", type=pathlib.Path)
     options = parser.parse_args()

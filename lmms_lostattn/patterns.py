@@ -51,8 +51,8 @@ class Coordinates:
 
     ``sample_key``: ``(B,)`` int64 keys from (seed, sample identity); ``first_real``: ``(B,)`` each sample's first
     non-padding position (draws use positions counted from it); ``layer``: decoder layer index; ``keys``: the
-    absolute key positions (contiguous); ``query_abs``: ``(Q,)`` absolute query positions; ``shared``: key draws
-    are the same for every layer and head (one p per prompt).
+    absolute key positions (contiguous); ``query_abs``: absolute query positions, ``(Q,)`` or per sample ``(B, Q)``;
+    ``shared``: key draws are the same for every layer and head (one p per prompt).
 
     ``memo``, if given, is where one prompt's per-key draws of this layer are kept, over positions ``0..n-1``, so
     decoding steps reuse the prompt's draws instead of drawing every key again; when keys beyond ``n`` are asked for,
@@ -68,6 +68,11 @@ class Coordinates:
     memo: dict[str, torch.Tensor] | None = None
     shared: bool = False
     prior: torch.Tensor | None = None  # (B, K) image-prior values at the keys, for the prior modes
+
+    @property
+    def queries(self) -> torch.Tensor:
+        """``(B|1, Q)`` absolute query positions."""
+        return torch.atleast_2d(self.query_abs)
 
     @property
     def key_abs(self) -> torch.Tensor:
@@ -104,7 +109,7 @@ class Coordinates:
             self.sample_key.view(-1, 1, 1, 1),
             self.layer,
             self._heads(num_heads),
-            self._relative(self.query_abs)[:, None, :, None],
+            (self.queries - self.first_real[:, None])[:, None, :, None],
             self._relative(self.key_abs)[:, None, None, :],
             3,
         )
@@ -126,7 +131,7 @@ def pattern(inter: Intervention, edit: torch.Tensor, coords: Coordinates) -> tor
     if inter.mode == "uniform":
         return _normalise(torch.ones_like(edit, dtype=torch.float32), edit)
     if inter.mode == "identity":
-        return _normalise((coords.key_abs.view(1, 1, 1, -1) == coords.query_abs.view(1, 1, -1, 1)).float(), edit)
+        return _normalise((coords.key_abs.view(1, 1, 1, -1) == coords.queries[:, None, :, None]).float(), edit)
     if inter.mode == "sink":
         first = edit.int().argmax(dim=-1, keepdim=True)
         return torch.zeros(edit.shape, device=edit.device).scatter_(-1, first, 1.0) * edit

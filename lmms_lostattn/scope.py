@@ -96,13 +96,33 @@ class PromptState:
         return start - 1
 
 
+def _rows_of(block: torch.Tensor, needed: torch.Tensor) -> torch.Tensor:
+    """Rows ``needed`` (``(Qs,)``, or ``(B, Qs)`` per sample) of a ``(B|1, H|1, Q, ...)`` block, along dim 2."""
+    if needed.dim() == 1:
+        return block[:, :, needed]
+    block = block.expand(needed.shape[0], *block.shape[1:])
+    index = needed[:, None, :, None].expand(-1, block.shape[1], -1, block.shape[3])
+    return block.gather(2, index)
+
+
+def _set_rows(block: torch.Tensor, needed: torch.Tensor, rows: torch.Tensor) -> None:
+    """Write ``rows`` into rows ``needed`` of a ``(B, H, Q, ...)`` block in place (``needed`` distinct per sample)."""
+    if needed.dim() == 1:
+        block[:, :, needed] = rows
+    else:
+        block.scatter_(2, needed[:, None, :, None].expand_as(rows), rows)
+
+
 @dataclass(frozen=True)
 class _Selection:
     """The edited rows and keys of one forward step's ``(Q, K)`` block, the same in every edited layer, on one device
     (a sharded model's layers sit on several)."""
 
-    needed: torch.Tensor | None  # the query rows our path computes; None = every row
-    query_abs: torch.Tensor  # (Qs,) absolute positions of those rows
+    # the query rows our path computes: None = every row; (Qs,) the same rows of every sample; (B, Qs) each sample's
+    # own rows (right-padded scoring batches, where each sample's continuation sits elsewhere): its edited rows in
+    # order, then distinct unedited ones up to the batch's largest count
+    needed: torch.Tensor | None
+    query_abs: torch.Tensor  # (B|1, Qs) absolute positions of those rows
     rows: torch.Tensor  # (B, Qs) bool: edited rows among them
     keys: range  # absolute key positions
     key_abs: torch.Tensor  # (K,) the same as a tensor
@@ -385,19 +405,23 @@ class Scope:
     def _select(self, num_q: int, num_k: int) -> _Selection | None:
         query_abs = self._positions(num_q)
         rows = self.edited_rows(query_abs)
-        needed = rows.any(dim=0).nonzero().flatten()
-        if needed.numel() == 0:
+        union = rows.any(dim=0).nonzero().flatten()
+        if union.numel() == 0:
             return None
-        if needed.numel() < num_q:
-            query_abs, rows = query_abs[needed], rows[:, needed]
+        own = int(rows.sum(dim=1).max())
+        if own < union.numel():  # each sample's own rows: edited first (stable), then unedited ones
+            needed = torch.sort((~rows).to(torch.uint8), dim=1, stable=True).indices[:, :own]
+            query_abs, rows = query_abs[needed], rows.gather(1, needed)
+        elif union.numel() < num_q:
+            needed, query_abs, rows = union, query_abs[union][None, :], rows[:, union]
         else:
-            needed = None
+            needed, query_abs = None, query_abs[None, :]
         total = self.state.is_visual.shape[1]
         key_abs = self._positions(num_k)
         visual = self._visual_at(key_abs)
         edited = self._edited_keys(key_abs, visual)
         keys = range(total - num_k, total)
-        return _Selection(needed, query_abs, rows, keys, key_abs, visual, edited, int(query_abs[0]))
+        return _Selection(needed, query_abs, rows, keys, key_abs, visual, edited, int(query_abs.min()))
 
     # -- the attention function's edited path ------------------------------------------------------------------
 
@@ -423,7 +447,7 @@ class Scope:
             out, base_weights = passthrough(
                 module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
             )
-            query = query[:, :, needed]
+            query = _rows_of(query, needed)
         groups = getattr(module, "num_key_value_groups", 1)
         key, value = repeat_kv(key, groups), repeat_kv(value, groups)
         scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
@@ -437,7 +461,7 @@ class Scope:
             scores = torch.tanh(scores / kwargs["softcap"]) * kwargs["softcap"]
         mask = None if attention_mask is None else attention_mask[..., : key.shape[2]]
         if mask is not None and out is not None and mask.shape[2] > 1:
-            mask = mask[:, :, needed]
+            mask = _rows_of(mask, needed)
         allowed = self._allowed(module, mask, selection.query_abs, selection.key_abs)
         if mask is not None and mask.dtype != torch.bool:
             scores = scores + mask.float().masked_fill(~allowed, 0.0)  # additive biases beyond the causal mask
@@ -463,11 +487,12 @@ class Scope:
         if out is None:  # every row edited; the eager kernel also returns the weights (output_attentions)
             return edited.contiguous(), weights.to(query.dtype) if passthrough is _eager_passthrough else None
         changed = edit.any(dim=-1).unsqueeze(-1)  # (B, H, Qs, 1): entries outside stay bitwise
-        out[:, needed] = torch.where(changed.transpose(1, 2), edited, out[:, needed])
+        out = out.transpose(1, 2)  # (B, H, Q, Dv), a view: the writes below land in the kernel's output
+        _set_rows(out, needed, torch.where(changed, edited.transpose(1, 2), _rows_of(out, needed)))
         if base_weights is not None:
-            kept = base_weights[:, :, needed]
-            base_weights[:, :, needed] = torch.where(changed, weights.to(base_weights.dtype), kept)
-        return out, base_weights
+            _set_rows(base_weights, needed, torch.where(changed, weights.to(base_weights.dtype),
+                                                        _rows_of(base_weights, needed)))
+        return out.transpose(1, 2), base_weights
 
     def _score_scale(
         self,
@@ -506,7 +531,7 @@ class Scope:
         )
         mean_key = torch.einsum("bhkd,bk->bhd", key.float(), in_keys) / in_keys.sum(1).clamp_min(1)[:, None, None]
         prompt_mean = (mean_query * mean_key).sum(-1).mean(dim=1) * scaling  # (B,): mean over heads, rows, keys
-        prompt_rows = selection.query_abs[None, :] < start.to(device)  # (B, Qs)
+        prompt_rows = selection.query_abs < start.to(device)  # (B, Qs)
         return torch.where(prompt_rows, prompt_mean[:, None], row_mean).abs()[:, None, :, None]
 
     def _prior_at(self, keys: range, device: torch.device) -> torch.Tensor:
@@ -546,12 +571,13 @@ class Scope:
     def _allowed(
         module: nn.Module, mask: torch.Tensor | None, query_abs: torch.Tensor, key_abs: torch.Tensor
     ) -> torch.Tensor:
-        """The attention mask of the computed rows as bool ``(B|1, 1|H, Qs, K)``; ``None`` means plain causal."""
+        """The attention mask of the computed rows (``query_abs``: ``(B|1, Qs)``) as bool ``(B|1, 1|H, Qs, K)``;
+        ``None`` means plain causal."""
         if mask is not None:
             return mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
         if not getattr(module, "is_causal", True):
-            return torch.ones(1, 1, query_abs.shape[0], key_abs.shape[0], dtype=torch.bool, device=key_abs.device)
-        return (key_abs[None, :] <= query_abs[:, None])[None, None]
+            return torch.ones(1, 1, query_abs.shape[1], key_abs.shape[0], dtype=torch.bool, device=key_abs.device)
+        return (key_abs[None, None, :] <= query_abs[:, :, None])[:, None]
 
     # -- noise_delta ----------------------------------------------------------------------------------------------
 
