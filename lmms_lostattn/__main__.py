@@ -14,8 +14,8 @@
   internal, and a tiny model through prefill and cached decoding with edits and statistics; exit 0 when supported.
 * ``lostattn shapes-llava-path``: the directory of the shipped trained model (``pretrained=`` of lmms-eval).
 * ``lostattn report RUN...``, ``lostattn compare RUN...``, ``lostattn check RUN --baseline RUN``: per-layer plots and
-  the paper's tables, a leaderboard with paired tests, and a CI regression gate over lmms-eval output folders.
-  Unusable input exits 2 with a message naming the file.
+  the paper's tables, a leaderboard with paired tests, and a CI regression gate over lmms-eval or lm-eval output
+  folders. Unusable input exits 2 with a message naming the file.
 """
 
 from __future__ import annotations
@@ -215,7 +215,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     run = commands.add_parser("demo", help="learned vs. edited attention on the shipped trained model, with RID/MixIG")
     run.add_argument("--output", type=pathlib.Path, default=None, help="where lmms-eval writes (default: a temp dir)")
     run.add_argument("--limit", type=int, default=None, help="documents per task and run (default: all)")
-    rep = commands.add_parser("report", help="per-layer plots and the paper's tables from lmms-eval output folders")
+    rep = commands.add_parser(
+        "report", help="per-layer plots and the paper's tables from lmms-eval or lm-eval output folders"
+    )
     rep.add_argument("runs", nargs="+", type=pathlib.Path)
     rep.add_argument("-o", "--output", type=pathlib.Path, default=pathlib.Path("lostattn-report"))
     rep.add_argument("--force", action="store_true", help="overwrite existing outputs")

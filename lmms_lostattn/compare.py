@@ -169,7 +169,7 @@ def accuracy_table(runs: Sequence[Run]) -> Table:
     ordered = sorted(runs, key=lambda r: (r.model, r.mode != "none"))
     rows = [[_text(r.model), _text(r.label), _text(r.name)] + [_mean_cell(r, t, primary_metric(runs, t)) for t in tasks]
             for r in ordered]
-    return Table(header, rows, ["mean ± stderr as lmms-eval reports it (bootstrap, else CLT)"])
+    return Table(header, rows, ["mean ± stderr as the harness reports it (lmms-eval: bootstrap, else CLT)"])
 
 
 def _difference_cell(run: Run, base: Run, task: str, metric: str) -> Cell:
@@ -243,7 +243,7 @@ def check(base: Run, run: Run, max_drop: float, metrics: Sequence[str] = ()) -> 
         raise RunError(f"{run.path} vs baseline {base.path}: {'; '.join(problems)}")
     missing = [(r.path, task) for task in tasks for r in (base, run) if task not in r.samples]
     if missing:
-        raise RunError(f"{missing[0][0]}: no samples log for {missing[0][1]}; run lmms-eval with --log_samples")
+        raise RunError(f"{missing[0][0]}: no samples log for {missing[0][1]}; run the harness with --log_samples")
     wanted = [m.split("/", 1) if "/" in m else [None, m] for m in metrics]
     selected = [(task, metric) for task in base.tasks for metric in base.metrics(task)
                 if (any(t in (None, task) and m == metric for t, m in wanted) if wanted

@@ -1,9 +1,13 @@
-"""Loading and validating one lmms-eval output of a lostattn model: results JSON, sidecar, samples logs.
+"""Loading and validating one run of a lostattn model, as lmms-eval or lm-eval wrote it: results JSON, per-layer
+statistics, samples logs.
 
-A run is given as a ``*_results.json`` file or a folder holding exactly one (searched recursively, so lmms-eval's
-``--output_path`` works). Its ``<date>_lostattn.json`` sidecar and ``<date>_samples_<task>.jsonl`` logs are the
-files with the same date id next to it; both are optional (no ``stats``, no ``--log_samples``). Anything
-malformed, truncated or belonging to another run raises :class:`RunError` naming the file and the problem.
+A run is given as a results JSON or a folder holding exactly one (searched recursively, so either harness's
+``--output_path`` works). The files of one run share its date id (:class:`Layout`): lmms-eval writes
+``<date>_results.json``, a ``<date>_lostattn.json`` sidecar with the per-layer statistics and
+``<date>_samples_<task>.jsonl`` logs; lm-eval writes ``results_<date>.json``, whose ``lostattn`` block holds the
+per-layer statistics, and ``samples_<task>_<date>.jsonl``. Sidecar and samples logs are optional (no ``stats``, no
+``--log_samples``). Anything malformed, truncated or belonging to another run raises :class:`RunError` naming the
+file and the problem.
 """
 
 from __future__ import annotations
@@ -11,14 +15,40 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-RESULTS_SUFFIX = "_results.json"
-SIDECAR_SUFFIX = "_lostattn.json"
+RESULTS_SUFFIX = "_results.json"  # lmms-eval's
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a harness names the files of one run: templates with ``{date}`` (the run's date id) and ``{task}``."""
+
+    harness: str
+    results: str
+    samples: str
+    sidecar: str | None  # None: the per-layer statistics are in the results JSON's ``lostattn`` block
+
+    def glob(self, template: str, **known: str) -> str:
+        return template.format(**{"date": "*", "task": "*", **known})
+
+    def match(self, template: str, name: str, **known: str) -> dict[str, str] | None:
+        """The date id and task a file name holds, or None when it is not named by ``template``."""
+        fields = {key: f"(?P<{key}>.+)" for key in ("date", "task")} | {k: re.escape(v) for k, v in known.items()}
+        pattern = re.escape(template).replace(r"\{", "{").replace(r"\}", "}").format(**fields)
+        found = re.fullmatch(pattern, name)
+        return found.groupdict() if found else None
+
+
+LAYOUTS = (
+    Layout("lmms-eval", "{date}_results.json", "{date}_samples_{task}.jsonl", "{date}_lostattn.json"),
+    Layout("lm-eval", "results_{date}.json", "samples_{task}_{date}.jsonl", None),
+)
 
 
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -45,12 +75,13 @@ class RunError(ValueError):
 
 @dataclass(frozen=True)
 class Run:
-    """One lmms-eval run of a lostattn model."""
+    """One run of a lostattn model, by either harness."""
 
     name: str  # the folder given (or holding the results file given), as shown in tables
     path: pathlib.Path  # the results JSON
+    layout: Layout
     results: dict[str, Any]
-    sidecar: dict[str, Any] | None
+    sidecar: dict[str, Any] | None  # the per-layer statistics: {"tasks": {task: {"samples", "per_layer"}}, ...}
     samples: dict[str, dict[int, dict[str, Any]]]  # task -> doc_id -> logged sample
 
     @property
@@ -89,7 +120,7 @@ class Run:
         return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
     def stderr(self, task: str, name: str) -> float | None:
-        """Bootstrap stderr of a metric when lmms-eval computed one, else its CLT stderr."""
+        """Bootstrap stderr of a metric when the harness computed one, else its CLT stderr (lmms-eval)."""
         bootstrap = self.metric(task, f"{name}_stderr")
         return bootstrap if bootstrap is not None else self.metric(task, f"{name}_stderr_clt")
 
@@ -103,14 +134,16 @@ def _read_json(path: pathlib.Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as error:
-        raise RunError(f"{path}: not valid JSON ({error}); truncated or not an lmms-eval output?") from None
+        raise RunError(f"{path}: not valid JSON ({error}); truncated, or not a harness's output?") from None
     if not isinstance(data, dict):
         raise RunError(f"{path}: expected a JSON object, found {type(data).__name__}")
     return data
 
 
 def _read_samples(path: pathlib.Path) -> dict[int, dict[str, Any]]:
-    samples: dict[int, dict[str, Any]] = {}
+    """A samples log by doc_id. lm-eval logs a document once per filter: the ``none`` filter's line is kept (the
+    statistics rows' filter), or the first filter's where the task has no ``none`` filter."""
+    lines: list[tuple[int, dict[str, Any]]] = []
     for number, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
             continue
@@ -119,11 +152,27 @@ def _read_samples(path: pathlib.Path) -> dict[int, dict[str, Any]]:
         except json.JSONDecodeError as error:
             raise RunError(f"{path}: line {number} is not valid JSON ({error}); truncated file?") from None
         if not isinstance(sample, dict) or not isinstance(sample.get("doc_id"), int):
-            raise RunError(f"{path}: line {number} has no integer doc_id; not an lmms-eval samples log")
+            raise RunError(f"{path}: line {number} has no integer doc_id; not a samples log")
+        lines.append((number, sample))
+    filters = [sample.get("filter") for _, sample in lines]
+    kept = "none" if "none" in filters else next(iter(filters), None)
+    samples: dict[int, dict[str, Any]] = {}
+    for number, sample in lines:
+        if sample.get("filter") != kept:
+            continue
         if sample["doc_id"] in samples:
             raise RunError(f"{path}: doc_id {sample['doc_id']} appears twice (line {number}); files mixed up?")
         samples[sample["doc_id"]] = sample
     return samples
+
+
+def _layout_of(path: pathlib.Path) -> tuple[Layout, str] | None:
+    """The layout naming a results file, and the run's date id."""
+    for layout in LAYOUTS:
+        found = layout.match(layout.results, path.name)
+        if found:
+            return layout, found["date"]
+    return None
 
 
 def find_results(path: pathlib.Path) -> pathlib.Path:
@@ -132,9 +181,10 @@ def find_results(path: pathlib.Path) -> pathlib.Path:
         return path
     if not path.is_dir():
         raise RunError(f"{path}: no such file or folder")
-    found = sorted(path.rglob(f"*{RESULTS_SUFFIX}"))
+    found = sorted({p for layout in LAYOUTS for p in path.rglob(layout.glob(layout.results))})
     if not found:
-        raise RunError(f"{path}: no *{RESULTS_SUFFIX} in this folder; not an lmms-eval --output_path?")
+        names = " or ".join(layout.glob(layout.results) for layout in LAYOUTS)
+        raise RunError(f"{path}: no {names} in this folder; not an lmms-eval or lm-eval --output_path?")
     if len(found) > 1:
         listed = ", ".join(str(p.relative_to(path)) for p in found)
         raise RunError(f"{path}: several results files ({listed}); pass one of them instead of the folder")
@@ -145,27 +195,33 @@ def load_run(path: pathlib.Path) -> Run:
     """Load and validate the run at ``path`` (a results JSON or a folder holding exactly one)."""
     path = pathlib.Path(path)
     results_path = find_results(path)
-    if not results_path.name.endswith(RESULTS_SUFFIX):
-        raise RunError(f"{results_path}: not an lmms-eval results file (name should end in {RESULTS_SUFFIX})")
+    named = _layout_of(results_path)
+    if named is None:
+        names = " or ".join(layout.glob(layout.results) for layout in LAYOUTS)
+        raise RunError(f"{results_path}: not a results file of lmms-eval or lm-eval (named {names})")
+    layout, date = named
     results = _read_json(results_path)
     for key in ("results", "lostattn", "config"):
         if not isinstance(results.get(key), dict):
             raise RunError(f"{results_path}: no {key!r} block; not the results of a lostattn model run")
     if "spec_hash" not in results["lostattn"] or "mode" not in results["lostattn"].get("intervention", {}):
         raise RunError(f"{results_path}: the 'lostattn' block lacks spec_hash or intervention.mode")
-    folder, date = results_path.parent, results_path.name.removesuffix(RESULTS_SUFFIX)
-    for stray in sorted(folder.glob("*_lostattn.json")) + sorted(folder.glob("*_samples_*.jsonl")):
-        if not stray.name.startswith(f"{date}_"):
-            raise RunError(f"{stray}: belongs to another run than {results_path.name} (date id differs); mixed up?")
-    sidecar_path = folder / f"{date}{SIDECAR_SUFFIX}"
-    sidecar = _read_json(sidecar_path) if sidecar_path.exists() else None
-    spec_hash = results["lostattn"].get("spec_hash")
-    if sidecar is not None and sidecar.get("spec_hash") != spec_hash:
-        raise RunError(f"{sidecar_path}: spec_hash {sidecar.get('spec_hash')} differs from the results file's "
-                       f"{spec_hash}; files from different runs mixed up?")
+    folder = results_path.parent
+    for template in (layout.samples, layout.sidecar):
+        for stray in sorted(folder.glob(layout.glob(template))) if template else ():
+            if layout.match(template, stray.name, date=date) is None:
+                raise RunError(f"{stray}: belongs to another run than {results_path.name} (date id differs); mixed up?")
+    sidecar = results["lostattn"] if "tasks" in results["lostattn"] else None
+    if layout.sidecar is not None:
+        sidecar_path = folder / layout.sidecar.format(date=date)
+        sidecar = _read_json(sidecar_path) if sidecar_path.exists() else None
+        spec_hash = results["lostattn"].get("spec_hash")
+        if sidecar is not None and sidecar.get("spec_hash") != spec_hash:
+            raise RunError(f"{sidecar_path}: spec_hash {sidecar.get('spec_hash')} differs from the results file's "
+                           f"{spec_hash}; files from different runs mixed up?")
     samples = {}
-    for path_ in sorted(folder.glob(f"{date}_samples_*.jsonl")):
-        task = path_.name.removeprefix(f"{date}_samples_").removesuffix(".jsonl")
+    for path_ in sorted(folder.glob(layout.glob(layout.samples, date=date))):
+        task = layout.match(layout.samples, path_.name, date=date)["task"]
         if task not in results["results"]:
             raise RunError(f"{path_}: task {task!r} is not in {results_path.name}; files mixed up?")
         samples[task] = _read_samples(path_)
@@ -173,7 +229,7 @@ def load_run(path: pathlib.Path) -> Run:
         if expected is not None and len(samples[task]) != expected:
             raise RunError(f"{path_}: {len(samples[task])} samples, but {results_path.name} says {expected}; "
                            "truncated?")
-    return Run(path.name if path.is_dir() else folder.name, results_path, results, sidecar, samples)
+    return Run(path.name if path.is_dir() else folder.name, results_path, layout, results, sidecar, samples)
 
 
 def load_runs(paths: list[pathlib.Path]) -> list[Run]:

@@ -1,5 +1,6 @@
 """Local tasks shipped with lmms-lostattn: for lmms-eval (the ``*.yaml`` next to this module) and for lm-eval
-(``lm_eval/*.yaml``, text tasks on the shape scenes described in words).
+(``lm_eval/*.yaml``: text tasks on the shape scenes described in words, and the colour task's images for
+``hf-multimodal``).
 
 The YAML files are templates: ``lostattn_pope.yaml`` must ``include:`` lmms-eval's own ``pope.yaml`` by file path
 and every task reads a parquet file shipped in ``data/``, and neither location is fixed relative to this package
@@ -26,7 +27,12 @@ TASKS: dict[str, tuple[Path, tuple[str, ...]]] = {
     "lmms_eval": (TEMPLATE_DIR, ("lostattn_pope", "lostattn_shapes_color")),
     "lm_eval": (
         TEMPLATE_DIR / "lm_eval",
-        ("lostattn_shapes_text_mc", "lostattn_shapes_text_gen", "lostattn_shapes_text_rolling"),
+        (
+            "lostattn_shapes_text_mc",
+            "lostattn_shapes_text_gen",
+            "lostattn_shapes_text_rolling",
+            "lostattn_shapes_color",  # lmms-eval's image task of the same name, for hf-multimodal
+        ),
     ),
 }
 TASK_NAMES = TASKS["lmms_eval"][1]

@@ -5,6 +5,7 @@ rolling loglikelihood)."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import pathlib
@@ -15,16 +16,18 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from cli_helpers import OFFLINE
+from cli_helpers import OFFLINE, results_of, run_cli_batch, run_error, samples_of
 from lm_eval.api.instance import Instance
 from lm_eval.models.hf_vlms import HFMultimodalLM
 from lm_eval.models.huggingface import HFLM
 from PIL import Image
 
+from lmms_lostattn.__main__ import main
 from lmms_lostattn.adapters import adapter_for
 from lmms_lostattn.model_wrappers.lm_eval.launcher import bracket_model_args
 from lmms_lostattn.model_wrappers.lm_eval.models import LostAttnHFLM, LostAttnHFMultimodalLM
 from lmms_lostattn.scope import intervene
+from lmms_lostattn.shapes_llava import SHAPES_LLAVA_DIR
 from lmms_lostattn.spec import InterventionSpec, SpecError
 from lmms_lostattn.tasks import tasks_path
 from lmms_lostattn.testing import TEXT_VARIANTS
@@ -229,33 +232,36 @@ def test_plain_lists_in_model_args_are_bracketed_as_lm_eval_splits_them() -> Non
 
 TASKS = ("lostattn_shapes_text_mc", "lostattn_shapes_text_gen", "lostattn_shapes_text_rolling")
 TABLE_ROWS = ("lostattn_rid_attn", "lostattn_rid_ffn", "lostattn_mixig_attn", "lostattn_mixig_ffn")
-LIMIT = 4
+LIMIT = 5  # odd: two ranks get 3 and 2 documents, and lm-eval pads the shorter one
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
 
-def _lm_eval_cli(model_args: str, output: pathlib.Path, batch_size: int) -> subprocess.CompletedProcess:
+def _lm_eval_cli(
+    model_args: str, output: pathlib.Path, batch_size: int, model: str = "lostattn-hf", tasks: tuple[str, ...] = TASKS,
+    limit: int = LIMIT, *extra: str, launcher: tuple[str, ...] = (sys.executable,), env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess:
     command = [
-        *(sys.executable, "-m", "lmms_lostattn.model_wrappers.lm_eval.launcher"),
-        *("--model", "lostattn-hf", "--model_args", model_args, "--tasks", *TASKS),
-        *("--include_path", str(tasks_path(host="lm_eval")), "--limit", str(LIMIT), "--batch_size", str(batch_size)),
-        *("--device", "cpu", "--output_path", str(output), "--log_samples"),
+        *(*launcher, "-m", "lmms_lostattn.model_wrappers.lm_eval.launcher"),
+        *("--model", model, "--model_args", model_args, "--tasks", *tasks),
+        *("--include_path", str(tasks_path(host="lm_eval")), "--limit", str(limit), "--batch_size", str(batch_size)),
+        *("--device", "cpu", "--output_path", str(output), "--log_samples", *extra),
     ]
     output.mkdir(parents=True, exist_ok=True)  # also the working directory: the checkout must not shadow the install
     done = subprocess.run(
-        command, env={**os.environ, **OFFLINE}, capture_output=True, text=True, timeout=600, cwd=output
+        command, env={**os.environ, **OFFLINE, **(env or {})}, capture_output=True, text=True, timeout=600, cwd=output
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     return done
 
 
-def _outputs(output: pathlib.Path) -> tuple[dict, dict[str, list[dict]]]:
+def _outputs(output: pathlib.Path, tasks: tuple[str, ...] = TASKS) -> tuple[dict, dict[str, list[dict]]]:
     (results,) = output.rglob("results_*.json")
     samples = {
         task: sorted(
             (json.loads(line) for path in output.rglob(f"samples_{task}_*.jsonl") for line in path.open()),
             key=lambda sample: sample["doc_id"],
         )
-        for task in TASKS
+        for task in tasks
     }
     return json.loads(results.read_text()), samples
 
@@ -316,6 +322,57 @@ def test_cli_per_sample_results_equal_across_batch_sizes(cli_runs: dict[tuple[st
                 assert [float(r[0][0]) for r in b["resps"]] == pytest.approx([float(r[0][0]) for r in a["resps"]])
 
 
+@pytest.mark.cli
+def test_two_ranks_aggregate_like_one(
+    tiny_model: Callable[[str], pathlib.Path], cli_runs: dict[tuple[str, int], pathlib.Path], tmp_path: pathlib.Path
+) -> None:
+    """Two CPU ranks (gloo) at batch size 2 give the statistics rows and per-sample values of one rank at batch 1."""
+    launcher = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29535")
+    cpu_ranks = {"PYTHONPATH": str(pathlib.Path(__file__).parent / "cpu_ranks_lm_eval")}  # see its sitecustomize.py
+    args = f"pretrained={tiny_model('llama')},dtype=float32,attn=uniform,attn_keys=all,stats=paper"
+    done = _lm_eval_cli(args, tmp_path, 2, launcher=launcher, env=cpu_ranks)
+    assert "on rank 1" in done.stderr  # lm-eval split the documents
+    (two, two_samples), (one, one_samples) = _outputs(tmp_path), _outputs(cli_runs["uniform", 1])
+    for task in TASKS:
+        assert two["results"][task]["lostattn_samples,none"] == LIMIT
+        for row in TABLE_ROWS:
+            for key in (f"{row},none", f"{row}_stderr,none"):
+                expected = one["results"][task][key]
+                assert two["results"][task][key] == pytest.approx(expected, rel=1e-4, abs=1e-7), (task, key)
+            assert [s[row] for s in two_samples[task]] == pytest.approx([s[row] for s in one_samples[task]], abs=1e-6)
+        assert two["lostattn"]["tasks"][task]["samples"] == LIMIT
+
+
+@pytest.mark.cli
+def test_report_compare_and_check_read_lm_eval_output_folders(
+    cli_runs: dict[tuple[str, int], pathlib.Path], tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``lostattn report / compare / check`` on lm-eval's ``--output_path`` folders: the module table holds the
+    results JSON's rows, the per-layer plots come from its ``lostattn`` block, the leaderboard and the gate pair the
+    samples logs of the same documents."""
+    folders = {mode: cli_runs[mode, 4] for mode in ("none", "noise_delta", "knockout")}
+    main(["report", *map(str, folders.values()), "-o", str(tmp_path / "report")])
+    with (tmp_path / "report" / "modules.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(row["row"], row["run"]) for row in rows] == [("attention", "none-4"), ("FFN", "none-4"),
+                                                          ("Noise Δ", "noise_delta-4")]
+    for row, (mode, module) in zip(rows, [("none", "attn"), ("none", "ffn"), ("noise_delta", "attn")], strict=True):
+        results, _ = _outputs(folders[mode])
+        for task in TASKS:
+            assert float(row[f"{task} RID"]) == results["results"][task][f"lostattn_rid_{module},none"]
+    assert {f"layers_{task}.png" for task in TASKS} <= {path.name for path in (tmp_path / "report").iterdir()}
+    main(["compare", str(folders["none"]), str(folders["knockout"]), "-o", str(tmp_path / "compare")])
+    with (tmp_path / "compare" / "leaderboard.csv").open() as handle:
+        board = {row["run"]: row for row in csv.DictReader(handle)}
+    assert "lostattn_shapes_text_mc/acc" in board["knockout-4"] and "†" not in board["knockout-4"].values()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main(["check", str(folders["knockout"]), "--baseline", str(folders["none"]), "--max-drop", "1"])
+    assert exit_.value.code == 0
+    (gated,) = [line for line in capsys.readouterr().out.splitlines() if "lostattn_shapes_text_mc/acc" in line]
+    assert gated.startswith("ok") and "McNemar p=" in gated
+
+
 def test_every_text_family_has_a_tiny_builder_and_a_readme_entry() -> None:
     from lmms_lostattn.adapters import TEXT
 
@@ -359,3 +416,44 @@ def test_groups_pool_their_tasks_documents_and_uncovered_documents_are_counted()
     assert results["samples"]["t1"][1]["lostattn_rid_attn"] == pytest.approx(0.7)
     assert "lostattn_layers" not in results["samples"]["t1"][0]
     assert results["lostattn"]["tasks"]["t1"]["samples"] == 2
+
+
+COLOR_LIMIT = 40  # lostattn_shapes_color rows: five colours, chance 0.2
+
+
+@pytest.mark.cli
+def test_shapes_llava_answers_through_hf_multimodal_as_through_lmms_eval(tmp_path: pathlib.Path) -> None:
+    """The shipped trained LLaVA on the shipped image task: through ``lostattn-hf-multimodal`` (chat template) it
+    gives, row by row, the answers of lmms-eval's unmodified ``llava_hf``; knocking out every text token's attention
+    to the image tokens in every layer drops it to chance."""
+    task = ("lostattn_shapes_color",)
+    reference = tmp_path / "lmms_eval"
+    lmms_eval_argv = [
+        *("lmms_eval", "--model", "llava_hf", "--tasks", *task, "--include_path", str(tasks_path())),
+        *("--model_args", f"pretrained={SHAPES_LLAVA_DIR},device=cpu,device_map=cpu,dtype=float32"),
+        *("--limit", str(COLOR_LIMIT), "--output_path", str(reference), "--log_samples"),
+    ]
+    modes = {"learned": "attn=none", "knockout": "attn=knockout,attn_layers=all,attn_rows=text"}
+    base = f"pretrained={SHAPES_LLAVA_DIR},dtype=float32,stats=paper"
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        reference_done = pool.submit(run_cli_batch, [lmms_eval_argv], tmp_path)
+        runs = {
+            name: pool.submit(
+                _lm_eval_cli, f"{base},{args}", tmp_path / name, 4, "lostattn-hf-multimodal", task, COLOR_LIMIT,
+                "--apply_chat_template",
+            )
+            for name, args in modes.items()
+        }
+        reference_done.result()
+        for run in runs.values():
+            run.result()
+    assert not run_error(reference), run_error(reference)
+    expected = [sample["filtered_resps"].strip().lower() for sample in samples_of(reference, task[0])]
+    results = {name: _outputs(tmp_path / name, task) for name in modes}
+    (learned_results, learned_samples), (knockout_results, _) = results["learned"], results["knockout"]
+    assert [sample["filtered_resps"][0].strip().lower() for sample in learned_samples[task[0]]] == expected
+    learned = learned_results["results"][task[0]]
+    assert learned["exact_match,none"] == pytest.approx(results_of(reference)["results"][task[0]]["exact_match,none"])
+    assert learned["exact_match,none"] >= 0.9
+    assert knockout_results["results"][task[0]]["exact_match,none"] <= 0.2 + 0.15
+    assert learned["lostattn_samples,none"] == COLOR_LIMIT

@@ -56,9 +56,15 @@ def _rolling_windows() -> None:
 
 
 def _evaluate() -> None:
-    """``simple_evaluate`` looks ``evaluate`` up in ``lm_eval.evaluator`` when it runs (where the glue wraps it)."""
+    """``simple_evaluate`` looks ``evaluate`` up in ``lm_eval.evaluator`` when it runs (where the glue wraps it);
+    ``evaluate`` takes the model as ``lm`` (whose ``world_size`` says whether ranks split the documents) and strides
+    the documents over the ranks (so each document's statistics are one rank's)."""
     source = inspect.getsource(internal("lm_eval.evaluator", "simple_evaluate"))
     expect("results = evaluate(" in source, "simple_evaluate no longer calls the module's evaluate")
+    evaluate = internal("lm_eval.evaluator", "evaluate")
+    expect("lm" in inspect.signature(evaluate).parameters, "evaluate no longer takes the model as lm")
+    source = inspect.getsource(internal("lm_eval.api.task", "Task").build_all_requests)
+    expect("rank=rank" in source and "world_size=world_size" in source, "documents are no longer split by rank")
 
 
 def _split_top_level() -> None:

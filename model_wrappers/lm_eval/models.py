@@ -56,11 +56,6 @@ class LostAttnLMMixin:
             )
         self._keyed: Callable[[list[Window]], list[tuple[object, Instance]]] | None = None  # see _scoring
         super().__init__(**kwargs)
-        if self.world_size > 1 and self.lostattn.stats.kind != "none":
-            raise NotImplementedError(
-                f"lostattn: statistics are not gathered across lm-eval's {self.world_size} ranks yet (rank 0 would "
-                "report its own documents only); run stats on one process, or attn without stats on several"
-            )
         begin_run(self.lostattn.run)
 
     def loglikelihood(self, requests: list[Instance], disable_tqdm: bool = False) -> list[Any]:

@@ -2,7 +2,7 @@
 
 lm-eval 0.4.13 takes metrics only from each task's ``process_results``, so the ``lostattn-lm-eval`` command wraps
 ``lm_eval.evaluator.evaluate`` (inert unless a lostattn model registered a :class:`Run`). On the results it returns
-(rank 0), it adds, for every task and group:
+(rank 0, after every rank's statistics records are gathered there), it adds, for every task and group:
 
 * the rows ``lostattn_{rid,mixig}_{attn,ffn}`` with their ``_stderr`` (the mean over documents of each document's
   layer mean, stderr of that mean) and ``lostattn_samples`` (documents with statistics: fewer than the task's when
@@ -10,16 +10,19 @@ lm-eval 0.4.13 takes metrics only from each task's ``process_results``, so the `
   holds them;
 * each document's values in its ``--log_samples`` record;
 * ``results["lostattn"]``: the intervention, its hash, the statistics settings, versions, and per task the
-  per-layer means and stderrs (what lmms-eval runs write to the sidecar).
+  per-layer means and stderrs (what lmms-eval runs write to the sidecar); a run without statistics gets this block
+  too, with no tasks, so that every result carries its spec hash.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
 
+import torch
 from lm_eval import evaluator
 from lm_eval.api.metrics import mean, mean_stderr
 
@@ -56,7 +59,11 @@ def _rows(documents: list[dict[str, Any]], names: Iterable[str]) -> dict[str, An
 
 
 def add_statistics(results: dict[str, Any], run: Run) -> None:
-    """Add the run's statistics rows, per-sample values and settings to lm-eval's ``results`` (see the module)."""
+    """Add the run's statistics rows, per-sample values and settings to lm-eval's ``results`` (see the module); without
+    statistics, the settings only."""
+    if run.stats.kind == "none":
+        results["lostattn"] = {**run.describe(), "tasks": {}}
+        return
     per_task: dict[str, dict[Any, dict[str, Any]]] = defaultdict(dict)
     for (task, doc_id), records in run.records.items():
         per_task[task][doc_id] = document_metrics(records, run.stats)
@@ -78,9 +85,34 @@ def add_statistics(results: dict[str, Any], run: Run) -> None:
     results["lostattn"] = {**run.describe(), "tasks": layers}
 
 
+def gather_records(run: Run, world_size: int) -> None:
+    """Every rank's records on every rank, when lm-eval split the documents over ``world_size`` > 1 ranks (a
+    collective: every rank calls it, after lm-eval's own gathers). lm-eval strides the documents over the ranks, so
+    each document is one rank's; the padding requests a shorter rank repeats are its own last request, whose rows give
+    that document the same record again."""
+    if world_size <= 1:
+        return
+    ranks: list[Any] = [None] * world_size
+    torch.distributed.all_gather_object(ranks, dict(run.records))
+    merged: dict[tuple[str, Any], list[dict[str, Any]]] = {}
+    for records in ranks:
+        for document, rows in records.items():
+            if document in merged:
+                raise RuntimeError(f"lostattn: document {document} has statistics on two ranks; lm-eval gives each "
+                                   "document to one rank (evaluator.py strides them), has that changed?")
+            merged[document] = rows
+    run.records.clear()
+    run.records.update(merged)
+
+
 def _evaluate(original: Any, *args: Any, **kwargs: Any) -> Any:
     results = original(*args, **kwargs)
-    if _RUN is not None and results is not None and _RUN.stats.kind != "none":
+    if _RUN is None:
+        return results
+    if _RUN.stats.kind != "none":
+        lm = inspect.signature(original).bind(*args, **kwargs).arguments["lm"]
+        gather_records(_RUN, lm.world_size)
+    if results is not None:
         add_statistics(results, _RUN)
     return results
 
