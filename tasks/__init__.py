@@ -1,6 +1,6 @@
 """Local tasks shipped with lmms-lostattn: for lmms-eval (the ``*.yaml`` next to this module) and for lm-eval
-(``lm_eval/*.yaml``: text tasks on the shape scenes described in words, and the colour task's images for
-``hf-multimodal``).
+(``lm_eval/*.yaml``: text tasks on the shape scenes described in words and their group, and the colour task's
+images for ``hf-multimodal``).
 
 The YAML files are templates: ``lostattn_pope.yaml`` must ``include:`` lmms-eval's own ``pope.yaml`` by file path
 and every task reads a parquet file shipped in ``data/``, and neither location is fixed relative to this package
@@ -31,6 +31,7 @@ TASKS: dict[str, tuple[Path, tuple[str, ...]]] = {
             "lostattn_shapes_text_mc",
             "lostattn_shapes_text_gen",
             "lostattn_shapes_text_rolling",
+            "lostattn_shapes_text",  # the group of the three
             "lostattn_shapes_color",  # lmms-eval's image task of the same name, for hf-multimodal
         ),
     ),

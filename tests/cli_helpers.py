@@ -1,12 +1,14 @@
-"""Running the lmms-eval command line on the tiny model, offline, in a subprocess."""
+"""Running the hosts' command lines (``lmms-eval``, ``lostattn-lm-eval``) on tiny models, offline, in subprocesses."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import pathlib
 import subprocess
 import sys
+from collections.abc import Callable
 
 from lmms_lostattn.tasks import tasks_path
 
@@ -76,15 +78,18 @@ def pope_argv(model: str, model_args: str, output: pathlib.Path, *extra: str) ->
     ]
 
 
-def run_cli_batch(runs: list[list[str]], cwd: pathlib.Path) -> None:
-    """Run several ``lmms-eval`` command lines in ONE subprocess that imports lmms-eval once and calls its CLI entry
-    point per run. A run that raises leaves its traceback in ``<its --output_path>/error.txt`` and the others go on;
-    check each run's outputs (:func:`run_error`, :func:`results_of`)."""
+def run_cli_batch(runs: list[list[str]], cwd: pathlib.Path, host: str = "lmms_eval") -> subprocess.CompletedProcess:
+    """Run several command lines of ``host`` in ONE subprocess that imports it once and calls its command's entry
+    point per run (``lmms_eval``: lmms-eval's ``cli_evaluate``; ``lm_eval``: ``lostattn-lm-eval``'s ``main``), in
+    order. A run that raises leaves its traceback in ``<its --output_path>/error.txt`` and the others go on; check
+    each run's outputs (:func:`run_error`, :func:`results_of`). Returns the process (its stderr holds every run's
+    log)."""
     cwd.mkdir(parents=True, exist_ok=True)  # the working directory: the checkout must not shadow the install
-    command = [sys.executable, __file__, json.dumps(runs)]
+    command = [sys.executable, __file__, host, json.dumps(runs)]
     done = subprocess.run(command, env={**os.environ, **OFFLINE}, capture_output=True, text=True, timeout=1800,
                           cwd=cwd)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    return done
 
 
 def run_error(output: pathlib.Path) -> str:
@@ -93,10 +98,10 @@ def run_error(output: pathlib.Path) -> str:
     return error.read_text() if error.is_file() else ""
 
 
-def _index_tasks_once() -> None:
-    """Reuse lmms-eval's task index (a parse of ~3000 task YAMLs, ~8 s) across the runs of one process."""
-    import copy
-
+def _lmms_eval_indexing_tasks_once() -> Callable[[], None]:
+    """lmms-eval's CLI entry point, its task index (a parse of ~3000 task YAMLs, ~8 s) reused across the runs of one
+    process."""
+    from lmms_eval.__main__ import cli_evaluate
     from lmms_eval.tasks import TaskManager
 
     original, indexes = TaskManager.initialize_tasks, {}
@@ -108,15 +113,34 @@ def _index_tasks_once() -> None:
         return copy.deepcopy(indexes[key])
 
     TaskManager.initialize_tasks = initialize_tasks
+    return cli_evaluate
 
 
-if __name__ == "__main__":  # run_cli_batch's subprocess: each argv list through lmms-eval's own CLI entry point
+def _lm_eval_indexing_tasks_once() -> Callable[[], None]:
+    """``lostattn-lm-eval``'s entry point, lm-eval's task index (its ~10000 task YAMLs, ~9 s) reused likewise."""
+    from lm_eval.tasks._index import TaskIndex
+
+    from lmms_lostattn.model_wrappers.lm_eval.launcher import main
+
+    original, indexes = TaskIndex.build, {}
+
+    def build(paths, **kwargs) -> dict:
+        paths = list(paths)
+        key = (repr(paths), repr(sorted(kwargs.items())))
+        if key not in indexes:
+            indexes[key] = original(paths, **kwargs)
+        return copy.deepcopy(indexes[key])
+
+    TaskIndex.build = staticmethod(build)
+    return main
+
+
+if __name__ == "__main__":  # run_cli_batch's subprocess: each argv list through the host's CLI entry point
     import traceback
 
-    from lmms_eval.__main__ import cli_evaluate
-
-    _index_tasks_once()
-    for argv in json.loads(sys.argv[1]):
+    entry_points = {"lmms_eval": _lmms_eval_indexing_tasks_once, "lm_eval": _lm_eval_indexing_tasks_once}
+    cli_evaluate = entry_points[sys.argv[1]]()
+    for argv in json.loads(sys.argv[2]):
         sys.argv = argv
         try:
             cli_evaluate()

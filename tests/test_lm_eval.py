@@ -236,21 +236,27 @@ LIMIT = 5  # odd: two ranks get 3 and 2 documents, and lm-eval pads the shorter 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
 
-def _lm_eval_cli(
+def _lm_eval_argv(
     model_args: str, output: pathlib.Path, batch_size: int, model: str = "lostattn-hf", tasks: tuple[str, ...] = TASKS,
-    limit: int = LIMIT, *extra: str, launcher: tuple[str, ...] = (sys.executable,), env: dict[str, str] | None = None,
-) -> subprocess.CompletedProcess:
-    command = [
-        *(*launcher, "-m", "lmms_lostattn.model_wrappers.lm_eval.launcher"),
-        *("--model", model, "--model_args", model_args, "--tasks", *tasks),
+    limit: int = LIMIT, *extra: str,
+) -> list[str]:
+    """A ``lostattn-lm-eval`` command line on the shipped tasks, on the CPU, with ``--log_samples``."""
+    return [
+        *("lostattn-lm-eval", "--model", model, "--model_args", model_args, "--tasks", *tasks),
         *("--include_path", str(tasks_path(host="lm_eval")), "--limit", str(limit), "--batch_size", str(batch_size)),
         *("--device", "cpu", "--output_path", str(output), "--log_samples", *extra),
-    ]
-    output.mkdir(parents=True, exist_ok=True)  # also the working directory: the checkout must not shadow the install
-    done = subprocess.run(
-        command, env={**os.environ, **OFFLINE, **(env or {})}, capture_output=True, text=True, timeout=600, cwd=output
-    )
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    ]  # fmt: skip
+
+
+def _run_lm_eval(
+    runs: list[list[str]], cwd: pathlib.Path, failing: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess:
+    """Run ``lostattn-lm-eval`` command lines one after another in one subprocess; assert that each succeeded,
+    except those whose output folder is named in ``failing``, which must have failed."""
+    done = run_cli_batch(runs, cwd, host="lm_eval")
+    for argv in runs:
+        output = pathlib.Path(argv[argv.index("--output_path") + 1])
+        assert bool(run_error(output)) == (output.name in failing), run_error(output) or f"{output.name} succeeded"
     return done
 
 
@@ -270,20 +276,18 @@ def _outputs(output: pathlib.Path, tasks: tuple[str, ...] = TASKS) -> tuple[dict
 def cli_runs(
     tiny_model: Callable[[str], pathlib.Path], tmp_path_factory: pytest.TempPathFactory
 ) -> dict[tuple[str, int], pathlib.Path]:
-    """Every mode at batch size 4, and uniform also at batch size 1, two processes at a time."""
+    """Every mode at batch size 4, and uniform also at batch size 1: two processes, half of the runs each."""
     path = tiny_model("llama")
     root = tmp_path_factory.mktemp("lm_eval_cli")
-    runs = [(mode, 4) for mode in MODES] + [("uniform", 1)]
-
-    def run(mode: str, batch_size: int) -> pathlib.Path:
+    outputs = {(mode, 4): root / f"{mode}-4" for mode in MODES} | {("uniform", 1): root / "uniform-1"}
+    argvs = []
+    for (mode, batch_size), output in outputs.items():
         extra = "".join(f",{key}={value}" for key, value in _extra(mode).items())
-        output = root / f"{mode}-{batch_size}"
-        _lm_eval_cli(f"pretrained={path},dtype=float32,attn={mode}{extra},stats=paper", output, batch_size)
-        return output
-
+        model_args = f"pretrained={path},dtype=float32,attn={mode}{extra},stats=paper"
+        argvs.append(_lm_eval_argv(model_args, output, batch_size))
     with ThreadPoolExecutor(max_workers=2) as pool:
-        outputs = list(pool.map(lambda args: run(*args), runs))
-    return dict(zip(runs, outputs, strict=True))
+        list(pool.map(lambda half: _run_lm_eval(half, root), (argvs[0::2], argvs[1::2])))
+    return outputs
 
 
 @pytest.mark.cli
@@ -327,10 +331,17 @@ def test_two_ranks_aggregate_like_one(
     tiny_model: Callable[[str], pathlib.Path], cli_runs: dict[tuple[str, int], pathlib.Path], tmp_path: pathlib.Path
 ) -> None:
     """Two CPU ranks (gloo) at batch size 2 give the statistics rows and per-sample values of one rank at batch 1."""
-    launcher = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29535")
-    cpu_ranks = {"PYTHONPATH": str(pathlib.Path(__file__).parent / "cpu_ranks_lm_eval")}  # see its sitecustomize.py
     args = f"pretrained={tiny_model('llama')},dtype=float32,attn=uniform,attn_keys=all,stats=paper"
-    done = _lm_eval_cli(args, tmp_path, 2, launcher=launcher, env=cpu_ranks)
+    command = [
+        *(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29535"),
+        str(pathlib.Path(sys.executable).parent / "lostattn-lm-eval"),  # the installed command
+        *_lm_eval_argv(args, tmp_path, 2)[1:],
+    ]
+    cpu_ranks = {"PYTHONPATH": str(pathlib.Path(__file__).parent / "cpu_ranks_lm_eval")}  # see its sitecustomize.py
+    done = subprocess.run(
+        command, env={**os.environ, **OFFLINE, **cpu_ranks}, capture_output=True, text=True, timeout=600, cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     assert "on rank 1" in done.stderr  # lm-eval split the documents
     (two, two_samples), (one, one_samples) = _outputs(tmp_path), _outputs(cli_runs["uniform", 1])
     for task in TASKS:
@@ -371,6 +382,86 @@ def test_report_compare_and_check_read_lm_eval_output_folders(
     assert exit_.value.code == 0
     (gated,) = [line for line in capsys.readouterr().out.splitlines() if "lostattn_shapes_text_mc/acc" in line]
     assert gated.startswith("ok") and "McNemar p=" in gated
+
+
+GROUP = "lostattn_shapes_text"  # the shipped group of TASKS
+CACHED = 3  # documents per task the first --use_cache run answers
+
+
+@pytest.mark.cli
+def test_use_cache_answers_are_counted_and_the_group_pools_its_tasks(
+    tiny_model: Callable[[str], pathlib.Path], cli_runs: dict[tuple[str, int], pathlib.Path], tmp_path: pathlib.Path
+) -> None:
+    """A run on the shipped group whose first documents lm-eval answers from ``--use_cache`` (a first run on them):
+    those count 0 in ``lostattn_samples`` and have no values, the others have the values of a run without the cache,
+    the group's rows pool the documents of its three tasks, and a run under another intervention is refused that
+    cache."""
+    args = f"pretrained={tiny_model('llama')},dtype=float32,attn=none,stats=paper"
+    uniform = args.replace("attn=none", "attn=uniform,attn_keys=all")
+    cache = ("--use_cache", str(tmp_path / "cache"))
+    done = _run_lm_eval(
+        [
+            _lm_eval_argv(args, tmp_path / "first", 4, "lostattn-hf", TASKS, CACHED, *cache),
+            _lm_eval_argv(uniform, tmp_path / "refused", 4, "lostattn-hf", (GROUP,), LIMIT, *cache),
+            _lm_eval_argv(args, tmp_path / "second", 4, "lostattn-hf", (GROUP,), LIMIT, *cache),
+        ],
+        tmp_path,
+        failing=("refused",),
+    )
+    assert "holds responses computed under the intervention" in run_error(tmp_path / "refused")
+    assert f"{CACHED} of {LIMIT} documents of lostattn_shapes_text_mc were answered from --use_cache" in done.stderr
+    (results, samples), (uncached, uncached_samples) = _outputs(tmp_path / "second"), _outputs(cli_runs["none", 4])
+    pooled: dict[str, list[float]] = {row: [] for row in TABLE_ROWS}
+    for task in TASKS:
+        assert results["results"][task]["lostattn_samples,none"] == LIMIT - CACHED
+        for sample, reference in zip(samples[task], uncached_samples[task], strict=True):
+            if sample["doc_id"] < CACHED:
+                assert sample["lostattn_samples"] == 0 and TABLE_ROWS[0] not in sample
+                continue
+            for row in TABLE_ROWS:
+                assert sample[row] == pytest.approx(reference[row], abs=1e-5)
+                pooled[row].append(sample[row])
+    mc = "lostattn_shapes_text_mc"
+    assert results["results"][mc]["acc,none"] == uncached["results"][mc]["acc,none"]
+    group = results["results"][GROUP]
+    assert group["lostattn_samples,none"] == len(TASKS) * (LIMIT - CACHED)
+    for row in TABLE_ROWS:
+        assert group[f"{row},none"] == pytest.approx(sum(pooled[row]) / len(pooled[row]))
+
+
+def test_a_response_cache_of_another_intervention_is_refused(tmp_path: pathlib.Path) -> None:
+    """``check_response_cache`` on lm-eval's own ``CachingLM``: a new cache takes the run's mark and keeps it when
+    reopened; an unmarked cache with responses (plain ``hf``) serves ``attn=none`` only; another mark is refused."""
+    from lm_eval.api.model import CachingLM
+
+    from lmms_lostattn.model_wrappers.lm_eval.reporting import check_response_cache
+    from lmms_lostattn.model_wrappers.plugin import Run
+    from lmms_lostattn.spec import StatsConfig
+
+    class Unwrapped:
+        def set_cache_hook(self, hook: object) -> None:
+            pass
+
+    def cache(name: str) -> CachingLM:
+        return CachingLM(Unwrapped(), str(tmp_path / name))  # type: ignore[arg-type]
+
+    def run(**args: str) -> Run:
+        intervention = InterventionSpec.from_model_args(args).resolve(4, 4)
+        return Run("m", "lm_eval", intervention, StatsConfig(kind="paper"))
+
+    uniform, gaussian = {"attn": "uniform", "attn_keys": "all"}, {"attn": "gaussian", "attn_keys": "all"}
+    check_response_cache(cache("new.db"), run(**uniform))
+    check_response_cache(cache("new.db"), run(**uniform))
+    for other in ({"attn": "none"}, gaussian, {**uniform, "attn_layers": "1"}):
+        with pytest.raises(ValueError, match=r"new\.db holds responses computed under the intervention"):
+            check_response_cache(cache("new.db"), run(**other))
+    plain = cache("plain.db")
+    plain.dbdict["0" * 64] = (-1.5, True)  # a response plain hf cached
+    with pytest.raises(ValueError, match=r"1 responses written without lostattn .*attn=gaussian"):
+        check_response_cache(plain, run(**gaussian))
+    check_response_cache(plain, run(attn="none"))
+    with pytest.raises(ValueError, match="computed under the intervention"):
+        check_response_cache(cache("plain.db"), run(**uniform))
 
 
 def test_every_text_family_has_a_tiny_builder_and_a_readme_entry() -> None:
@@ -435,18 +526,16 @@ def test_shapes_llava_answers_through_hf_multimodal_as_through_lmms_eval(tmp_pat
     ]
     modes = {"learned": "attn=none", "knockout": "attn=knockout,attn_layers=all,attn_rows=text"}
     base = f"pretrained={SHAPES_LLAVA_DIR},dtype=float32,stats=paper"
-    with ThreadPoolExecutor(max_workers=3) as pool:
-        reference_done = pool.submit(run_cli_batch, [lmms_eval_argv], tmp_path)
-        runs = {
-            name: pool.submit(
-                _lm_eval_cli, f"{base},{args}", tmp_path / name, 4, "lostattn-hf-multimodal", task, COLOR_LIMIT,
-                "--apply_chat_template",
-            )
-            for name, args in modes.items()
-        }
-        reference_done.result()
-        for run in runs.values():
-            run.result()
+    lm_eval_argvs = [
+        _lm_eval_argv(
+            f"{base},{args}", tmp_path / name, 4, "lostattn-hf-multimodal", task, COLOR_LIMIT, "--apply_chat_template"
+        )
+        for name, args in modes.items()
+    ]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        reference_run = pool.submit(run_cli_batch, [lmms_eval_argv], tmp_path)
+        _run_lm_eval(lm_eval_argvs, tmp_path)
+        reference_run.result()
     assert not run_error(reference), run_error(reference)
     expected = [sample["filtered_resps"].strip().lower() for sample in samples_of(reference, task[0])]
     results = {name: _outputs(tmp_path / name, task) for name in modes}

@@ -67,6 +67,18 @@ def _evaluate() -> None:
     expect("rank=rank" in source and "world_size=world_size" in source, "documents are no longer split by rank")
 
 
+def _response_cache() -> None:
+    """``--use_cache`` wraps the model in ``CachingLM`` before ``evaluate`` gets it; its ``dbdict`` (a dict-like SQLite
+    table at ``cache_db``) maps ``hash_args(method, request.args)``, a sha256 hex digest of the request alone, to the
+    response: the glue keeps its intervention mark in that table, under a key no request hashes to."""
+    source = inspect.getsource(internal("lm_eval.evaluator", "simple_evaluate"))
+    expect("CachingLM(" in source, "simple_evaluate no longer wraps the model in CachingLM for --use_cache")
+    source = inspect.getsource(internal("lm_eval.api.model", "CachingLM").__init__)
+    expect("self.dbdict" in source and "self.cache_db" in source, "CachingLM no longer keeps dbdict and cache_db")
+    key = internal("lm_eval.api.model", "hash_args")("loglikelihood", ("context", " continuation"))
+    expect(len(key) == 64 and set(key) <= set("0123456789abcdef"), f"cache keys look like {key!r} now")
+
+
 def _split_top_level() -> None:
     pieces = internal("lm_eval._cli.utils", "split_top_level")("a=1,b=[2,3],c='x,y'")
     expect(pieces == ["a=1", "b=[2,3]", "c='x,y'"], f"split gives {pieces}")
@@ -83,6 +95,7 @@ CONTACT_POINTS: tuple[ContactPoint, ...] = (
     ContactPoint("HFLM._loglikelihood_tokens scoring rows", "lm_eval", _scoring_rows),
     ContactPoint("HFLM.loglikelihood_rolling windows", "lm_eval", _rolling_windows),
     ContactPoint("lm_eval.evaluator.evaluate (statistics rows)", "lm_eval", _evaluate),
+    ContactPoint("lm_eval CachingLM response cache (--use_cache)", "lm_eval", _response_cache),
     ContactPoint("lm_eval._cli.utils.split_top_level", "lm_eval", _split_top_level),
     ContactPoint("lm_eval.api.instance.Instance fields", "lm_eval", _instance_fields),
     ContactPoint("lm_eval.__main__.cli_evaluate", "lm_eval", lambda: internal("lm_eval.__main__", "cli_evaluate")),

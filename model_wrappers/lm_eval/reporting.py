@@ -12,6 +12,9 @@ lm-eval 0.4.13 takes metrics only from each task's ``process_results``, so the `
 * ``results["lostattn"]``: the intervention, its hash, the statistics settings, versions, and per task the
   per-layer means and stderrs (what lmms-eval runs write to the sidecar); a run without statistics gets this block
   too, with no tasks, so that every result carries its spec hash.
+
+Before the requests run it checks the ``--use_cache`` database, if any (:func:`check_response_cache`): lm-eval keys
+cached responses by request only, so a cache written under another intervention would answer this run's requests.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from typing import Any
 import torch
 from lm_eval import evaluator
 from lm_eval.api.metrics import mean, mean_stderr
+from lm_eval.api.model import CachingLM
+from loguru import logger
 
 from lmms_lostattn.model_wrappers.plugin import Run
 from lmms_lostattn.model_wrappers.results import LAYERS_METRIC, SAMPLES_METRIC, aggregate_layers, document_metrics
@@ -32,6 +37,7 @@ from lmms_lostattn.stats import table_rows
 from lmms_lostattn.upstream import internal
 
 FILTER = "none"
+CACHE_MARK = "lostattn:intervention"  # never one of lm-eval's cache keys (sha256 hex digests of the requests)
 _RUN: Run | None = None
 
 
@@ -98,22 +104,68 @@ def gather_records(run: Run, world_size: int) -> None:
     for records in ranks:
         for document, rows in records.items():
             if document in merged:
-                raise RuntimeError(f"lostattn: document {document} has statistics on two ranks; lm-eval gives each "
-                                   "document to one rank (evaluator.py strides them), has that changed?")
+                raise RuntimeError(
+                    f"lostattn: document {document} has statistics on two ranks; lm-eval gives each "
+                    "document to one rank (evaluator.py strides them), has that changed?"
+                )
             merged[document] = rows
     run.records.clear()
     run.records.update(merged)
 
 
+def check_response_cache(lm: Any, run: Run) -> None:
+    """Refuse a ``--use_cache`` database (``lm`` is then lm-eval's :class:`CachingLM`) whose responses were computed
+    under another intervention than ``run``'s, and mark an unmarked one with ``run``'s.
+
+    lm-eval keys a cached response by its request alone (``hash_args(method, request.args)``), not by the model's
+    arguments: responses cached under ``attn=none`` would silently answer an ``attn=gaussian`` run's requests. A cache
+    that holds responses but no mark was written without lostattn (plain ``hf``, or an older lostattn): it is taken as
+    the unedited model's, which only ``attn=none`` may reuse."""
+    if not isinstance(lm, CachingLM):
+        return
+    database, wanted = lm.dbdict, run.intervention.to_dict()
+    marked = database.get(CACHE_MARK)
+    if marked is None and len(database) and run.intervention.mode != "none":
+        raise ValueError(
+            f"lostattn: --use_cache {lm.cache_db} holds {len(database)} responses written without lostattn (the "
+            f"unedited model's), and this run edits attention (attn={run.intervention.mode}); lm-eval keys cached "
+            "responses by request only, so they would answer this run's requests: give each intervention its own "
+            "--use_cache path"
+        )
+    if marked is not None and marked != wanted:
+        raise ValueError(
+            f"lostattn: --use_cache {lm.cache_db} holds responses computed under the intervention {marked}, and "
+            f"this run's is {wanted}; lm-eval keys cached responses by request only, so they would answer this run's "
+            "requests: give each intervention its own --use_cache path"
+        )
+    if marked is None:
+        database[CACHE_MARK] = wanted
+        database.commit()
+
+
+def _warn_uncovered(results: dict[str, Any]) -> None:
+    """Say which tasks had documents answered from ``--use_cache`` (they have no statistics)."""
+    for task, counts in results.get("n-samples", {}).items():
+        covered = results["results"].get(task, {}).get(f"{SAMPLES_METRIC},{FILTER}")
+        if covered is not None and covered < counts["effective"]:
+            logger.warning(
+                f"lostattn: {counts['effective'] - covered} of {counts['effective']} documents of {task} were "
+                f"answered from --use_cache: its statistics rows cover the other {covered}"
+            )
+
+
 def _evaluate(original: Any, *args: Any, **kwargs: Any) -> Any:
-    results = original(*args, **kwargs)
     if _RUN is None:
-        return results
+        return original(*args, **kwargs)
+    lm = inspect.signature(original).bind(*args, **kwargs).arguments["lm"]
+    check_response_cache(lm, _RUN)
+    results = original(*args, **kwargs)
     if _RUN.stats.kind != "none":
-        lm = inspect.signature(original).bind(*args, **kwargs).arguments["lm"]
         gather_records(_RUN, lm.world_size)
     if results is not None:
         add_statistics(results, _RUN)
+        if _RUN.stats.kind != "none":
+            _warn_uncovered(results)
     return results
 
 
