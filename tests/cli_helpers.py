@@ -9,6 +9,7 @@ import pathlib
 import subprocess
 import sys
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 from lmms_lostattn.tasks import tasks_path
 
@@ -78,18 +79,24 @@ def pope_argv(model: str, model_args: str, output: pathlib.Path, *extra: str) ->
     ]
 
 
-def run_cli_batch(runs: list[list[str]], cwd: pathlib.Path, host: str = "lmms_eval") -> subprocess.CompletedProcess:
-    """Run several command lines of ``host`` in ONE subprocess that imports it once and calls its command's entry
-    point per run (``lmms_eval``: lmms-eval's ``cli_evaluate``; ``lm_eval``: ``lostattn-lm-eval``'s ``main``), in
-    order. A run that raises leaves its traceback in ``<its --output_path>/error.txt`` and the others go on; check
-    each run's outputs (:func:`run_error`, :func:`results_of`). Returns the process (its stderr holds every run's
-    log)."""
+def run_cli_batch(runs: list[list[str]], cwd: pathlib.Path, host: str = "lmms_eval", processes: int = 1) -> str:
+    """Run several command lines of ``host`` in ``processes`` subprocesses at once, each of which imports the host
+    once and calls its command's entry point for its share of the runs (every ``processes``-th), in order
+    (``lmms_eval``: lmms-eval's ``cli_evaluate``; ``lm_eval``: ``lostattn-lm-eval``'s ``main``). A run that raises
+    leaves its traceback in ``<its --output_path>/error.txt`` and the others go on; check each run's outputs
+    (:func:`run_error`, :func:`results_of`). Returns the processes' stderr (every run's log)."""
     cwd.mkdir(parents=True, exist_ok=True)  # the working directory: the checkout must not shadow the install
-    command = [sys.executable, __file__, host, json.dumps(runs)]
-    done = subprocess.run(command, env={**os.environ, **OFFLINE}, capture_output=True, text=True, timeout=1800,
-                          cwd=cwd)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
-    return done
+    shares = [runs[index::processes] for index in range(min(processes, len(runs)))]
+
+    def run(share: list[list[str]]) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, __file__, host, json.dumps(share)], env={**os.environ, **OFFLINE},
+                              capture_output=True, text=True, timeout=1800, cwd=cwd)
+
+    with ThreadPoolExecutor(max_workers=len(shares)) as pool:
+        done = list(pool.map(run, shares))
+    for process in done:
+        assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-5000:]
+    return "".join(process.stderr for process in done)
 
 
 def run_error(output: pathlib.Path) -> str:

@@ -66,7 +66,7 @@ def _safe(name: str) -> str:
 
 @pytest.fixture(scope="module")
 def cli_runs(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
-    """Every configuration x batch size x family through the lmms-eval command line, in one subprocess."""
+    """Every configuration x batch size x family through the lmms-eval command line, in two subprocesses."""
     root = tmp_path_factory.mktemp("batching")
     runs = []
     for variant, (model_id, cpu_args, extra) in FAMILIES.items():
@@ -83,7 +83,7 @@ def cli_runs(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
             )
             argv[argv.index("--limit") + 1] = str(LIMIT)
             runs.append(argv)
-    run_cli_batch(runs, root)
+    run_cli_batch(runs, root, processes=2)
     return root
 
 

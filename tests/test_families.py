@@ -231,8 +231,8 @@ def test_stats_paper_are_finite_for_every_layer(tiny_model: Callable[[str], path
 
 @pytest.fixture(scope="module")
 def cli_outputs(tiny_model: Callable[[str], pathlib.Path], tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
-    """Every family x mode through the lmms-eval command line, in one subprocess (one lmms-eval import and task
-    index for all, ~2 s per run after that); run ``<family>/<mode>`` writes under ``<returned dir>/<family>/<mode>``."""
+    """Every family x mode through the lmms-eval command line, in two subprocesses (one lmms-eval import and task
+    index each, ~2 s per run after that); run ``<family>/<mode>`` writes under ``<returned dir>/<family>/<mode>``."""
     root = tmp_path_factory.mktemp("cli")
     runs = [
         pope_argv(
@@ -243,7 +243,7 @@ def cli_outputs(tiny_model: Callable[[str], pathlib.Path], tmp_path_factory: pyt
         for family in FAMILIES
         for mode in MODES
     ]
-    run_cli_batch(runs, root)
+    run_cli_batch(runs, root, processes=2)
     return root
 
 

@@ -249,15 +249,16 @@ def _lm_eval_argv(
 
 
 def _run_lm_eval(
-    runs: list[list[str]], cwd: pathlib.Path, failing: tuple[str, ...] = ()
-) -> subprocess.CompletedProcess:
-    """Run ``lostattn-lm-eval`` command lines one after another in one subprocess; assert that each succeeded,
-    except those whose output folder is named in ``failing``, which must have failed."""
-    done = run_cli_batch(runs, cwd, host="lm_eval")
+    runs: list[list[str]], cwd: pathlib.Path, processes: int = 1, failing: tuple[str, ...] = ()
+) -> str:
+    """Run ``lostattn-lm-eval`` command lines through :func:`run_cli_batch` (with ``processes=1``, one after another)
+    and return their log; assert that each succeeded, except those whose output folder is named in ``failing``, which
+    must have failed."""
+    log = run_cli_batch(runs, cwd, host="lm_eval", processes=processes)
     for argv in runs:
         output = pathlib.Path(argv[argv.index("--output_path") + 1])
         assert bool(run_error(output)) == (output.name in failing), run_error(output) or f"{output.name} succeeded"
-    return done
+    return log
 
 
 def _outputs(output: pathlib.Path, tasks: tuple[str, ...] = TASKS) -> tuple[dict, dict[str, list[dict]]]:
@@ -276,7 +277,7 @@ def _outputs(output: pathlib.Path, tasks: tuple[str, ...] = TASKS) -> tuple[dict
 def cli_runs(
     tiny_model: Callable[[str], pathlib.Path], tmp_path_factory: pytest.TempPathFactory
 ) -> dict[tuple[str, int], pathlib.Path]:
-    """Every mode at batch size 4, and uniform also at batch size 1: two processes, half of the runs each."""
+    """Every mode at batch size 4, and uniform also at batch size 1 (two processes, half of the runs each)."""
     path = tiny_model("llama")
     root = tmp_path_factory.mktemp("lm_eval_cli")
     outputs = {(mode, 4): root / f"{mode}-4" for mode in MODES} | {("uniform", 1): root / "uniform-1"}
@@ -285,8 +286,7 @@ def cli_runs(
         extra = "".join(f",{key}={value}" for key, value in _extra(mode).items())
         model_args = f"pretrained={path},dtype=float32,attn={mode}{extra},stats=paper"
         argvs.append(_lm_eval_argv(model_args, output, batch_size))
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        list(pool.map(lambda half: _run_lm_eval(half, root), (argvs[0::2], argvs[1::2])))
+    _run_lm_eval(argvs, root, processes=2)
     return outputs
 
 
@@ -399,7 +399,7 @@ def test_use_cache_answers_are_counted_and_the_group_pools_its_tasks(
     args = f"pretrained={tiny_model('llama')},dtype=float32,attn=none,stats=paper"
     uniform = args.replace("attn=none", "attn=uniform,attn_keys=all")
     cache = ("--use_cache", str(tmp_path / "cache"))
-    done = _run_lm_eval(
+    log = _run_lm_eval(
         [
             _lm_eval_argv(args, tmp_path / "first", 4, "lostattn-hf", TASKS, CACHED, *cache),
             _lm_eval_argv(uniform, tmp_path / "refused", 4, "lostattn-hf", (GROUP,), LIMIT, *cache),
@@ -409,7 +409,7 @@ def test_use_cache_answers_are_counted_and_the_group_pools_its_tasks(
         failing=("refused",),
     )
     assert "holds responses computed under the intervention" in run_error(tmp_path / "refused")
-    assert f"{CACHED} of {LIMIT} documents of lostattn_shapes_text_mc were answered from --use_cache" in done.stderr
+    assert f"{CACHED} of {LIMIT} documents of lostattn_shapes_text_mc were answered from --use_cache" in log
     (results, samples), (uncached, uncached_samples) = _outputs(tmp_path / "second"), _outputs(cli_runs["none", 4])
     pooled: dict[str, list[float]] = {row: [] for row in TABLE_ROWS}
     for task in TASKS:
