@@ -105,40 +105,43 @@ def run_error(output: pathlib.Path) -> str:
     return error.read_text() if error.is_file() else ""
 
 
+def _reusing(build: Callable[..., dict], key: Callable[..., object]) -> Callable[..., dict]:
+    """``build`` run once per ``key(*args, **kwargs)``; every call gets a deep copy of that first result."""
+    built: dict[object, dict] = {}
+
+    def reused(*args: object, **kwargs: object) -> dict:
+        name = key(*args, **kwargs)
+        if name not in built:
+            built[name] = build(*args, **kwargs)
+        return copy.deepcopy(built[name])
+
+    return reused
+
+
 def _lmms_eval_indexing_tasks_once() -> Callable[[], None]:
     """lmms-eval's CLI entry point, its task index (a parse of ~3000 task YAMLs, ~8 s) reused across the runs of one
     process."""
     from lmms_eval.__main__ import cli_evaluate
     from lmms_eval.tasks import TaskManager
 
-    original, indexes = TaskManager.initialize_tasks, {}
+    def index_key(manager: TaskManager, include_path=None, include_defaults: bool = True) -> tuple:
+        return repr(include_path), include_defaults
 
-    def initialize_tasks(manager: TaskManager, include_path=None, include_defaults: bool = True) -> dict:
-        key = (repr(include_path), include_defaults)
-        if key not in indexes:
-            indexes[key] = original(manager, include_path=include_path, include_defaults=include_defaults)
-        return copy.deepcopy(indexes[key])
-
-    TaskManager.initialize_tasks = initialize_tasks
+    TaskManager.initialize_tasks = _reusing(TaskManager.initialize_tasks, index_key)
     return cli_evaluate
 
 
 def _lm_eval_indexing_tasks_once() -> Callable[[], None]:
-    """``lostattn-lm-eval``'s entry point, lm-eval's task index (its ~10000 task YAMLs, ~9 s) reused likewise."""
+    """``lostattn-lm-eval``'s entry point, lm-eval's task index (its ~10000 task YAMLs, ~9 s) reused likewise
+    (``TaskManager`` hands ``TaskIndex.build`` a list of paths)."""
     from lm_eval.tasks._index import TaskIndex
 
     from lmms_lostattn.model_wrappers.lm_eval.launcher import main
 
-    original, indexes = TaskIndex.build, {}
+    def index_key(paths: list, **kwargs: object) -> tuple:
+        return repr(paths), repr(sorted(kwargs.items()))
 
-    def build(paths, **kwargs) -> dict:
-        paths = list(paths)
-        key = (repr(paths), repr(sorted(kwargs.items())))
-        if key not in indexes:
-            indexes[key] = original(paths, **kwargs)
-        return copy.deepcopy(indexes[key])
-
-    TaskIndex.build = staticmethod(build)
+    TaskIndex.build = staticmethod(_reusing(TaskIndex.build, index_key))
     return main
 
 

@@ -144,7 +144,8 @@ def check_response_cache(lm: Any, run: Run) -> None:
 
 
 def _warn_uncovered(results: dict[str, Any]) -> None:
-    """Say which tasks had documents answered from ``--use_cache`` (they have no statistics)."""
+    """Say which tasks had documents answered from ``--use_cache`` (they have no statistics); inert on results
+    without statistics rows."""
     for task, counts in results.get("n-samples", {}).items():
         covered = results["results"].get(task, {}).get(f"{SAMPLES_METRIC},{FILTER}")
         if covered is not None and covered < counts["effective"]:
@@ -164,8 +165,7 @@ def _evaluate(original: Any, *args: Any, **kwargs: Any) -> Any:
         gather_records(_RUN, lm.world_size)
     if results is not None:
         add_statistics(results, _RUN)
-        if _RUN.stats.kind != "none":
-            _warn_uncovered(results)
+        _warn_uncovered(results)
     return results
 
 
