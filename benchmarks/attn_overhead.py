@@ -40,8 +40,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlavaForConditionalGeneration
 from transformers.utils import logging as transformers_logging
 
-from lmms_lostattn.model_wrappers.lmms_eval.llava import LostAttnLlavaSimple
-from lmms_lostattn.scope import intervene
+from lmms_lostattn.intervention.scope import intervene
+from lmms_lostattn.model_wrappers.lmms_eval.wrappers import LostAttnLlavaSimple
 from lmms_lostattn.testing import build_tokenizer, llava_config_and_processor
 
 IMAGE_TOKEN = "<image>"

@@ -34,8 +34,8 @@ from loguru import logger
 from PIL import Image
 from transformers.utils import logging as transformers_logging
 
-from lmms_lostattn.model_wrappers.lmms_eval.qwen2_5_vl import LostAttnQwen2_5_VLChat
-from lmms_lostattn.testing import _PARTS
+from lmms_lostattn.model_wrappers.lmms_eval.wrappers import LostAttnQwen2_5_VLChat
+from lmms_lostattn.testing import tiny_parts
 
 QUESTIONS = [
     "Is there a cat in the image?",
@@ -79,7 +79,7 @@ SETTINGS = {  # name -> the plugin's model_args (None: lmms-eval's own class), t
 
 def build_checkpoint(cfg: BenchConfig, out: pathlib.Path) -> pathlib.Path:
     """A random-weight Qwen2.5-VL of ``cfg``'s decoder shape, with the tiny model's tokenizer and processor."""
-    model_cls, config, processor = _PARTS["qwen2_5_vl"]("qwen2_5_vl", cfg.layers)
+    model_cls, config, processor = tiny_parts("qwen2_5_vl", cfg.layers)
     head_dim = cfg.hidden // cfg.heads
     text = config.text_config
     text.hidden_size, text.intermediate_size, text.head_dim = cfg.hidden, cfg.intermediate, head_dim

@@ -32,7 +32,7 @@ from attn_overhead import CONFIGS, IMAGE_TOKEN, QUESTION, BenchConfig, build_che
 from lmms_eval.api.instance import Instance
 from PIL import Image
 
-from lmms_lostattn.model_wrappers.lmms_eval.llava import LostAttnLlavaSimple
+from lmms_lostattn.model_wrappers.lmms_eval.wrappers import LostAttnLlavaSimple
 
 SETTINGS = ("none", "paper", "all")
 

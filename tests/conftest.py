@@ -10,7 +10,7 @@ import pytest
 
 def pytest_sessionstart(session: pytest.Session) -> None:
     """Outside the tested versions, stop before any model runs, naming the package and its range."""
-    from lmms_lostattn.upstream import UpstreamError, require_tested_versions
+    from lmms_lostattn.compat.versions import UpstreamError, require_tested_versions
 
     try:
         require_tested_versions()

@@ -26,9 +26,9 @@ from lmms_eval.api.instance import Instance
 from lmms_eval.models import get_model
 from PIL import Image
 
-from lmms_lostattn import patterns
+from lmms_lostattn.intervention import patterns
+from lmms_lostattn.intervention.scope import InterventionError
 from lmms_lostattn.model_wrappers.lmms_eval.base import PROGRESS
-from lmms_lostattn.scope import InterventionError
 from lmms_lostattn.testing import tiny_model_dir
 
 MODES = ["none", "gaussian", "uniform", "identity", "sink", "shuffle", "knockout", "noise_delta", "noise_qkv"]

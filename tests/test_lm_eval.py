@@ -22,13 +22,13 @@ from lm_eval.models.hf_vlms import HFMultimodalLM
 from lm_eval.models.huggingface import HFLM
 from PIL import Image
 
-from lmms_lostattn.__main__ import main
-from lmms_lostattn.adapters import adapter_for
+from lmms_lostattn.cli import main
+from lmms_lostattn.config.spec import InterventionSpec, SpecError
+from lmms_lostattn.families import adapter_for
+from lmms_lostattn.intervention.scope import intervene
 from lmms_lostattn.model_wrappers.lm_eval.launcher import bracket_model_args
 from lmms_lostattn.model_wrappers.lm_eval.models import LostAttnHFLM, LostAttnHFMultimodalLM
-from lmms_lostattn.scope import intervene
-from lmms_lostattn.shapes_llava import SHAPES_LLAVA_DIR
-from lmms_lostattn.spec import InterventionSpec, SpecError
+from lmms_lostattn.models import SHAPES_LLAVA_DIR
 from lmms_lostattn.tasks import tasks_path
 from lmms_lostattn.testing import TEXT_VARIANTS
 
@@ -434,9 +434,9 @@ def test_a_response_cache_of_another_intervention_is_refused(tmp_path: pathlib.P
     reopened; an unmarked cache with responses (plain ``hf``) serves ``attn=none`` only; another mark is refused."""
     from lm_eval.api.model import CachingLM
 
+    from lmms_lostattn.config.spec import StatsConfig
+    from lmms_lostattn.model_wrappers.common.plugin import RunRecords
     from lmms_lostattn.model_wrappers.lm_eval.reporting import check_response_cache
-    from lmms_lostattn.model_wrappers.plugin import Run
-    from lmms_lostattn.spec import StatsConfig
 
     class Unwrapped:
         def set_cache_hook(self, hook: object) -> None:
@@ -445,9 +445,9 @@ def test_a_response_cache_of_another_intervention_is_refused(tmp_path: pathlib.P
     def cache(name: str) -> CachingLM:
         return CachingLM(Unwrapped(), str(tmp_path / name))  # type: ignore[arg-type]
 
-    def run(**args: str) -> Run:
+    def run(**args: str) -> RunRecords:
         intervention = InterventionSpec.from_model_args(args).resolve(4, 4)
-        return Run("m", "lm_eval", intervention, StatsConfig(kind="paper"))
+        return RunRecords("m", "lm_eval", intervention, StatsConfig(kind="paper"))
 
     uniform, gaussian = {"attn": "uniform", "attn_keys": "all"}, {"attn": "gaussian", "attn_keys": "all"}
     check_response_cache(cache("new.db"), run(**uniform))
@@ -465,9 +465,9 @@ def test_a_response_cache_of_another_intervention_is_refused(tmp_path: pathlib.P
 
 
 def test_every_text_family_has_a_tiny_builder_and_a_readme_entry() -> None:
-    from lmms_lostattn.adapters import TEXT
+    from lmms_lostattn.families import text_adapters
 
-    model_types = {model_type for adapter in TEXT for model_type in adapter.model_types}
+    model_types = {model_type for adapter in text_adapters() for model_type in adapter.model_types}
     assert model_types == set(TEXT_VARIANTS)
     section = README.read_text().split("## With lm-evaluation-harness", 1)[1].split("\n## ", 1)[0]
     assert all(f"`{model_type}`" in section for model_type in model_types)
@@ -481,11 +481,11 @@ def _record(rid_attn: list[float]) -> dict:
 def test_groups_pool_their_tasks_documents_and_uncovered_documents_are_counted() -> None:
     """A group's rows are the mean over the documents of all its tasks (not the mean of task means); a document
     without statistics (answered from ``--use_cache``) is not in the rows and counts 0 in ``lostattn_samples``."""
+    from lmms_lostattn.config.spec import Intervention, StatsConfig
+    from lmms_lostattn.model_wrappers.common.plugin import RunRecords
     from lmms_lostattn.model_wrappers.lm_eval.reporting import add_statistics
-    from lmms_lostattn.model_wrappers.plugin import Run
-    from lmms_lostattn.spec import Intervention, StatsConfig
 
-    run = Run("m", "lm_eval", Intervention("none"), StatsConfig(kind="paper"))
+    run = RunRecords("m", "lm_eval", Intervention("none"), StatsConfig(kind="paper"))
     run.records[("t1", 0)] = [_record([0.2, 0.4])]  # layer mean 0.3
     run.records[("t1", 1)] = [_record([0.6, 0.8]), _record([0.6, 0.8])]  # two rows of one document: 0.7
     run.records[("t2", 0)] = [_record([0.1, 0.3])]  # 0.2

@@ -1,4 +1,5 @@
-"""Tests of lmms_lostattn.metrics: closed forms, an independent float64 NumPy reference, token cap, bad input."""
+"""Tests of lmms_lostattn.statistics.metrics: closed forms, an independent float64 NumPy reference, token cap, bad
+input."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from lmms_lostattn.metrics import (
+from lmms_lostattn.statistics.metrics import (
     RANK_EPS,
     decompose,
     delta_d,

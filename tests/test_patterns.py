@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmms_lostattn import patterns, rng
-from lmms_lostattn.patterns import Coordinates, band_heads, edited_weights, masked_softmax, shuffle_within
-from lmms_lostattn.spec import Intervention
+from lmms_lostattn.config.spec import Intervention
+from lmms_lostattn.intervention import patterns, rng
+from lmms_lostattn.intervention.patterns import Coordinates, band_heads, edited_weights, masked_softmax, shuffle_within
 
 B, H, Q, K = 2, 3, 4, 6
 

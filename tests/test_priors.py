@@ -8,10 +8,10 @@ import torch
 from PIL import Image
 from transformers import AutoConfig
 
-from lmms_lostattn import priors
-from lmms_lostattn.adapters import adapter_for
-from lmms_lostattn.scope import InterventionError, intervene
-from lmms_lostattn.spec import InterventionSpec, SpecError
+from lmms_lostattn.config.spec import InterventionSpec, SpecError
+from lmms_lostattn.families import adapter_for
+from lmms_lostattn.intervention import priors
+from lmms_lostattn.intervention.scope import InterventionError, intervene
 from lmms_lostattn.testing import make_tiny_model
 
 QUESTIONS = ["Is there a red circle?", "What colour is the big square in the picture on the left?"]

@@ -14,10 +14,12 @@ import pytest
 import torch
 from torch import nn
 
-from lmms_lostattn.adapters import adapter_for
-from lmms_lostattn.patterns import Coordinates
-from lmms_lostattn.scope import NO_END, PromptState, Scope, sdpa_attention_forward
-from lmms_lostattn.spec import InterventionSpec
+from lmms_lostattn.config.spec import InterventionSpec
+from lmms_lostattn.families import adapter_for
+from lmms_lostattn.intervention.kernel import sdpa_attention_forward
+from lmms_lostattn.intervention.patterns import Coordinates
+from lmms_lostattn.intervention.prompt import NO_END, PromptState
+from lmms_lostattn.intervention.scope import Scope
 from lmms_lostattn.testing import make_tiny_model
 
 PROMPT, IMAGE = 12, range(3, 9)  # prompt length; its image tokens
@@ -91,7 +93,7 @@ def test_attention_function_equals_the_released_rule(model, scale, draw, head_sc
     q = torch.randn(2, HEADS, num_q, DIM, generator=generator)
     k = torch.randn(2, kv_heads, total, DIM, generator=generator)
     v = torch.randn(2, kv_heads, total, DIM, generator=generator)
-    scope.state = _prompt_state(2, total)
+    scope.prompts.state = _prompt_state(2, total)
     module = nn.Module()
     module.is_causal, module.num_key_value_groups = True, HEADS // kv_heads
     out, _ = scope.attend(sdpa_attention_forward, module, LAYER, q, k, v, None, 0.0, DIM**-0.5, {})
@@ -144,7 +146,7 @@ def test_a_layer_on_another_device_gets_every_tensor_on_its_device(model, args: 
     scope = Scope(model, intervention, adapter_for(model.config))
     total = PROMPT if phase == "prefill" else PROMPT + GENERATED
     num_q = PROMPT if phase == "prefill" else 1
-    scope.state = _prompt_state(2, total)
+    scope.prompts.state = _prompt_state(2, total)
     q = torch.empty(2, HEADS, num_q, DIM, device="meta")
     k, v = (torch.empty(2, 2, total, DIM, device="meta") for _ in range(2))
     module = nn.Module()
@@ -157,7 +159,7 @@ def test_a_layer_on_another_device_gets_every_tensor_on_its_device(model, args: 
 def test_noise_delta_on_another_device(model) -> None:
     intervention = InterventionSpec.from_model_args({"attn": "noise_delta", "attn_layers": "all"}).resolve(4, HEADS)
     scope = Scope(model, intervention, adapter_for(model.config))
-    scope.state = _prompt_state(2, PROMPT)
+    scope.prompts.state = _prompt_state(2, PROMPT)
     delta = torch.empty(2, PROMPT, 16, device="meta")
     replaced = scope.noise_delta_hook(1)(nn.Module(), (), (delta, None))
     assert replaced[0].device.type == "meta" and replaced[0].shape == delta.shape

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lmms_lostattn.__main__ import main
-from lmms_lostattn.compare import mcnemar, paired_bootstrap
-from lmms_lostattn.plots import ALL_TASKS, layer_curve
-from lmms_lostattn.runs import load_run
+from lmms_lostattn.cli import main
+from lmms_lostattn.reporting.plots import ALL_TASKS, layer_curve
+from lmms_lostattn.reporting.runs import load_run
+from lmms_lostattn.reporting.significance import mcnemar, paired_bootstrap
 
 RUNS = pathlib.Path(__file__).parent / "data" / "runs"
 TASKS = ("lostattn_pope", "lostattn_shapes_color")

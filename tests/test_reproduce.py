@@ -13,9 +13,9 @@ import sys
 
 import pytest
 
-from lmms_lostattn.__main__ import main
-from lmms_lostattn.runs import OFFLINE
-from lmms_lostattn.shapes_llava import SHAPES_LLAVA_DIR
+from lmms_lostattn.cli import main
+from lmms_lostattn.model_wrappers.lmms_eval.launch import OFFLINE
+from lmms_lostattn.models import SHAPES_LLAVA_DIR
 from lmms_lostattn.tasks import tasks_path
 
 BASE = f"pretrained={SHAPES_LLAVA_DIR},device=cpu,device_map=cpu,dtype=float32"

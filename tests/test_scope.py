@@ -10,9 +10,10 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from lmms_lostattn.adapters import adapter_for
-from lmms_lostattn.scope import _EDITED, InterventionError, intervene
-from lmms_lostattn.spec import InterventionSpec
+from lmms_lostattn.config.spec import InterventionSpec
+from lmms_lostattn.families import adapter_for
+from lmms_lostattn.intervention.kernel import EDIT_ATTRIBUTE
+from lmms_lostattn.intervention.scope import InterventionError, intervene
 
 MODES = ["gaussian", "uniform", "identity", "sink", "shuffle", "knockout", "noise_delta", "noise_qkv"]
 QUESTIONS = ["Is there a red circle?", "What colour is the big square in the picture on the left?"]
@@ -274,7 +275,7 @@ def test_nothing_stays_attached(model, batch, mode: str) -> None:
     before = hooks()
     logits(model, batch, attn=mode)
     assert hooks() == before
-    assert not _EDITED
+    assert not any(hasattr(module, EDIT_ATTRIBUTE) for module in model.modules())
     assert model.config.get_text_config()._attn_implementation == "sdpa"
     assert model.config.vision_config._attn_implementation == "sdpa"
 

@@ -19,11 +19,12 @@ from cli_helpers import OFFLINE, pope_argv, results_of, run_cli_batch, run_error
 from safetensors.torch import load_file
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-from lmms_lostattn import shapes_llava
-from lmms_lostattn.adapters import adapter_for
-from lmms_lostattn.priors import vision_attention_prior
-from lmms_lostattn.scope import intervene
-from lmms_lostattn.shapes_llava import (
+from lmms_lostattn.config.spec import InterventionSpec
+from lmms_lostattn.families import adapter_for
+from lmms_lostattn.intervention.priors import vision_attention_prior
+from lmms_lostattn.intervention.scope import intervene
+from lmms_lostattn.models import training as shapes_llava
+from lmms_lostattn.models.training import (
     COLOR_POST_PROMPT,
     POPE_POST_PROMPT,
     SHAPES_LLAVA_DIR,
@@ -31,7 +32,6 @@ from lmms_lostattn.shapes_llava import (
     answers,
     patch_targets,
 )
-from lmms_lostattn.spec import InterventionSpec
 from lmms_lostattn.tasks.generate_shapes import COLORS, SHAPES, make_color_rows, make_pope_rows, make_scene
 
 N_ROWS = 200  # the shipped lostattn_pope rows (seed 0)

@@ -10,12 +10,13 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from lmms_lostattn import stats as stats_module
-from lmms_lostattn.adapters import adapter_for
-from lmms_lostattn.metrics import decompose, mixig, module_stats, rid
-from lmms_lostattn.scope import NO_END, PromptState, intervene
-from lmms_lostattn.spec import InterventionSpec, StatsConfig
-from lmms_lostattn.stats import StatsCollector, aggregate, layer_mean, mean_records
+from lmms_lostattn.config.spec import InterventionSpec, StatsConfig
+from lmms_lostattn.families import adapter_for
+from lmms_lostattn.intervention.prompt import NO_END, PromptState
+from lmms_lostattn.intervention.scope import intervene
+from lmms_lostattn.statistics import collector as stats_module
+from lmms_lostattn.statistics.collector import StatsCollector, aggregate, layer_mean, mean_records
+from lmms_lostattn.statistics.metrics import decompose, mixig, module_stats, rid
 
 QUESTIONS = ["Is there a red circle?", "What colour is the big square in the picture on the left?"]
 

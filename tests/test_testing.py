@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pathlib
+import re
 import socket
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 from PIL import Image
 
 from lmms_lostattn import testing
-from lmms_lostattn.testing import TINY_VARIANTS, build_tiny_llava, tiny_llava_dir
+from lmms_lostattn.testing import FAMILY_VARIANTS, build_tiny_model, tiny_model_dir
 
 PROMPT = "Is there a cat?"
 EXPECTED_PROMPT = "USER: <image>\nIs there a cat? ASSISTANT:"
@@ -22,9 +23,10 @@ IMAGE_TOKENS = {
 }
 
 
-@pytest.fixture(params=TINY_VARIANTS)
+@pytest.fixture(params=("llava", "llava_next"))
 def variant_dir(request: pytest.FixtureRequest) -> tuple[str, pathlib.Path]:
-    """(variant, directory) for each tiny variant, from the session fixtures ``tiny_llava`` / ``tiny_llava_next``."""
+    """(variant, directory) for LLaVA-1.5 and LLaVA-NeXT, from the session fixtures ``tiny_llava`` /
+    ``tiny_llava_next``."""
     return request.param, request.getfixturevalue(f"tiny_{request.param}")
 
 
@@ -139,7 +141,7 @@ def test_build_is_deterministic(tmp_path: pathlib.Path) -> None:
     from safetensors.torch import load_file
 
     dirs = {
-        name: build_tiny_llava(tmp_path / name, "llava", seed=seed, text_layers=1)
+        name: build_tiny_model(tmp_path / name, "llava", seed=seed, text_layers=1)
         for name, seed in (("a", 0), ("b", 0), ("c", 1))
     }
     a, b, c = (load_file(dirs[n] / "model.safetensors") for n in "abc")
@@ -152,24 +154,25 @@ def test_build_is_deterministic(tmp_path: pathlib.Path) -> None:
 
 
 def test_bad_variant() -> None:
-    for fn in (lambda: build_tiny_llava("/nonexistent/never-created", "qwen"), lambda: tiny_llava_dir("qwen")):
-        with pytest.raises(ValueError, match=r"'qwen'.*llava, llava_next"):
+    accepted = re.escape(", ".join(FAMILY_VARIANTS))
+    for fn in (lambda: build_tiny_model("/nonexistent/never-created", "qwen"), lambda: tiny_model_dir("qwen")):
+        with pytest.raises(ValueError, match=rf"'qwen'.*{accepted}$"):
             fn()
     with pytest.raises(ValueError, match="text_layers"):
-        build_tiny_llava("/nonexistent/never-created", text_layers=0)
+        build_tiny_model("/nonexistent/never-created", "llava", text_layers=0)
 
 
-def test_tiny_llava_dir_caches(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_tiny_model_dir_caches(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LOSTATTN_CACHE", str(tmp_path))
-    first = tiny_llava_dir("llava")
+    first = tiny_model_dir("llava")
     assert first.parent == tmp_path and "llava" in first.name and testing._FACTORY_VERSION in first.name
     assert (first / "config.json").is_file()
 
     def fail(*args, **kwargs):
         raise AssertionError("cached build was rebuilt")
 
-    monkeypatch.setattr(testing, "build_tiny_llava", fail)
-    assert tiny_llava_dir("llava") == first
+    monkeypatch.setattr(testing, "build_tiny_model", fail)
+    assert tiny_model_dir("llava") == first
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no leftover temp build dirs
 
 
@@ -223,7 +226,7 @@ def test_lmms_eval_chat_generate_until(variant_dir) -> None:
 def test_build_tiny_command_builds_any_family(tmp_path: pathlib.Path, capsys: pytest.CaptureFixture) -> None:
     import json
 
-    from lmms_lostattn.__main__ import main
+    from lmms_lostattn.cli import main
 
     main(["build-tiny", str(tmp_path / "qwen"), "--variant", "qwen2_5_vl"])
     assert capsys.readouterr().out.strip() == str(tmp_path / "qwen")

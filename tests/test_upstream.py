@@ -14,22 +14,24 @@ import transformers.integrations.sdpa_attention as sdpa_attention
 from packaging.requirements import Requirement
 from transformers import DynamicCache, LlavaForConditionalGeneration
 
-from lmms_lostattn import upstream
-from lmms_lostattn.__main__ import main
-from lmms_lostattn.adapters import adapter_for
-from lmms_lostattn.doctor import doctor
+from lmms_lostattn.cli import main
+from lmms_lostattn.cli.doctor import doctor
+from lmms_lostattn.compat import contacts, internals, versions
+from lmms_lostattn.compat.versions import UpstreamError
+from lmms_lostattn.config.spec import InterventionSpec
+from lmms_lostattn.families import adapter_for
+from lmms_lostattn.intervention.contacts import CONTACT_POINTS
+from lmms_lostattn.intervention.kernel import route_attention, text_config_key
+from lmms_lostattn.intervention.scope import intervene
 from lmms_lostattn.model_wrappers.lm_eval.contacts import CONTACT_POINTS as LM_EVAL_POINTS
 from lmms_lostattn.model_wrappers.lmms_eval.contacts import CONTACT_POINTS as HOST_POINTS
-from lmms_lostattn.scope import _attention_implementation, intervene, text_config_key
-from lmms_lostattn.spec import InterventionSpec
 from lmms_lostattn.testing import FAMILY_VARIANTS, make_tiny_model
-from lmms_lostattn.upstream import CONTACT_POINTS, UpstreamError
 
 ALL_POINTS = (*CONTACT_POINTS, *HOST_POINTS, *LM_EVAL_POINTS)
 
 
 @pytest.mark.parametrize("point", ALL_POINTS, ids=[point.name for point in ALL_POINTS])
-def test_contact_point_holds(point: upstream.ContactPoint) -> None:
+def test_contact_point_holds(point: contacts.ContactPoint) -> None:
     problem = point.problem()
     assert problem is None, problem
 
@@ -45,22 +47,22 @@ def test_a_missing_internal_is_named_with_the_version() -> None:
     with pytest.raises(
         UpstreamError, match=r"transformers\.integrations\.sdpa_attention\.no_such_kernel \(transformers 5\."
     ):
-        upstream.internal("transformers.integrations.sdpa_attention", "no_such_kernel")
+        internals.internal("transformers.integrations.sdpa_attention", "no_such_kernel")
 
 
 def test_a_forward_input_is_found_by_name_or_position_and_else_named() -> None:
     layer, stream = torch.nn.Linear(2, 2), torch.ones(1, 2)
-    assert upstream.forward_input(layer, (), {"hidden_states": stream}, "hidden_states") is stream
-    assert upstream.forward_input(layer, (stream,), {}, "hidden_states") is stream
+    assert internals.forward_input(layer, (), {"hidden_states": stream}, "hidden_states") is stream
+    assert internals.forward_input(layer, (stream,), {}, "hidden_states") is stream
     with pytest.raises(UpstreamError, match=r"Linear\.forward \(transformers 5\..*its input as hidden_states="):
-        upstream.forward_input(layer, (), {"x": stream}, "hidden_states")
+        internals.forward_input(layer, (), {"x": stream}, "hidden_states")
 
 
 def test_the_cache_is_found_under_either_tested_name() -> None:
     cache = DynamicCache()
-    assert upstream.forward_cache({"cache": cache}) is cache
-    assert upstream.forward_cache({"past_key_values": cache}) is cache
-    assert upstream.forward_cache({"input_ids": torch.ones(1, 2)}) is None
+    assert internals.forward_cache({"cache": cache}) is cache
+    assert internals.forward_cache({"past_key_values": cache}) is cache
+    assert internals.forward_cache({"input_ids": torch.ones(1, 2)}) is None
 
 
 @pytest.mark.parametrize(
@@ -68,7 +70,7 @@ def test_the_cache_is_found_under_either_tested_name() -> None:
 )
 def test_a_cache_under_another_name_or_two_caches_are_refused(kwargs: dict) -> None:
     with pytest.raises(UpstreamError, match="KV-cache argument"):
-        upstream.forward_cache(kwargs)
+        internals.forward_cache(kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +110,7 @@ def test_a_cache_that_disagrees_with_the_tracked_prompt_is_refused(tiny) -> None
 
 def test_a_forward_without_a_cache_parameter_is_refused_before_anything_attaches(tiny, monkeypatch) -> None:
     model, _ = tiny
-    monkeypatch.setattr(upstream, "KV_CACHE_KWARGS", ("kv_cache",))
+    monkeypatch.setattr(internals, "KV_CACHE_KWARGS", ("kv_cache",))
     refused = r"LlavaForConditionalGeneration\.forward .* named one of \('kv_cache',\)"
     with pytest.raises(UpstreamError, match=refused), intervene(*_scope_args(model)):
         pass
@@ -119,33 +121,33 @@ def test_a_forward_without_a_cache_parameter_is_refused_before_anything_attaches
 
 
 def test_the_declared_ranges_bound_transformers_and_pin_the_host() -> None:
-    declared = {req.name: req.specifier for req in upstream.tested_requirements()}
+    declared = {req.name: req.specifier for req in versions.tested_requirements()}
     assert str(declared["lmms-eval"]) == "==0.7.3"
     assert not declared["transformers"].contains("5.25.0") and declared["transformers"].contains("5.24.0")
     assert not declared["filelock"].contains("4.3.1")
 
 
 def test_a_version_outside_its_range_names_package_and_range(monkeypatch: pytest.MonkeyPatch) -> None:
-    real = upstream.installed
-    monkeypatch.setattr(upstream, "installed", lambda name: "5.99.0" if name == "transformers" else real(name))
-    upstream.require_tested_versions.cache_clear()
+    real = versions.installed
+    monkeypatch.setattr(versions, "installed", lambda name: "5.99.0" if name == "transformers" else real(name))
+    versions.require_tested_versions.cache_clear()
     try:
-        problems = upstream.version_problems()
+        problems = versions.version_problems()
         assert problems == [
             f"transformers 5.99.0 is installed; lmms-lostattn is tested with transformers{_declared('transformers')}"
         ]
         with pytest.raises(UpstreamError, match=r"transformers 5\.99\.0 is installed.*pip install .*'transformers"):
-            upstream.require_tested_versions()
-        upstream.require_tested_versions.cache_clear()
-        monkeypatch.setenv(upstream.ALLOW_UNTESTED, "1")
+            versions.require_tested_versions()
+        versions.require_tested_versions.cache_clear()
+        monkeypatch.setenv(versions.ALLOW_UNTESTED, "1")
         with pytest.warns(UserWarning, match="outside the tested versions"):
-            upstream.require_tested_versions()
+            versions.require_tested_versions()
     finally:
-        upstream.require_tested_versions.cache_clear()
+        versions.require_tested_versions.cache_clear()
 
 
 def _declared(name: str) -> str:
-    return str(next(req.specifier for req in upstream.tested_requirements() if Requirement(str(req)).name == name))
+    return str(next(req.specifier for req in versions.tested_requirements() if Requirement(str(req)).name == name))
 
 
 # -- lostattn doctor -----------------------------------------------------------------------------------------------
@@ -157,14 +159,15 @@ def test_doctor_says_supported_here(capsys: pytest.CaptureFixture) -> None:
     out = capsys.readouterr().out
     assert exit_info.value.code == 0, out
     assert out.rstrip().endswith("supported") and "FAILED" not in out
-    assert f"transformers {upstream.installed('transformers')}" in out
+    assert f"transformers {versions.installed('transformers')}" in out
 
 
 def test_doctor_fails_with_a_clear_line_when_a_contact_point_breaks(monkeypatch: pytest.MonkeyPatch) -> None:
     """A package that knows the KV cache only under the other release's name (as this one did before transformers
     5.24 support, when it read only ``past_key_values``)."""
     parameters = inspect.signature(LlavaForConditionalGeneration.forward).parameters
-    monkeypatch.setattr(upstream, "KV_CACHE_KWARGS", tuple(n for n in upstream.KV_CACHE_KWARGS if n not in parameters))
+    other_release = tuple(name for name in internals.KV_CACHE_KWARGS if name not in parameters)
+    monkeypatch.setattr(internals, "KV_CACHE_KWARGS", other_release)
     lines: list[str] = []
     assert doctor(echo=lines.append) == 1
     failed = [line for line in lines if line.lstrip().startswith("FAILED")]
@@ -175,8 +178,8 @@ def test_doctor_fails_with_a_clear_line_when_a_contact_point_breaks(monkeypatch:
 def test_doctor_catches_a_tracker_that_takes_decoding_steps_for_prompts(monkeypatch: pytest.MonkeyPatch) -> None:
     """Were the cache never found (and positions not checked), every cached step would be a new prompt: the
     end-to-end run must see it (statistics on several passes, or edits that differ from recomputation)."""
-    monkeypatch.setattr(upstream, "forward_cache", lambda kwargs: None)
-    monkeypatch.setattr("lmms_lostattn.scope._refuse_hidden_cache", lambda position_ids: None)
+    monkeypatch.setattr(internals, "forward_cache", lambda kwargs: None)
+    monkeypatch.setattr("lmms_lostattn.intervention.prompt.refuse_hidden_cache", lambda position_ids: None)
     lines: list[str] = []
     assert doctor(echo=lines.append) == 1
     assert any(line.lstrip().startswith("FAILED   attn=") for line in lines), lines
@@ -192,7 +195,7 @@ def test_every_family_has_what_the_scope_needs(variant: str) -> None:
     model, _ = make_tiny_model(variant, text_layers=2)
     adapter = adapter_for(model.config)
     layers = adapter.decoder_layers(model)
-    upstream.check_model(model, [adapter.attention_module(layer) for layer in layers], eager=True)
+    internals.check_model(model, [adapter.attention_module(layer) for layer in layers], eager=True)
     config = model.config
 
     def implementations() -> dict[str, str]:  # per sub-config; a text LLM's own config is its text config ("")
@@ -201,6 +204,6 @@ def test_every_family_has_what_the_scope_needs(variant: str) -> None:
 
     before = implementations()
     text_key = text_config_key(model)
-    with _attention_implementation(model):
+    with route_attention(model):
         assert implementations() == {**before, text_key: "lostattn" if before[text_key] == "sdpa" else "lostattn_eager"}
     assert implementations() == before

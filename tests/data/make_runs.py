@@ -2,7 +2,7 @@
 
     /work/venv/bin/python tests/data/make_runs.py        # from the repository root; about 3 minutes on 2 CPU cores
 
-Each run: ``lmms-eval --model lostattn_llava`` on the tiny random-weight LLaVA (``build_tiny_llava``), tasks
+Each run: ``lmms-eval --model lostattn_llava`` on the tiny random-weight LLaVA (``build_tiny_model``), tasks
 ``lostattn_pope`` and ``lostattn_shapes_color``, ``stats=paper``, ``--log_samples``, ``--limit 8``. The files lmms-eval
 writes (results JSON, ``_lostattn.json`` sidecar, samples jsonl) are copied to ``runs/<name>/``.
 """
@@ -19,7 +19,7 @@ sys.path.insert(0, str(HERE.parent))  # tests/cli_helpers.py
 
 from cli_helpers import run_cli  # noqa: E402
 
-from lmms_lostattn.testing import build_tiny_llava  # noqa: E402
+from lmms_lostattn.testing import build_tiny_model  # noqa: E402
 
 RUNS = {
     "none": "attn=none",
@@ -34,7 +34,7 @@ LIMIT = 8
 def main() -> None:
     target = HERE / "runs"
     with tempfile.TemporaryDirectory(prefix="lostattn-runs-") as tmp:
-        model = build_tiny_llava(pathlib.Path(tmp) / "tiny", "llava")
+        model = build_tiny_model(pathlib.Path(tmp) / "tiny", "llava")
         base = f"pretrained={model},device=cpu,device_map=cpu,dtype=float32,stats=paper"
         for name, args in RUNS.items():
             out = pathlib.Path(tmp) / name

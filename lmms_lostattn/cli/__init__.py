@@ -1,0 +1,119 @@
+"""The ``lostattn`` command (also ``python -m lmms_lostattn``).
+
+* ``lostattn tasks-path [--host lm_eval]``: the directory to pass to ``lmms-eval --include_path`` (or
+  ``lostattn-lm-eval --include_path``) for the shipped local tasks.
+* ``lostattn build-tiny DIR [--variant V]``: a tiny random-weight model of any supported family (default LLaVA-1.5),
+  loadable with ``from_pretrained(DIR)``.
+* ``lostattn demo``: the README's main job: lmms-eval on the shipped trained model (shapes-llava) and the local tasks,
+  learned attention vs. Gaussian, uniform and knocked-out attention over image tokens, with RID/MixIG; a comparison
+  table, the report and the leaderboard.
+* ``lostattn reproduce --model M --model_args ... --tasks T [--seeds 0,1,2] [-o DIR]``: the paper's Table 1 (both
+  RID references) and Table 2 (vanilla against SAP over seeds, paired tests) through lmms-eval; finished runs are
+  kept, interrupted ones redone.
+* ``lostattn doctor``: the installed versions against the tested ranges, every contact point with an upstream
+  internal, and a tiny model through prefill and cached decoding with edits and statistics; exit 0 when supported.
+* ``lostattn shapes-llava-path``: the directory of the shipped trained model (``pretrained=`` of lmms-eval).
+* ``lostattn report RUN...``, ``lostattn compare RUN...``, ``lostattn check RUN --baseline RUN``: per-layer plots and
+  the paper's tables, a leaderboard with paired tests, and a CI regression gate over lmms-eval or lm-eval output
+  folders. Unusable input exits 2 with a message naming the file.
+
+The parser is here; each command lives in a module of its own, imported when it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import pathlib
+import sys
+import tempfile
+from collections.abc import Sequence
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="lostattn", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    paths = commands.add_parser("tasks-path", help="print the --include_path directory of the shipped tasks")
+    paths.add_argument("--host", choices=("lmms_eval", "lm_eval"), default="lmms_eval", help="whose tasks")
+    build = commands.add_parser("build-tiny", help="build a tiny random-weight model of a supported family")
+    build.add_argument("directory", type=pathlib.Path)
+    build.add_argument("--variant", default="llava", help="a family's tiny variant (an unknown one lists them)")
+    commands.add_parser("shapes-llava-path", help="print the directory of the shipped trained model")
+    commands.add_parser("doctor", help="check this environment: versions, upstream internals, a tiny model end to end")
+    repro = commands.add_parser("reproduce", help="the paper's Tables 1 and 2 for a model and tasks, via lmms-eval")
+    repro.add_argument("--model", required=True, help="a lostattn model id, e.g. lostattn_qwen2_5_vl")
+    repro.add_argument("--model_args", required=True, help="the base wrapper's arguments, with pretrained=")
+    repro.add_argument("--tasks", required=True, help="lmms-eval tasks, comma-separated")
+    repro.add_argument("--seeds", default="0,1,2", help="seeds of the SAP runs (default 0,1,2)")
+    repro.add_argument("--sap-args", default="", help="attention arguments added to the SAP runs (attn_layers=1:)")
+    repro.add_argument("--include_path", default=None, help="lmms-eval --include_path for local tasks")
+    repro.add_argument("--limit", type=int, default=None, help="documents per task and run")
+    repro.add_argument("--gen_kwargs", default=None, help="lmms-eval --gen_kwargs")
+    repro.add_argument("-o", "--output", type=pathlib.Path, default=pathlib.Path("lostattn-reproduce"))
+    run = commands.add_parser("demo", help="learned vs. edited attention on the shipped trained model, with RID/MixIG")
+    run.add_argument("--output", type=pathlib.Path, default=None, help="where lmms-eval writes (default: a temp dir)")
+    run.add_argument("--limit", type=int, default=None, help="documents per task and run (default: all)")
+    rep = commands.add_parser(
+        "report", help="per-layer plots and the paper's tables from lmms-eval or lm-eval output folders"
+    )
+    rep.add_argument("runs", nargs="+", type=pathlib.Path)
+    rep.add_argument("-o", "--output", type=pathlib.Path, default=pathlib.Path("lostattn-report"))
+    rep.add_argument("--force", action="store_true", help="overwrite existing outputs")
+    cmp = commands.add_parser("compare", help="leaderboard with paired tests against a baseline run")
+    cmp.add_argument("runs", nargs="+", type=pathlib.Path)
+    cmp.add_argument("--baseline", type=pathlib.Path, default=None, help="default: the first run with attn=none")
+    cmp.add_argument("-o", "--output", type=pathlib.Path, default=pathlib.Path("lostattn-compare"))
+    cmp.add_argument("--force", action="store_true", help="overwrite existing outputs")
+    gate = commands.add_parser("check", help="exit 1 when a metric falls below the baseline beyond noise")
+    gate.add_argument("run", type=pathlib.Path)
+    gate.add_argument("--baseline", type=pathlib.Path, required=True)
+    gate.add_argument("--max-drop", type=float, default=0.01, help="allowed absolute drop (default 0.01)")
+    gate.add_argument("--metrics", nargs="+", default=[], help="metric or task/metric (default: every task metric)")
+    args = parser.parse_args(argv)
+    if args.command in ("report", "compare", "check"):
+        from lmms_lostattn.cli.check import check
+        from lmms_lostattn.cli.compare import compare
+        from lmms_lostattn.cli.report import report
+        from lmms_lostattn.reporting.runs import RunError
+
+        try:
+            if args.command == "report":
+                report(args.runs, args.output, args.force)
+            elif args.command == "compare":
+                compare(args.runs, args.baseline, args.output, args.force)
+            else:
+                sys.exit(check(args.run, args.baseline, args.max_drop, args.metrics))
+        except RunError as error:
+            print(f"lostattn {args.command}: {error}", file=sys.stderr)
+            sys.exit(2)
+    elif args.command == "tasks-path":
+        from lmms_lostattn.tasks import tasks_path
+
+        print(tasks_path(host=args.host))
+    elif args.command == "shapes-llava-path":
+        from lmms_lostattn.models import SHAPES_LLAVA_DIR
+
+        print(SHAPES_LLAVA_DIR)
+    elif args.command == "reproduce":
+        from lmms_lostattn.cli.reproduce import reproduce
+
+        sys.exit(reproduce(args))
+    elif args.command == "doctor":
+        from lmms_lostattn.cli.doctor import doctor
+        from lmms_lostattn.model_wrappers.lmms_eval.contacts import CONTACT_POINTS
+
+        points = CONTACT_POINTS
+        if importlib.util.find_spec("lm_eval") is not None:  # the optional second host
+            from lmms_lostattn.model_wrappers.lm_eval.contacts import CONTACT_POINTS as LM_EVAL_POINTS
+
+            points = (*points, *LM_EVAL_POINTS)
+        sys.exit(doctor(points))
+    elif args.command == "build-tiny":
+        from lmms_lostattn.testing import build_tiny_model
+
+        print(build_tiny_model(args.directory, args.variant))
+    else:
+        from lmms_lostattn.cli.demo import demo
+
+        demo(args.output or pathlib.Path(tempfile.mkdtemp(prefix="lostattn-demo-")), args.limit)
+

@@ -1,0 +1,162 @@
+"""``lostattn doctor``: is this environment one the package is tested on, and does the mechanism work in it?
+
+Three parts, each line ``ok`` or what is wrong: the installed versions against the declared (tested) ranges; every
+contact point with an upstream internal (:data:`lmms_lostattn.intervention.contacts.CONTACT_POINTS`, plus the
+host glue's);
+and a tiny LLaVA built in memory through a prefill and cached decoding, with edits and statistics, against the
+same generation recomputed without the KV cache. Ends with ``supported`` (exit 0) or what to install (exit 1).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from lmms_lostattn.compat.contacts import ContactPoint
+from lmms_lostattn.compat.versions import installed, tested_requirements, version_problems
+from lmms_lostattn.intervention.contacts import CONTACT_POINTS
+
+# Interventions run end to end: image keys on the last rows (the paper's edit), and every key (positions matter).
+END_TO_END = (
+    {"attn": "gaussian", "attn_layers": "all", "stats": "paper"},
+    {"attn": "uniform", "attn_keys": "all", "attn_layers": "all", "stats": "paper"},
+)
+QUESTIONS = ("Is there a red circle?", "What colour is the big square in the picture on the left?")
+NEW_TOKENS = 4
+TOLERANCE = 1e-5  # float32: cached decoding and recomputation differ only by reassociation
+
+
+def _tiny_inputs(processor: Any) -> tuple[list[dict], dict]:
+    """One unpadded prompt per question (no attention mask reaches the model) and both left-padded in one batch."""
+    from PIL import Image
+
+    processor.tokenizer.padding_side = "left"
+    images = [Image.new("RGB", (40, 32), (40 + 90 * i, 200 - 60 * i, 90)) for i in range(len(QUESTIONS))]
+    prompts = [
+        processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
+            add_generation_prompt=True,
+        )
+        for question in QUESTIONS
+    ]
+    singles = [
+        processor(images=[image], text=[text], return_tensors="pt") for image, text in zip(images, prompts, strict=True)
+    ]
+    return singles, processor(images=images, text=prompts, padding=True, return_tensors="pt")
+
+
+def _generate(model: Any, inputs: dict, use_cache: bool) -> tuple[Any, Any]:
+    import torch
+
+    with torch.no_grad():
+        out = model.generate(
+            **inputs,
+            max_new_tokens=NEW_TOKENS,
+            min_new_tokens=NEW_TOKENS,
+            do_sample=False,
+            use_cache=use_cache,
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
+    return out.sequences, torch.stack(out.scores, dim=1)
+
+
+def _check_intervention(model: Any, singles: list[dict], batch: dict, args: dict[str, str]) -> None:
+    """Cached decoding equals recomputation, single prompts and the padded batch; the edit changes the logits;
+    statistics are measured once per prompt (on its prefill), finite in every layer."""
+    import torch
+
+    from lmms_lostattn.config.spec import InterventionSpec
+    from lmms_lostattn.families import adapter_for
+    from lmms_lostattn.intervention.scope import intervene
+    from lmms_lostattn.statistics.collector import StatsCollector
+
+    text = model.config.get_text_config()
+    spec = InterventionSpec.from_model_args(args)
+    intervention = spec.resolve(text.num_hidden_layers, text.num_attention_heads)
+    adapter = adapter_for(model.config)
+    collector = StatsCollector(spec.stats, text.num_hidden_layers)
+    prefills: list[int] = []
+
+    def on_layer(layer: int, *rest: Any) -> None:
+        prefills.extend([layer] if layer == 0 else [])
+        collector(layer, *rest)
+
+    for inputs in (*singles, batch):
+        _, learned = _generate(model, inputs, use_cache=True)
+        with intervene(model, intervention, adapter, on_layer=on_layer) as scope:
+            prefills.clear()
+            tokens, scores = _generate(model, inputs, use_cache=True)
+            scope.raise_pending()
+            records, measured = collector.take(), len(prefills)
+            tokens_again, scores_again = _generate(model, inputs, use_cache=False)
+            scope.raise_pending()
+            collector.take()
+        if not torch.equal(tokens, tokens_again) or not torch.allclose(scores, scores_again, atol=TOLERANCE):
+            gap = (scores - scores_again).abs().max().item()
+            raise AssertionError(
+                f"cached decoding differs from recomputation without the cache (max |logit gap| {gap:.3g})"
+            )
+        if torch.allclose(scores[:, 0], learned[:, 0], atol=TOLERANCE):
+            raise AssertionError("the edit did not change the first generated token's logits")
+        if measured != 1:
+            raise AssertionError(f"statistics measured on {measured} forward passes of one generate, expected 1")
+        rid = [record["values"]["attn"]["all"]["rid"] for record in records]
+        if len(rid) != inputs["input_ids"].shape[0] or not all(
+            value is not None and math.isfinite(value) for row in rid for value in row
+        ):
+            raise AssertionError(f"statistics not finite in every layer and sample: {rid}")
+
+
+def end_to_end_checks() -> list[tuple[str, Callable[[], None]]]:
+    """``(description, check)`` pairs of the tiny-model run (the model is built once, on the first check)."""
+    built: dict[str, Any] = {}
+
+    def run(args: dict[str, str]) -> None:
+        if not built:
+            from lmms_lostattn.testing import make_tiny_model
+
+            built["model"], processor = make_tiny_model("llava", text_layers=2)
+            built["singles"], built["batch"] = _tiny_inputs(processor)
+        _check_intervention(built["model"], built["singles"], built["batch"], args)
+
+    return [(",".join(f"{k}={v}" for k, v in args.items()), lambda args=args: run(args)) for args in END_TO_END]
+
+
+def _status(problem: str | None, ok: str) -> str:
+    return f"  ok       {ok}" if problem is None else f"  FAILED   {problem}"
+
+
+def doctor(host_points: Sequence[ContactPoint] = (), echo: Callable[[str], None] = print) -> int:
+    """Print the three parts and the verdict; 0 when supported, 1 otherwise."""
+    problems = 0
+    echo(f"lmms-lostattn {installed('lmms-lostattn')}: versions installed against the tested ranges")
+    outside = version_problems()
+    for req in tested_requirements():
+        line = next((p for p in outside if p.startswith(f"{req.name} ")), None)
+        echo(_status(line, f"{req.name} {installed(req.name)} ({req.specifier or 'any'})"))
+    problems += len(outside)
+    echo("contact points with upstream internals")
+    for point in (*CONTACT_POINTS, *host_points):
+        problem = point.problem()
+        echo(_status(problem, point.name))
+        problems += problem is not None
+    echo(f"tiny LLaVA: prefill, {NEW_TOKENS} cached decoding steps vs recomputation, edits and statistics")
+    for description, check in end_to_end_checks():
+        try:
+            check()
+            problem = None
+        except Exception as error:  # every failure of the run is the finding
+            problem = f"{description}: {type(error).__name__}: {error}"
+        echo(_status(problem, f"{description}: cached decoding equals recomputation, statistics on the prefill"))
+        problems += problem is not None
+    if problems:
+        ranges = " ".join(f"'{req}'" for req in tested_requirements() if req.specifier)
+        echo(
+            f"NOT supported: {problems} problem(s) above. Install the tested versions: pip install {ranges} "
+            "(or, from a checkout, pip install . -c constraints.txt)"
+        )
+        return 1
+    echo("supported")
+    return 0

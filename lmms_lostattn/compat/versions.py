@@ -1,0 +1,90 @@
+"""The tested versions of the upstream packages, and the error for anything upstream that moved.
+
+transformers changes its internals between minor releases (5.24 renamed the forward's KV-cache argument
+``past_key_values`` to ``cache`` and stopped passing an all-ones ``attention_mask``), and a moved internal must
+read as one clear error naming it, never as a wrong number. :func:`version_problems` compares the installed
+versions with the ranges this package declares (its own metadata, i.e. ``pyproject.toml``),
+:func:`require_tested_versions` refuses to start outside them, and :func:`drift` is the error every contact point
+raises when an internal moved.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from importlib.metadata import PackageNotFoundError, requires, version
+
+from packaging.requirements import Requirement
+
+DISTRIBUTION = "lmms-lostattn"
+ALLOW_UNTESTED = "LOSTATTN_ALLOW_UNTESTED"  # set to 1 to run outside the tested ranges (a warning instead)
+
+class UpstreamError(RuntimeError):
+    """An upstream package is outside the tested range or moved an internal the package relies on."""
+
+
+def installed(package: str) -> str | None:
+    """The installed version of ``package``, or None."""
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
+@functools.cache
+def tested_requirements() -> tuple[Requirement, ...]:
+    """The package's own runtime requirements (the bounds in ``pyproject.toml``), extras left out."""
+    try:
+        lines = requires(DISTRIBUTION) or []
+    except PackageNotFoundError as error:
+        raise UpstreamError(
+            f"{DISTRIBUTION} is not installed (pip install .), so its tested ranges are unknown"
+        ) from error
+    return tuple(req for req in map(Requirement, lines) if req.marker is None or "extra" not in str(req.marker))
+
+
+def tested_range(package: str) -> str:
+    """The declared range of ``package`` (e.g. ``>=5.23,<5.25``), or ``any`` when it is not a dependency."""
+    for req in tested_requirements():
+        if req.name.lower().replace("_", "-") == package.lower().replace("_", "-"):
+            return str(req.specifier) or "any"
+    return "any"
+
+
+def drift(package: str, contact: str, expected: str) -> UpstreamError:
+    """The error for an internal that moved: the contact point, the version found, what was expected."""
+    found = installed(package) or "not installed"
+    return UpstreamError(
+        f"lmms-lostattn: {contact} ({package} {found}) has moved: expected {expected}. Tested {package} "
+        f"{tested_range(package)}; run `lostattn doctor` for the whole environment."
+    )
+
+
+def version_problems() -> list[str]:
+    """One line per declared dependency whose installed version is missing or outside its declared range."""
+    problems = []
+    for req in tested_requirements():
+        found = installed(req.name)
+        if found is None:
+            problems.append(f"{req.name} is not installed (need {req.specifier or 'any version'})")
+        elif not req.specifier.contains(found, prereleases=True):
+            problems.append(f"{req.name} {found} is installed; lmms-lostattn is tested with {req.name}{req.specifier}")
+    return problems
+
+
+@functools.cache
+def require_tested_versions() -> None:
+    """Refuse to start outside the tested ranges (before any model loads); ``LOSTATTN_ALLOW_UNTESTED=1`` turns the
+    refusal into a warning."""
+    problems = version_problems()
+    if not problems:
+        return
+    fix = "pip install " + " ".join(f"'{req}'" for req in tested_requirements() if req.specifier)
+    message = "; ".join(problems) + f". Install the tested versions ({fix}), or run `lostattn doctor`."
+    if os.environ.get(ALLOW_UNTESTED) == "1":
+        warnings.warn(f"lmms-lostattn: running outside the tested versions: {message}", stacklevel=2)
+        return
+    raise UpstreamError(f"lmms-lostattn: {message} ({ALLOW_UNTESTED}=1 runs anyway, untested.)")
+
+

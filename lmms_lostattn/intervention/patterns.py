@@ -1,0 +1,226 @@
+"""Predefined attention patterns and how they replace learned attention (SPEC §2). Pure tensor functions.
+
+Shapes: ``scores`` are pre-softmax logits ``(B, H, Q, K)`` in float32; ``allowed`` is the attention mask as bool
+(``True`` = may attend), broadcastable to ``scores``; ``edit`` marks the (row, key) entries whose weights are
+replaced: allowed, selected key kind, selected row, selected head.
+
+For an edited row with edited keys E, learned logits s and learned weights w = softmax(s):
+
+* ``logits`` space (the paper's SAP): s_E <- (1 - lambda) s_E + lambda p_E, then the usual mask + softmax.
+* ``probs`` space: w_E <- (1 - lambda) w_E + lambda m p_E with m = sum(w_E), so the row keeps the mass the learned
+  row put on E and still sums to 1.
+* ``knockout`` (probs only): w_E <- (1 - lambda) w_E, not renormalised (information-flow blocking).
+* ``shuffle``: the learned values (logits or weights, by space) permuted among E, blended the same way.
+
+p is a probability vector over E: ``gaussian`` draws it (flat Dirichlet, softmax of N(0, sigma^2) logits, or normalised
+U(0, 1)), ``uniform`` is 1/|E|, ``identity`` is one-hot on the row's own key, ``sink`` one-hot on the first edited key;
+``vision_attention`` and ``complexity`` are the image priors of :mod:`lmms_lostattn.intervention.priors` laid on the
+image tokens. Random draws depend on (seed, sample, layer, head, key position) only, so one sample gets one p per layer
+and head (``attn_draw=per_head``), or one p shared by every layer and head (``attn_draw=shared``, the released code),
+reused by every edited row and every decoding step.
+
+``attn_scale=scores`` (logits space; the released code's Llama and Qwen2 decoder files) blends
+p' = p |mean(s)| / (2 mean_E(p)) instead of p, where mean(s) is the row's score scale handed in by the caller.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lmms_lostattn.config.spec import PRIOR_MODES, Intervention, rank_quantile
+from lmms_lostattn.intervention import rng
+
+_NEG = torch.finfo(torch.float32).min
+SHARED_LAYER = -1  # the layer coordinate of draws shared by every layer (``attn_draw=shared``)
+
+
+# What one key draws for ``gaussian``, by ``attn_dist``, from its uniform or normal draw: p is the normalised (or,
+# for ``normal``, softmaxed) vector of these over the edited keys.
+_KEY_DRAWS = {
+    "dirichlet": lambda *coords: -torch.log(rng.uniform(*coords)),  # normalised Exp(1) draws: a flat Dirichlet
+    "uniform": rng.uniform,
+    "normal": rng.normal,
+}
+
+
+@dataclass(frozen=True)
+class Coordinates:
+    """Where the entries of a ``(B, H, Q, K)`` block sit, for deterministic draws.
+
+    ``sample_key``: ``(B,)`` int64 keys from (seed, sample identity); ``first_real``: ``(B,)`` each sample's first
+    non-padding position (draws use positions counted from it); ``layer``: decoder layer index; ``keys``: the
+    absolute key positions (contiguous); ``query_abs``: absolute query positions, ``(Q,)`` or per sample ``(B, Q)``;
+    ``shared``: key draws are the same for every layer and head (one p per prompt).
+
+    ``memo``, if given, is where one prompt's per-key draws of this layer are kept, over positions ``0..n-1``, so
+    decoding steps reuse the prompt's draws instead of drawing every key again; when keys beyond ``n`` are asked for,
+    the memo grows to at least ``2n`` at once. The values are the same either way: every draw is a pure function of
+    its coordinates.
+    """
+
+    sample_key: torch.Tensor
+    first_real: torch.Tensor
+    layer: int
+    keys: range
+    query_abs: torch.Tensor
+    memo: dict[str, torch.Tensor] | None = None
+    shared: bool = False
+    prior: torch.Tensor | None = None  # (B, K) image-prior values at the keys, for the prior modes
+
+    @property
+    def queries(self) -> torch.Tensor:
+        """``(B|1, Q)`` absolute query positions."""
+        return torch.atleast_2d(self.query_abs)
+
+    @property
+    def key_abs(self) -> torch.Tensor:
+        return torch.arange(self.keys.start, self.keys.stop, device=self.first_real.device)
+
+    def _relative(self, positions: torch.Tensor) -> torch.Tensor:
+        return positions[None, :] - self.first_real[:, None]
+
+    def _heads(self, num_heads: int) -> torch.Tensor:
+        return torch.arange(num_heads, device=self.first_real.device).view(1, -1, 1, 1)
+
+    def key_draws(self, dist: str, num_heads: int) -> torch.Tensor:
+        """Per-key draws ``(B, H, 1, K)`` for ``attn_dist=dist``: one per sample, head and key position (``(B, 1, 1,
+        K)``, one per sample and key position, when ``shared``)."""
+        known = None if self.memo is None else self.memo.get(dist)
+        drawn = 0 if known is None else known.shape[-1]
+        if self.memo is None or self.keys.start > drawn:  # nothing to keep, or a gap before these keys
+            return self._draw(dist, num_heads, self.keys)
+        if self.keys.stop > drawn:  # at least double: decoding steps then draw once every n steps, not every step
+            new = self._draw(dist, num_heads, range(drawn, max(self.keys.stop, 2 * drawn)))
+            known = new if known is None else torch.cat([known, new], dim=-1)
+            self.memo[dist] = known
+        return known[..., self.keys.start : self.keys.stop]
+
+    def _draw(self, dist: str, num_heads: int, positions: range) -> torch.Tensor:
+        rel = self._relative(torch.arange(positions.start, positions.stop, device=self.first_real.device))
+        key = self.sample_key.view(-1, 1, 1, 1)
+        layer, heads = (SHARED_LAYER, 1) if self.shared else (self.layer, num_heads)
+        return _KEY_DRAWS[dist](key, layer, self._heads(heads), rel[:, None, None])
+
+    def entry_draws(self, num_heads: int) -> torch.Tensor:
+        """Uniform draws ``(B, H, Q, K)``: one per sample, head, query position and key position."""
+        return rng.uniform(
+            self.sample_key.view(-1, 1, 1, 1),
+            self.layer,
+            self._heads(num_heads),
+            (self.queries - self.first_real[:, None])[:, None, :, None],
+            self._relative(self.key_abs)[:, None, None, :],
+            3,
+        )
+
+
+def masked_softmax(scores: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """Softmax over allowed keys. A fully masked row becomes uniform, exactly as HF eager attention does."""
+    return scores.masked_fill(~allowed, _NEG).softmax(dim=-1)
+
+
+def _normalise(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    values = torch.where(mask, values, 0.0)
+    return values / values.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(values.dtype).tiny)
+
+
+def pattern(inter: Intervention, edit: torch.Tensor, coords: Coordinates) -> torch.Tensor:
+    """The predefined probability vector p over the edited keys of each row, ``(B, H, Q, K)``, zero elsewhere."""
+    num_heads = edit.shape[1]
+    if inter.mode == "uniform":
+        return _normalise(torch.ones_like(edit, dtype=torch.float32), edit)
+    if inter.mode == "identity":
+        return _normalise((coords.key_abs.view(1, 1, 1, -1) == coords.queries[:, None, :, None]).float(), edit)
+    if inter.mode == "sink":
+        first = edit.int().argmax(dim=-1, keepdim=True)
+        return torch.zeros(edit.shape, device=edit.device).scatter_(-1, first, 1.0) * edit
+    if inter.mode in PRIOR_MODES:
+        return _normalise(coords.prior[:, None, None, :].expand(edit.shape), edit)
+    if inter.mode != "gaussian":
+        raise ValueError(f"no predefined pattern for attn={inter.mode}")
+    draws = coords.key_draws(inter.dist, num_heads)
+    if inter.dist == "normal":
+        return masked_softmax((inter.sigma * draws).expand(edit.shape), edit) * edit
+    return _normalise(draws.expand(edit.shape), edit)
+
+
+def shuffle_within(values: torch.Tensor, edit: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
+    """Permute ``values`` among the edited keys of each row, in the random order given by ``draws`` in [0, 1).
+
+    The i-th edited key (by position) receives the value of the edited key with the i-th smallest draw;
+    entries outside ``edit`` keep their own values.
+    """
+    positions = torch.arange(values.shape[-1], device=values.device, dtype=torch.float32)
+    tail = positions + positions.shape[0] + 2.0  # after every edited entry, in position order, in both sorts
+    by_position = torch.where(edit, positions, tail).argsort(dim=-1)
+    by_draw = torch.where(edit, draws, tail).argsort(dim=-1)
+    return values.clone().scatter_(-1, by_position, values.gather(-1, by_draw))
+
+
+def _mean_over(scores: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean of each row's scores over ``keys`` ``(B, H, Q)`` (0 where there is none), and whether there was one."""
+    count = keys.sum(dim=-1)
+    return torch.where(keys, scores, 0.0).sum(dim=-1) / count.clamp_min(1), count > 0
+
+
+def head_scores(scores: torch.Tensor, allowed: torch.Tensor, key_is_visual: torch.Tensor, sides: bool) -> torch.Tensor:
+    """SAP's head score ``(B, H, Q)`` of each row: v_h = -mean of the row's logits over its allowed non-visual keys
+    (``pooled``), or ``sides``: -(mean over those before the first visual key + mean over those after the last)/2,
+    the mean of the one side there is when the other has no key (the released OneVision file)."""
+    text_keys = (allowed & ~key_is_visual).expand_as(scores)
+    if not sides:
+        return -_mean_over(scores, text_keys)[0]
+    position = torch.arange(scores.shape[-1], device=scores.device)
+    visual = key_is_visual.expand_as(scores)
+    first = torch.where(visual, position, scores.shape[-1]).amin(dim=-1, keepdim=True)
+    last = torch.where(visual, position, -1).amax(dim=-1, keepdim=True)
+    left, has_left = _mean_over(scores, text_keys & (position < first))
+    right, has_right = _mean_over(scores, text_keys & (position > last))
+    return -(left + right) / (has_left.float() + has_right.float()).clamp_min(1)
+
+
+def band_heads(
+    scores: torch.Tensor,
+    allowed: torch.Tensor,
+    key_is_visual: torch.Tensor,
+    band: tuple[float, float],
+    sides: bool = False,
+) -> torch.Tensor:
+    """SAP head selection ``(B, H, Q, 1)``: per row, rank heads by :func:`head_scores` and keep heads whose rank
+    quantile rank/(H-1) lies in ``band`` (ties: lower head first)."""
+    value = head_scores(scores, allowed, key_is_visual, sides)
+    rank = value.argsort(dim=1, stable=True).argsort(dim=1).float()
+    quantile = rank_quantile(rank, scores.shape[1])
+    return ((quantile >= band[0]) & (quantile <= band[1])).unsqueeze(-1)
+
+
+def edited_weights(
+    scores: torch.Tensor,
+    allowed: torch.Tensor,
+    edit: torch.Tensor,
+    inter: Intervention,
+    coords: Coordinates,
+    score_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention weights ``(B, H, Q, K)`` after replacing the learned attention on ``edit`` (module docstring);
+    ``score_scale`` ``(B, 1, Q, 1)``: |mean(s)| of each row, for ``attn_scale=scores``."""
+    lam = inter.lam
+    if inter.mode == "shuffle":
+        source = scores if inter.space == "logits" else masked_softmax(scores, allowed)
+        target = shuffle_within(source, edit, coords.entry_draws(scores.shape[1]))
+        mixed = torch.where(edit, (1.0 - lam) * source + lam * target, source)
+        return masked_softmax(mixed, allowed) if inter.space == "logits" else mixed
+    if inter.mode == "knockout":
+        weights = masked_softmax(scores, allowed)
+        return torch.where(edit, (1.0 - lam) * weights, weights)
+    target = pattern(inter, edit, coords)
+    edit = edit & (target.sum(dim=-1, keepdim=True) > 0)  # rows without an edited key keep their weights
+    if inter.space == "logits":
+        if inter.scale == "scores":  # p' = p |mean s| / (2 mean_E p)
+            mean_p = target.sum(dim=-1, keepdim=True) / edit.sum(dim=-1, keepdim=True).clamp_min(1)
+            target = target * score_scale / (2.0 * mean_p.clamp_min(torch.finfo(target.dtype).tiny))
+        return masked_softmax(torch.where(edit, (1.0 - lam) * scores + lam * target, scores), allowed)
+    weights = masked_softmax(scores, allowed)
+    mass = (weights * edit).sum(dim=-1, keepdim=True)
+    return torch.where(edit, (1.0 - lam) * weights + lam * mass * target, weights)

@@ -1,0 +1,138 @@
+"""What every host's glue shares: the plugin's arguments taken out of the host's, resolved against the checkpoint's
+config before the weights load, the intervention scope around the host's model, and the run's records.
+
+Nothing here imports a harness: each host folder (``lmms_eval/``, ``lm_eval/``) subclasses its harness's model
+classes and calls :meth:`Plugin.from_model_kwargs` in ``__init__`` and :meth:`Plugin.scope` around the passes it
+runs.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from importlib.metadata import version
+from typing import Any
+
+from loguru import logger
+from torch import nn
+from transformers import AutoConfig, AutoImageProcessor
+
+from lmms_lostattn.compat.versions import require_tested_versions
+from lmms_lostattn.config.spec import Intervention, InterventionSpec, StatsConfig, spec_hash
+from lmms_lostattn.families import FamilyAdapter, adapter_for
+from lmms_lostattn.intervention.scope import Scope, intervene
+from lmms_lostattn.statistics.collector import StatsCollector, table_group
+from lmms_lostattn.statistics.metrics import RANK_EPS
+
+_PLUGIN_PREFIXES = ("attn", "stats")
+
+
+def bracket_list_values(arg_string: str, split: Callable[[str], list[str]]) -> str:
+    """Let list values be written plainly in ``model_args``: ``attn_layers=18,19,20`` -> ``attn_layers=[18,19,20]``.
+
+    Both harnesses split ``model_args`` at commas outside brackets and quotes (``split``: the host's own splitter),
+    so a bare ``18,19,20`` would otherwise arrive as stray ``19`` and ``20`` pieces without ``=`` and crash the
+    host's parser.
+    """
+    pieces: list[str] = []
+    for piece in split(arg_string.strip()):
+        if "=" in piece or not pieces:
+            pieces.append(piece)
+        else:
+            pieces[-1] += "," + piece
+    bracketed = []
+    for piece in pieces:
+        name, _, value = piece.partition("=")
+        if "," in value and value[:1] not in "[{\"'":
+            value = f"[{value}]"
+        bracketed.append(f"{name}={value}" if _ else piece)
+    return ",".join(bracketed)
+
+
+def is_plugin_arg(key: str, base_args: Mapping[str, Any]) -> bool:
+    """The plugin's own arguments, and ``attn*``/``stats*`` names the base class does not take (typos of ours, such
+    as ``attn_layer``, which the spec then names); the base class keeps its own (``attn_implementation``)."""
+    return key in InterventionSpec.ARGS or (key.startswith(_PLUGIN_PREFIXES) and key not in base_args)
+
+
+@dataclass
+class RunRecords:
+    """What one lostattn model contributes to the run's outputs: its settings and, per ``(task, doc_id)``, the
+    per-sample statistics records of the rows that served the document."""
+
+    model: str
+    host: str  # the harness distribution (``lmms_eval``, ``lm_eval``)
+    intervention: Intervention
+    stats: StatsConfig
+    records: dict[tuple[str, Any], list[dict[str, Any]]] = field(default_factory=lambda: defaultdict(list))
+
+    def describe(self) -> dict[str, Any]:
+        settings = {
+            **self.stats.to_dict(),
+            "table_group": table_group(self.stats) if self.stats.kind != "none" else None,
+            "mixig": {"alpha": 8.0, "agg": "last"},
+            "mixig_mean": {"alpha": 1.0, "agg": "mean"} if self.stats.kind == "all" else None,
+            "rank_tolerance": f"max(S, H) * {RANK_EPS:.6g} * sigma_max",
+            "token_cap_rule": "rows round(i*(S-1)/(cap-1)), i=0..cap-1 (first and last kept) when S > cap",
+            "computed_on": "prefill pass of each request, float32, non-padding tokens",
+        }
+        return {
+            "model": self.model,
+            "spec_hash": spec_hash(self.intervention, self.stats),
+            "intervention": self.intervention.to_dict(),
+            "stats": settings,
+            "versions": {name: version(name) for name in ("lmms-lostattn", self.host, "torch", "transformers")},
+        }
+
+
+@dataclass
+class Plugin:
+    """The plugin's state on one host model: its family adapter, resolved intervention and statistics settings."""
+
+    adapter: FamilyAdapter
+    intervention: Intervention
+    stats: StatsConfig
+    run: RunRecords
+    image_mean_std: tuple[Any, Any] | None = None  # the image processor's normalisation (attn=complexity)
+
+    @classmethod
+    def from_model_kwargs(cls, kwargs: dict[str, Any], base_args: Mapping[str, Any], host: str) -> Plugin:
+        """Take the plugin's arguments out of ``kwargs`` (the rest goes to the base class) and resolve them against
+        the checkpoint's config, before any weights load: every bad argument is an error here."""
+        require_tested_versions()
+        plugin_args = {key: kwargs.pop(key) for key in list(kwargs) if is_plugin_arg(key, base_args)}
+        spec = InterventionSpec.from_model_args(plugin_args)
+        default = base_args["pretrained"].default if "pretrained" in base_args else None
+        pretrained = kwargs.get("pretrained", default)
+        hub = {"revision": kwargs.get("revision") or "main", "trust_remote_code": bool(kwargs.get("trust_remote_code"))}
+        config = AutoConfig.from_pretrained(pretrained, **hub)
+        adapter = adapter_for(config)
+        text = config.get_text_config()
+        intervention = spec.resolve(text.num_hidden_layers, text.num_attention_heads, adapter.preset(config))
+        adapter.check_intervention(config, intervention, spec.stats)
+        image_mean_std = None
+        if intervention.mode == "complexity":  # the normalisation it undoes, from the checkpoint's processor
+            processor = AutoImageProcessor.from_pretrained(pretrained, **hub)
+            image_mean_std = (processor.image_mean, processor.image_std)
+        run = RunRecords(model=str(pretrained), host=host, intervention=intervention, stats=spec.stats)
+        logger.info(
+            f"lostattn: spec {spec_hash(intervention, spec.stats)}: intervention {intervention.to_dict()}, "
+            f"statistics {spec.stats.to_dict()}"
+        )
+        return cls(adapter, intervention, spec.stats, run, image_mean_std)
+
+    @property
+    def active(self) -> bool:
+        """Whether the host's passes need a scope (an intervention or statistics); otherwise they run untouched."""
+        return self.intervention.mode != "none" or self.stats.kind != "none"
+
+    @contextmanager
+    def scope(self, model: nn.Module) -> Iterator[tuple[Scope, StatsCollector | None]]:
+        """The intervention scope on ``model`` with a fresh statistics collector (``None`` without statistics)."""
+        collector = None
+        if self.stats.kind != "none":
+            collector = StatsCollector(self.stats, len(self.adapter.decoder_layers(model)))
+        with intervene(model, self.intervention, self.adapter, collector, self.image_mean_std) as scope:
+            yield scope, collector

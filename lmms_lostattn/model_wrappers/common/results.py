@@ -1,0 +1,31 @@
+"""The statistics rows both hosts add to a task's results: per document, then over documents.
+
+Rows per task: ``lostattn_{rid,mixig}_{attn,ffn}`` (mean over samples of each sample's layer mean; RID rows named
+by their definition where it is not the paper's, see :func:`lmms_lostattn.statistics.collector.table_row`) and
+``lostattn_samples`` (documents with statistics; fewer than the task's when a request cache answered some), plus
+the per-layer record behind them (:data:`LAYERS_METRIC`, for the sidecar).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lmms_lostattn.config.spec import StatsConfig
+from lmms_lostattn.statistics.collector import aggregate, layer_mean, mean_records, table_group, table_rows
+
+LAYERS_METRIC = "lostattn_layers"
+SAMPLES_METRIC = "lostattn_samples"
+
+
+def document_metrics(records: list[dict[str, Any]], stats: StatsConfig) -> dict[str, Any]:
+    """The per-document metric values: table rows, coverage, and the per-layer record for the sidecar."""
+    if not records:
+        return {SAMPLES_METRIC: 0}
+    record = mean_records(records)
+    group = table_group(stats)
+    values = {row: layer_mean(record, module, group, metric) for (metric, module), row in table_rows(stats).items()}
+    return {**{k: v for k, v in values.items() if v is not None}, SAMPLES_METRIC: 1, LAYERS_METRIC: record}
+
+
+def aggregate_layers(items: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"samples": len(items), "per_layer": aggregate(items)}

@@ -1,0 +1,52 @@
+"""``lostattn-lm-eval``: lm-eval's command line with the lostattn models registered and their statistics in its
+results; every lm-eval flag works as in ``lm-eval run``.
+
+lm-eval 0.4.13 discovers no models from other packages (no entry points, no ``--plugins``): a model registers by
+being imported before ``--model`` is resolved, which this command does before handing over to
+``lm_eval.__main__.cli_evaluate``. List values may be written plainly in ``--model_args``
+(``attn_layers=18,19,20``), as with lmms-eval.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+_MODEL_ARGS = ("--model_args", "-a")
+
+
+def bracket_model_args(argv: list[str], split: Callable[[str], list[str]]) -> list[str]:
+    """``argv`` with each ``--model_args`` value's plain lists bracketed (JSON values are left as they are)."""
+    from lmms_lostattn.model_wrappers.common.plugin import bracket_list_values
+
+    out, in_model_args = [], False
+    for arg in argv:
+        flag, eq, value = arg.partition("=")
+        if flag in _MODEL_ARGS and eq:
+            out.append(f"{flag}={value if value.lstrip().startswith('{') else bracket_list_values(value, split)}")
+            in_model_args = False
+            continue
+        if arg.startswith("-"):
+            in_model_args = arg in _MODEL_ARGS
+        elif in_model_args and not arg.lstrip().startswith("{"):
+            arg = bracket_list_values(arg, split)
+        out.append(arg)
+    return out
+
+
+def main() -> None:
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError:
+        sys.exit("lostattn-lm-eval needs lm-evaluation-harness: pip install 'lmms-lostattn[lm-eval]'")
+    from lmms_lostattn.compat.internals import internal
+    from lmms_lostattn.model_wrappers.lm_eval import models  # noqa: F401  (registers lostattn-hf*)
+    from lmms_lostattn.model_wrappers.lm_eval.reporting import install
+
+    sys.argv = [sys.argv[0], *bracket_model_args(sys.argv[1:], internal("lm_eval._cli.utils", "split_top_level"))]
+    install()
+    internal("lm_eval.__main__", "cli_evaluate")()
+
+
+if __name__ == "__main__":
+    main()

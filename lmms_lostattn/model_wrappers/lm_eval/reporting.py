@@ -1,0 +1,177 @@
+"""Statistics into lm-eval's own outputs, for any task and group.
+
+lm-eval 0.4.13 takes metrics only from each task's ``process_results``, so the glue wraps
+``lm_eval.evaluator.evaluate`` (once per process; it passes through unless its ``lm`` is a lostattn model, or
+lm-eval's response cache around one). On the results it returns
+(rank 0, after every rank's statistics records are gathered there), it adds, for every task and group:
+
+* the rows ``lostattn_{rid,mixig}_{attn,ffn}`` with their ``_stderr`` (the mean over documents of each document's
+  layer mean, stderr of that mean) and ``lostattn_samples`` (documents with statistics: fewer than the task's when
+  ``--use_cache`` answered some), under lm-eval's ``none`` filter, so its table prints them and its results JSON
+  holds them;
+* each document's values in its ``--log_samples`` record;
+* ``results["lostattn"]``: the intervention, its hash, the statistics settings, versions, and per task the
+  per-layer means and stderrs (what lmms-eval runs write to the sidecar); a run without statistics gets this block
+  too, with no tasks, so that every result carries its spec hash.
+
+Before the requests run it checks the ``--use_cache`` database, if any (:func:`check_response_cache`): lm-eval keys
+cached responses by request only, so a cache written under another intervention would answer this run's requests.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections import defaultdict
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from lm_eval.api.metrics import mean, mean_stderr
+from lm_eval.api.model import CachingLM
+from loguru import logger
+
+from lmms_lostattn.model_wrappers.common.patching import wrap_once
+from lmms_lostattn.model_wrappers.common.plugin import RunRecords
+from lmms_lostattn.model_wrappers.common.results import (
+    LAYERS_METRIC,
+    SAMPLES_METRIC,
+    aggregate_layers,
+    document_metrics,
+)
+from lmms_lostattn.statistics.collector import table_rows
+
+FILTER = "none"
+CACHE_MARK = "lostattn:intervention"  # never one of lm-eval's cache keys (sha256 hex digests of the requests)
+
+
+def _leaves(name: str, subtasks: dict[str, list[str]]) -> Iterable[str]:
+    for child in subtasks.get(name, ()):
+        yield from _leaves(child, subtasks) if child in subtasks else (child,)
+
+
+def _rows(documents: list[dict[str, Any]], names: Iterable[str]) -> dict[str, Any]:
+    rows: dict[str, Any] = {}
+    for name in names:
+        values = [document[name] for document in documents if name in document]
+        if values:
+            rows[f"{name},{FILTER}"] = mean(values)
+            rows[f"{name}_stderr,{FILTER}"] = mean_stderr(values) if len(values) > 1 else "N/A"
+    rows[f"{SAMPLES_METRIC},{FILTER}"] = sum(document[SAMPLES_METRIC] for document in documents)
+    return rows
+
+
+def add_statistics(results: dict[str, Any], run: RunRecords) -> None:
+    """Add the run's statistics rows, per-sample values and settings to lm-eval's ``results`` (see the module); without
+    statistics, the settings only."""
+    if run.stats.kind == "none":
+        results["lostattn"] = {**run.describe(), "tasks": {}}
+        return
+    per_task: dict[str, dict[Any, dict[str, Any]]] = defaultdict(dict)
+    for (task, doc_id), records in run.records.items():
+        per_task[task][doc_id] = document_metrics(records, run.stats)
+    subtasks = results.get("group_subtasks", {})
+    names = list(table_rows(run.stats).values())
+    for section in ("results", "groups"):
+        for name, metrics in results.get(section, {}).items():
+            tasks = list(_leaves(name, subtasks)) if name in subtasks else [name]
+            documents = [document for task in tasks for document in per_task.get(task, {}).values()]
+            metrics.update(_rows(documents, names))
+    for task, samples in results.get("samples", {}).items():
+        for sample in samples:
+            values = per_task.get(task, {}).get(sample.get("doc_id"), {SAMPLES_METRIC: 0})
+            sample.update({key: value for key, value in values.items() if key != LAYERS_METRIC})
+    layers = {
+        task: aggregate_layers([values[LAYERS_METRIC] for values in documents.values() if LAYERS_METRIC in values])
+        for task, documents in per_task.items()
+    }
+    results["lostattn"] = {**run.describe(), "tasks": layers}
+
+
+def gather_records(run: RunRecords, world_size: int) -> None:
+    """Every rank's records on every rank, when lm-eval split the documents over ``world_size`` > 1 ranks (a
+    collective: every rank calls it, after lm-eval's own gathers). lm-eval strides the documents over the ranks, so
+    each document is one rank's; the padding requests a shorter rank repeats are its own last request, whose rows give
+    that document the same record again."""
+    if world_size <= 1:
+        return
+    ranks: list[Any] = [None] * world_size
+    torch.distributed.all_gather_object(ranks, dict(run.records))
+    merged: dict[tuple[str, Any], list[dict[str, Any]]] = {}
+    for records in ranks:
+        for document, rows in records.items():
+            if document in merged:
+                raise RuntimeError(
+                    f"lostattn: document {document} has statistics on two ranks; lm-eval gives each "
+                    "document to one rank (evaluator.py strides them), has that changed?"
+                )
+            merged[document] = rows
+    run.records.clear()
+    run.records.update(merged)
+
+
+def check_response_cache(lm: Any, run: RunRecords) -> None:
+    """Refuse a ``--use_cache`` database (``lm`` is then lm-eval's :class:`CachingLM`) whose responses were computed
+    under another intervention than ``run``'s, and mark an unmarked one with ``run``'s.
+
+    lm-eval keys a cached response by its request alone (``hash_args(method, request.args)``), not by the model's
+    arguments: responses cached under ``attn=none`` would silently answer an ``attn=gaussian`` run's requests. A cache
+    that holds responses but no mark was written without lostattn (plain ``hf``, or an older lostattn): it is taken as
+    the unedited model's, which only ``attn=none`` may reuse."""
+    if not isinstance(lm, CachingLM):
+        return
+    database, wanted = lm.dbdict, run.intervention.to_dict()
+    marked = database.get(CACHE_MARK)
+    if marked is None and len(database) and run.intervention.mode != "none":
+        raise ValueError(
+            f"lostattn: --use_cache {lm.cache_db} holds {len(database)} responses written without lostattn (the "
+            f"unedited model's), and this run edits attention (attn={run.intervention.mode}); lm-eval keys cached "
+            "responses by request only, so they would answer this run's requests: give each intervention its own "
+            "--use_cache path"
+        )
+    if marked is not None and marked != wanted:
+        raise ValueError(
+            f"lostattn: --use_cache {lm.cache_db} holds responses computed under the intervention {marked}, and "
+            f"this run's is {wanted}; lm-eval keys cached responses by request only, so they would answer this run's "
+            "requests: give each intervention its own --use_cache path"
+        )
+    if marked is None:
+        database[CACHE_MARK] = wanted
+        database.commit()
+
+
+def _warn_uncovered(results: dict[str, Any]) -> None:
+    """Say which tasks had documents answered from ``--use_cache`` (they have no statistics); inert on results
+    without statistics rows."""
+    for task, counts in results.get("n-samples", {}).items():
+        covered = results["results"].get(task, {}).get(f"{SAMPLES_METRIC},{FILTER}")
+        if covered is not None and covered < counts["effective"]:
+            logger.warning(
+                f"lostattn: {counts['effective'] - covered} of {counts['effective']} documents of {task} were "
+                f"answered from --use_cache: its statistics rows cover the other {covered}"
+            )
+
+
+def _run_of(lm: Any) -> RunRecords | None:
+    """The lostattn run of ``lm``, or of the model inside lm-eval's response cache."""
+    model = lm.lm if isinstance(lm, CachingLM) else lm
+    return getattr(getattr(model, "lostattn", None), "run", None)
+
+
+def _evaluate(original: Any, *args: Any, **kwargs: Any) -> Any:
+    lm = inspect.signature(original).bind(*args, **kwargs).arguments["lm"]
+    run = _run_of(lm)
+    if run is None:
+        return original(*args, **kwargs)
+    check_response_cache(lm, run)
+    results = original(*args, **kwargs)
+    if run.stats.kind != "none":
+        gather_records(run, lm.world_size)
+    if results is not None:
+        add_statistics(results, run)
+        _warn_uncovered(results)
+    return results
+
+
+def install() -> None:
+    """Wrap ``lm_eval.evaluator.evaluate`` (once per process)."""
+    wrap_once("lm_eval.evaluator", "evaluate", _evaluate)

@@ -1,0 +1,186 @@
+"""``lostattn reproduce``: the paper's two experiments for a user's model and tasks, through lmms-eval.
+
+Runs, each an lmms-eval process writing under ``<output>/<run>/``:
+
+* ``vanilla`` (``attn=none,stats=all``): Table 1's attention and FFN rows, the FFN under both references, and
+  Table 2's baseline (statistics do not change the answers);
+* ``noise_delta`` and ``noise_qkv`` (``attn_layers=all``, ``stats=all``): Table 1's noise rows;
+* ``sap_seed<s>`` per seed (``attn=gaussian,attn_preset=paper,attn_seed=<s>``): Table 2.
+
+A run whose folder holds a results file written for the same command is kept; any other (interrupted, or from
+another command) is run again. Everything the user gave is checked before the first run starts: the model id, the
+arguments the runs set themselves, the seeds, the tasks (through lmms-eval's task index) and the preset's layers
+and heads against the model's config.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from transformers import AutoConfig
+
+from lmms_lostattn.compat.internals import internal
+from lmms_lostattn.config.spec import InterventionSpec, SpecError
+from lmms_lostattn.families import adapter_for
+from lmms_lostattn.model_wrappers.lmms_eval.base import bracket_list_values
+from lmms_lostattn.model_wrappers.lmms_eval.launch import run_lmms_eval
+from lmms_lostattn.reporting.paper import reproduction_table1, reproduction_table2
+from lmms_lostattn.reporting.runs import RESULTS_SUFFIX, RunError, load_run
+from lmms_lostattn.reporting.tables import csv_text, markdown
+
+COMMAND_FILE = "command.json"
+RUN_SET = ("attn", "attn_preset", "attn_seed")  # what the SAP runs set themselves
+FIXED_RUNS = {
+    "vanilla": "attn=none,stats=all",
+    "noise_delta": "attn=noise_delta,attn_layers=all,stats=all",
+    "noise_qkv": "attn=noise_qkv,attn_layers=all,stats=all",
+}
+
+
+class ReproduceError(ValueError):
+    """Input ``lostattn reproduce`` cannot run (the message names it and what is accepted)."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What to run: lmms-eval's model, base ``model_args``, tasks and extra flags; each run's own arguments."""
+
+    model: str
+    model_args: str
+    tasks: tuple[str, ...]
+    extra: tuple[str, ...]
+    runs: dict[str, str]
+
+    def model_args_of(self, run: str) -> str:
+        return f"{self.model_args},{self.runs[run]}"
+
+    def command(self, run: str) -> dict[str, object]:
+        """What identifies a run's output (recorded next to it)."""
+        return {
+            "model": self.model,
+            "model_args": self.model_args_of(run),
+            "tasks": list(self.tasks),
+            "extra": list(self.extra),
+        }
+
+
+def parse_seeds(text: str) -> tuple[int, ...]:
+    pieces = [piece.strip() for piece in text.split(",") if piece.strip()]
+    if not pieces or not all(piece.lstrip("-").isdigit() for piece in pieces):
+        raise ReproduceError(f"--seeds {text!r}: expected integers separated by commas (e.g. 0,1,2)")
+    return tuple(dict.fromkeys(int(piece) for piece in pieces))
+
+
+def _arguments(text: str) -> dict[str, str]:
+    """``key=value,...`` as lmms-eval splits ``--model_args`` (list values may be written plainly)."""
+    pieces = internal("lmms_eval.utils", "_smart_comma_split")(bracket_list_values(text)) if text else []
+    return dict(piece.partition("=")[::2] for piece in pieces if piece)
+
+
+def make_plan(
+    model: str,
+    model_args: str,
+    tasks: Sequence[str],
+    seeds: Sequence[int],
+    sap_args: str = "",
+    include_path: str | None = None,
+    extra: Sequence[str] = (),
+) -> Plan:
+    """The runs for ``model``, after checking every input before anything runs."""
+    internal("lmms_eval.models", "get_model")  # lmms-eval's registry first: it imports our manifests itself
+    from lmms_lostattn.model_wrappers.lmms_eval.manifests import get_manifests
+
+    ours = sorted(manifest.model_id for manifest in get_manifests())
+    if model not in ours:
+        raise ReproduceError(f"--model {model!r} is not a lostattn model; accepted: {', '.join(ours)}")
+    given = _arguments(model_args)
+    if "pretrained" not in given:
+        raise ReproduceError("--model_args needs pretrained=<model id or directory>")
+    taken = [key for key in given if key in InterventionSpec.ARGS]
+    if taken:
+        raise ReproduceError(
+            f"--model_args sets {', '.join(taken)}, which the runs set themselves; give SAP options with --sap-args"
+        )
+    sap = _arguments(sap_args)
+    unknown = [key for key in sap if key not in InterventionSpec.ARGS or key.startswith("stats") or key in RUN_SET]
+    if unknown:
+        accepted = ", ".join(k for k in InterventionSpec.ARGS if k.startswith("attn_") and k not in RUN_SET)
+        raise ReproduceError(f"--sap-args: {', '.join(unknown)} cannot be given; accepted: {accepted}")
+    _check_tasks(tasks, include_path)
+    _check_preset(given, sap)
+    runs = dict(FIXED_RUNS)
+    for seed in seeds:
+        runs[f"sap_seed{seed}"] = ",".join(
+            ["attn=gaussian,attn_preset=paper", f"attn_seed={seed}", *(f"{k}={v}" for k, v in sap.items())]
+        )
+    flags = [*(["--include_path", include_path] if include_path else []), "--log_samples", *extra]
+    return Plan(model, model_args, tuple(tasks), tuple(flags), runs)
+
+
+def _check_tasks(tasks: Sequence[str], include_path: str | None) -> None:
+    if not tasks:
+        raise ReproduceError("--tasks: give at least one task")
+    known = set(internal("lmms_eval.tasks", "TaskManager")(include_path=include_path).all_tasks)
+    missing = [task for task in tasks if task not in known]
+    if missing:
+        where = f" (with --include_path {include_path})" if include_path else " (add --include_path for local tasks)"
+        raise ReproduceError(f"--tasks: lmms-eval knows no task {', '.join(missing)}{where}")
+
+
+def _check_preset(given: dict[str, str], sap: dict[str, str]) -> None:
+    """Resolve the SAP runs' arguments against the model's config (no weights), so a preset that does not fit the
+    model fails now, not in the fourth run."""
+    remote = given.get("trust_remote_code", "").lower() == "true"
+    config = AutoConfig.from_pretrained(given["pretrained"], trust_remote_code=remote)
+    adapter = adapter_for(config)
+    text = config.get_text_config()
+    try:
+        InterventionSpec.from_model_args({"attn": "gaussian", "attn_preset": "paper", **sap}).resolve(
+            text.num_hidden_layers, text.num_attention_heads, adapter.preset(config)
+        )
+    except SpecError as error:
+        raise ReproduceError(f"the SAP runs cannot run on this model: {error} (pass it with --sap-args)") from error
+
+
+def _finished(folder: pathlib.Path, command: dict[str, object]) -> bool:
+    recorded = folder / COMMAND_FILE
+    return (
+        recorded.is_file() and json.loads(recorded.read_text()) == command and any(folder.rglob(f"*{RESULTS_SUFFIX}"))
+    )
+
+
+def run_plan(plan: Plan, output: pathlib.Path) -> dict[str, pathlib.Path]:
+    """Run what is not finished yet; ``run -> its folder``."""
+    folders = {}
+    for name in plan.runs:
+        folder, command = output / name, plan.command(name)
+        if _finished(folder, command):
+            print(f"lostattn reproduce: {name} is done ({folder}), not run again", flush=True)
+        else:
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True)
+            (folder / COMMAND_FILE).write_text(json.dumps(command))
+            run_lmms_eval(plan.model, plan.model_args_of(name), plan.tasks, folder, *plan.extra)
+        folders[name] = folder
+    return folders
+
+
+def tables(folders: dict[str, pathlib.Path]) -> dict[str, str]:
+    """``file name -> content`` of Table 1 and Table 2 (Markdown and CSV)."""
+    try:
+        runs = {name: load_run(folder) for name, folder in folders.items()}
+    except RunError as error:
+        raise ReproduceError(str(error)) from error
+    saps = [run for name, run in runs.items() if name.startswith("sap_seed")]
+    table1 = reproduction_table1(runs["vanilla"], runs["noise_delta"], runs["noise_qkv"])
+    table2 = reproduction_table2(runs["vanilla"], saps)
+    return {
+        "table1.md": markdown(table1),
+        "table1.csv": csv_text(table1),
+        "table2.md": markdown(table2),
+        "table2.csv": csv_text(table2),
+    }

@@ -1,0 +1,248 @@
+"""Loading and validating one run of a lostattn model, as lmms-eval or lm-eval wrote it: results JSON, per-layer
+statistics, samples logs.
+
+A run is given as a results JSON or a folder holding exactly one (searched recursively, so either harness's
+``--output_path`` works). The files of one run share its date id (:class:`Layout`): lmms-eval writes
+``<date>_results.json``, a ``<date>_lostattn.json`` sidecar with the per-layer statistics and
+``<date>_samples_<task>.jsonl`` logs; lm-eval writes ``results_<date>.json``, whose ``lostattn`` block holds the
+per-layer statistics, and ``samples_<task>_<date>.jsonl``. Sidecar and samples logs are optional (no ``stats``, no
+``--log_samples``). Anything malformed, truncated or belonging to another run raises :class:`RunError` naming the
+file and the problem.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from lmms_lostattn.statistics.collector import table_row
+
+RESULTS_SUFFIX = "_results.json"  # lmms-eval's
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a harness names the files of one run: templates with ``{date}`` (the run's date id) and ``{task}``."""
+
+    harness: str
+    results: str
+    samples: str
+    sidecar: str | None  # None: the per-layer statistics are in the results JSON's ``lostattn`` block
+
+    def glob(self, template: str, **known: str) -> str:
+        return template.format(**{"date": "*", "task": "*", **known})
+
+    def match(self, template: str, name: str, **known: str) -> dict[str, str] | None:
+        """The date id and task a file name holds, or None when it is not named by ``template``."""
+        fields = {key: f"(?P<{key}>.+)" for key in ("date", "task")} | {k: re.escape(v) for k, v in known.items()}
+        pattern = re.escape(template).replace(r"\{", "{").replace(r"\}", "}").format(**fields)
+        found = re.fullmatch(pattern, name)
+        return found.groupdict() if found else None
+
+
+LAYOUTS = (
+    Layout("lmms-eval", "{date}_results.json", "{date}_samples_{task}.jsonl", "{date}_lostattn.json"),
+    Layout("lm-eval", "results_{date}.json", "samples_{task}_{date}.jsonl", None),
+)
+
+
+class RunError(ValueError):
+    """A run folder that cannot be used; the message names the file and the problem."""
+
+
+@dataclass(frozen=True)
+class LoadedRun:
+    """One run of a lostattn model, by either harness."""
+
+    name: str  # the folder given (or holding the results file given), as shown in tables
+    path: pathlib.Path  # the results JSON
+    layout: Layout
+    results: dict[str, Any]
+    sidecar: dict[str, Any] | None  # the per-layer statistics: {"tasks": {task: {"samples", "per_layer"}}, ...}
+    samples: dict[str, dict[int, dict[str, Any]]]  # task -> doc_id -> logged sample
+
+    @property
+    def model(self) -> str:
+        return str(self.results.get("model_name") or self.results["config"].get("model_args", "?"))
+
+    @property
+    def block(self) -> dict[str, Any]:
+        return self.results["lostattn"]
+
+    @property
+    def mode(self) -> str:
+        return self.block["intervention"]["mode"]
+
+    @property
+    def label(self) -> str:
+        """The intervention as shown in tables: mode, preset when set, and the spec hash."""
+        preset = self.block["intervention"].get("preset")
+        return f"{self.mode}{f' ({preset})' if preset else ''} [{self.block['spec_hash']}]"
+
+    def stat_row(self, metric: str, module: str) -> str:
+        """The table row of a module's RID or MixIG under this run's statistics definitions (runs written before
+        the definitions were recorded used the paper's: the module's input, ΔD as a mean)."""
+        stats = self.block.get("stats", {})
+        return table_row(metric, module, stats.get("stats_reference", "module"), stats.get("stats_combine", "mean"))
+
+    @property
+    def tasks(self) -> list[str]:
+        return sorted(self.results["results"])
+
+    def metric(self, task: str, name: str) -> float | None:
+        """The aggregate ``name`` (filter ``none``) of ``task``, or None when absent or not a number."""
+        value = self.results["results"].get(task, {}).get(f"{name},none")
+        return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+    def stderr(self, task: str, name: str) -> float | None:
+        """Bootstrap stderr of a metric when the harness computed one, else its CLT stderr (lmms-eval)."""
+        bootstrap = self.metric(task, f"{name}_stderr")
+        return bootstrap if bootstrap is not None else self.metric(task, f"{name}_stderr_clt")
+
+    def metrics(self, task: str) -> list[str]:
+        """Metric names of ``task`` in the results JSON's order (no stderr rows, no ``lostattn_samples``)."""
+        names = [key.split(",")[0] for key in self.results["results"].get(task, {}) if "," in key]
+        return [n for n in names if "_stderr" not in n and n != "lostattn_samples" and self.metric(task, n) is not None]
+
+
+def _read_json(path: pathlib.Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise RunError(f"{path}: not valid JSON ({error}); truncated, or not a harness's output?") from None
+    if not isinstance(data, dict):
+        raise RunError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data
+
+
+def _read_samples(path: pathlib.Path) -> dict[int, dict[str, Any]]:
+    """A samples log by doc_id. lm-eval logs a document once per filter: the ``none`` filter's line is kept (the
+    statistics rows' filter), or the first filter's where the task has no ``none`` filter."""
+    lines: list[tuple[int, dict[str, Any]]] = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            sample = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise RunError(f"{path}: line {number} is not valid JSON ({error}); truncated file?") from None
+        if not isinstance(sample, dict) or not isinstance(sample.get("doc_id"), int):
+            raise RunError(f"{path}: line {number} has no integer doc_id; not a samples log")
+        lines.append((number, sample))
+    filters = [sample.get("filter") for _, sample in lines]
+    kept = "none" if "none" in filters else next(iter(filters), None)
+    samples: dict[int, dict[str, Any]] = {}
+    for number, sample in lines:
+        if sample.get("filter") != kept:
+            continue
+        if sample["doc_id"] in samples:
+            raise RunError(f"{path}: doc_id {sample['doc_id']} appears twice (line {number}); files mixed up?")
+        samples[sample["doc_id"]] = sample
+    return samples
+
+
+def _layout_of(path: pathlib.Path) -> tuple[Layout, str] | None:
+    """The layout naming a results file, and the run's date id."""
+    for layout in LAYOUTS:
+        found = layout.match(layout.results, path.name)
+        if found:
+            return layout, found["date"]
+    return None
+
+
+def find_results(path: pathlib.Path) -> pathlib.Path:
+    """The one results JSON that ``path`` names or holds."""
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise RunError(f"{path}: no such file or folder")
+    found = sorted({p for layout in LAYOUTS for p in path.rglob(layout.glob(layout.results))})
+    if not found:
+        names = " or ".join(layout.glob(layout.results) for layout in LAYOUTS)
+        raise RunError(f"{path}: no {names} in this folder; not an lmms-eval or lm-eval --output_path?")
+    if len(found) > 1:
+        listed = ", ".join(str(p.relative_to(path)) for p in found)
+        raise RunError(f"{path}: several results files ({listed}); pass one of them instead of the folder")
+    return found[0]
+
+
+def load_run(path: pathlib.Path) -> LoadedRun:
+    """Load and validate the run at ``path`` (a results JSON or a folder holding exactly one)."""
+    path = pathlib.Path(path)
+    results_path = find_results(path)
+    named = _layout_of(results_path)
+    if named is None:
+        names = " or ".join(layout.glob(layout.results) for layout in LAYOUTS)
+        raise RunError(f"{results_path}: not a results file of lmms-eval or lm-eval (named {names})")
+    layout, date = named
+    results = _read_json(results_path)
+    for key in ("results", "lostattn", "config"):
+        if not isinstance(results.get(key), dict):
+            raise RunError(f"{results_path}: no {key!r} block; not the results of a lostattn model run")
+    if "spec_hash" not in results["lostattn"] or "mode" not in results["lostattn"].get("intervention", {}):
+        raise RunError(f"{results_path}: the 'lostattn' block lacks spec_hash or intervention.mode")
+    folder = results_path.parent
+    for template in (layout.samples, layout.sidecar):
+        for stray in sorted(folder.glob(layout.glob(template))) if template else ():
+            if layout.match(template, stray.name, date=date) is None:
+                raise RunError(f"{stray}: belongs to another run than {results_path.name} (date id differs); mixed up?")
+    sidecar = results["lostattn"] if "tasks" in results["lostattn"] else None
+    if layout.sidecar is not None:
+        sidecar_path = folder / layout.sidecar.format(date=date)
+        sidecar = _read_json(sidecar_path) if sidecar_path.exists() else None
+        spec_hash = results["lostattn"].get("spec_hash")
+        if sidecar is not None and sidecar.get("spec_hash") != spec_hash:
+            raise RunError(f"{sidecar_path}: spec_hash {sidecar.get('spec_hash')} differs from the results file's "
+                           f"{spec_hash}; files from different runs mixed up?")
+    samples = {}
+    for path_ in sorted(folder.glob(layout.glob(layout.samples, date=date))):
+        task = layout.match(layout.samples, path_.name, date=date)["task"]
+        if task not in results["results"]:
+            raise RunError(f"{path_}: task {task!r} is not in {results_path.name}; files mixed up?")
+        samples[task] = _read_samples(path_)
+        expected = results.get("n-samples", {}).get(task, {}).get("effective")
+        if expected is not None and len(samples[task]) != expected:
+            raise RunError(f"{path_}: {len(samples[task])} samples, but {results_path.name} says {expected}; "
+                           "truncated?")
+    return LoadedRun(path.name if path.is_dir() else folder.name, results_path, layout, results, sidecar, samples)
+
+
+def load_runs(paths: list[pathlib.Path]) -> list[LoadedRun]:
+    """Load several runs; the same results file given twice is an error."""
+    runs = [load_run(p) for p in paths]
+    seen: set[pathlib.Path] = set()
+    for run in runs:
+        if run.path.resolve() in seen:
+            raise RunError(f"{run.path}: given twice")
+        seen.add(run.path.resolve())
+    return runs
+
+
+def version_changes(base: LoadedRun, other: LoadedRun) -> list[str]:
+    """Package versions recorded differently in the two runs, as ``name a -> b``."""
+    old, new = (run.block.get("versions", {}) for run in (base, other))
+    changed = sorted(name for name in {*old, *new} if old.get(name) != new.get(name))
+    return [f"{name} {old.get(name)} -> {new.get(name)}" for name in changed]
+
+
+def comparability(base: LoadedRun, other: LoadedRun, task: str) -> str | None:
+    """Why ``other`` cannot be compared with ``base`` on ``task`` (None when it can).
+
+    Checked: both ran the task, with the same ``--limit``/offset, on the same documents (doc_id -> doc_hash from
+    the samples logs when both have them, else the same effective sample count).
+    """
+    if task not in base.results["results"] or task not in other.results["results"]:
+        return f"{task} is not in both runs"
+    for key in ("limit", "offset"):
+        if base.results["config"].get(key) != other.results["config"].get(key):
+            return f"different --{key} ({base.results['config'].get(key)} vs {other.results['config'].get(key)})"
+    if task in base.samples and task in other.samples:
+        hashes = [{doc: s.get("doc_hash") for doc, s in run.samples[task].items()} for run in (base, other)]
+        if hashes[0] != hashes[1]:
+            return f"different documents in {task} (doc_id/doc_hash of the samples logs differ)"
+        return None
+    counts = [run.results.get("n-samples", {}).get(task, {}).get("effective") for run in (base, other)]
+    return None if counts[0] == counts[1] else f"different sample counts in {task} ({counts[0]} vs {counts[1]})"

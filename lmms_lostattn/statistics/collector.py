@@ -1,0 +1,235 @@
+"""Per-sample residual statistics (SPEC §3) and their aggregation over samples.
+
+A :class:`StatsCollector` is the ``on_layer`` callback of :func:`lmms_lostattn.intervention.scope.intervene`: on each
+prefill pass it computes, for every sample of the batch, decoder layer, module (``attn``, ``ffn``) and token group
+(``all``, ``image``, ``text``), the metrics of :func:`lmms_lostattn.statistics.metrics.module_stats` on that sample's
+non-padding rows.
+Only floats are kept. :func:`aggregate` turns a list of per-sample records into per-layer means and stderrs.
+
+A per-sample record is ``{"layers": L, "values": {module: {group: {metric: [value or None per layer]}}}}``; a value
+is ``None`` where a group has fewer than two tokens in that sample (e.g. ``image`` on a text-only prompt).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import torch
+
+from lmms_lostattn.config.spec import StatsConfig
+from lmms_lostattn.statistics.metrics import (
+    Decomposition,
+    NonFiniteError,
+    decompose,
+    innovation,
+    select_tokens,
+    update_stats,
+)
+
+MODULES = ("attn", "ffn")
+TABLE_METRICS = ("rid", "mixig")
+
+
+class TokenLayout(Protocol):
+    """Where a prompt batch's padding and image tokens are (the intervention's prompt state is one)."""
+
+    first_real: torch.Tensor  # (B,) each sample's first non-padding position
+    real_end: torch.Tensor  # (B,) end (exclusive) of each sample's real tokens
+    is_visual: torch.Tensor  # (B, T) bool: image tokens
+
+
+class StatsCollector:
+    """Collects the statistics of the samples of one prompt batch (call :meth:`take` after each prompt).
+
+    Per layer, sample and group the collector decomposes each distinct stream once (see
+    :class:`lmms_lostattn.statistics.metrics.Decomposition`): the stream after attention, ``x + d_attn`` (as the model
+    adds it, in its dtype), is X' of the attention update and X of the FFN update; the stream after the FFN is reused as
+    the next layer's X when the recorded input is bit-identical to it (it is not, e.g., where DeepStack adds
+    visual features between layers).
+    """
+
+    def __init__(self, config: StatsConfig, num_layers: int) -> None:
+        self.config = config
+        self.num_layers = num_layers
+        self._records: list[dict[str, Any]] = []
+        # (sample, group) -> (layer, stream after its FFN on the group's capped rows, its decomposition)
+        self._carry: dict[tuple[int, str], tuple[int, torch.Tensor, Decomposition]] = {}
+
+    def __call__(
+        self, layer: int, x: torch.Tensor, d_attn: torch.Tensor, d_ffn: torch.Tensor, state: TokenLayout
+    ) -> None:
+        """Measure one layer of a prefill pass; ``state`` says where padding and image tokens are."""
+        if not self._records:
+            self._records = [self._empty() for _ in range(x.shape[0])]
+        mid = x + d_attn
+        out = mid + d_ffn
+        starts, ends = state.first_real.tolist(), state.real_end.tolist()  # one host sync per layer, not per sample
+        for sample, record in enumerate(self._records):
+            real = torch.arange(starts[sample], min(ends[sample], x.shape[1]), device=x.device)
+            visual = state.is_visual[sample].to(x.device)[real]  # the layer may sit on another device
+            rows = {"all": real, "image": real[visual], "text": real[~visual]}
+            for group in self.config.groups:
+                index = rows[group]
+                if index.numel() < 2:
+                    continue
+                index = index[select_tokens(index.numel(), self.config.max_tokens).to(index.device)]
+                values = self._measure(layer, (sample, group), x[sample, index], mid[sample, index], out[sample, index])
+                for module, stats in values.items():
+                    for metric, value in stats.items():
+                        record["values"][module][group].setdefault(metric, [None] * self.num_layers)[layer] = value
+
+    def _measure(
+        self, layer: int, key: tuple[int, str], x: torch.Tensor, mid: torch.Tensor, out: torch.Tensor
+    ) -> dict[str, dict[str, float]]:
+        """Statistics of both updates of one layer on one sample's rows: X -> mid (attn), mid -> out (ffn)."""
+        carried = self._carry.pop(key, None)
+        if carried is not None and carried[0] == layer - 1 and torch.equal(carried[1], x):
+            before = carried[2]
+        else:
+            before = _decompose_stream(x, "entering", layer, key)
+        after_attn = _decompose_stream(mid, "after the attention update of", layer, key)
+        after_ffn = _decompose_stream(out, "after the FFN update of", layer, key)
+        if layer < self.num_layers - 1:
+            self._carry[key] = (layer, out, after_ffn)
+        config = self.config
+        kind = "all" if config.kind == "all" else "paper"  # stats=released: the paper's metrics, other definitions
+        ffn_reference = before if config.reference == "layer" else None
+        ffn = update_stats(after_attn, after_ffn, kind=kind, combine=config.combine, reference=ffn_reference)
+        if kind == "all":  # the FFN against the layer's input too, from the decompositions already made
+            ffn["rid_layer"], _, ffn["delta_d_layer"] = innovation(before, after_ffn, combine=config.combine)
+        return {"attn": update_stats(before, after_attn, kind=kind, combine=config.combine), "ffn": ffn}
+
+    def _empty(self) -> dict[str, Any]:
+        values = {module: {group: {} for group in self.config.groups} for module in MODULES}
+        return {"layers": self.num_layers, "values": values}
+
+    def take(self) -> list[dict[str, Any]]:
+        """The records of the last prompt batch, one per sample; resets the collector."""
+        records, self._records = self._records, []
+        self._carry = {}
+        return records
+
+
+def _decompose_stream(stream: torch.Tensor, where: str, layer: int, key: tuple[int, str]) -> Decomposition:
+    """:func:`decompose` of one recorded stream; a non-finite stream is an error that says where the model broke."""
+    try:
+        return decompose(stream)
+    except NonFiniteError as error:
+        sample, group = key
+        raise NonFiniteError(
+            f"lostattn stats: the residual stream {where} decoder layer {layer} is not finite (sample {sample} of the "
+            f"batch, {group} tokens: {error}), so RID/MixIG are undefined there. The model's own forward pass "
+            "overflowed or produced NaN: run it in bfloat16 or float32 (the base wrapper's dtype argument)."
+        ) from error
+
+
+def table_row(metric: str, module: str, reference: str = "module", combine: str = "mean") -> str:
+    """The table row of one module's metric, ``lostattn_{metric}_{module}``, named by what its definition changes
+    from the paper's: ``_layer`` (the FFN's RID against the layer's input) and ``_l2`` / ``_sum`` (ΔD's combination)
+    follow ``rid``; MixIG has one definition."""
+    name = f"lostattn_{metric}_{module}"
+    if metric == "rid":
+        name += "_layer" if module == "ffn" and reference == "layer" else ""
+        name += "" if combine == "mean" else f"_{combine}"
+    return name
+
+
+def table_rows(config: StatsConfig) -> dict[tuple[str, str], str]:
+    """``(metric, module) -> row name`` of the table rows under ``config``."""
+    return {
+        (metric, module): table_row(metric, module, config.reference, config.combine)
+        for metric in TABLE_METRICS
+        for module in MODULES
+    }
+
+
+def table_group(config: StatsConfig) -> str:
+    """The token group the table rows report: ``all`` when measured, else the first group asked for."""
+    return "all" if "all" in config.groups else config.groups[0]
+
+
+def _series(record: dict[str, Any], module: str, group: str, metric: str) -> list[float | None]:
+    """One metric's per-layer values in one record (empty when the group or metric was not measured)."""
+    return record["values"][module].get(group, {}).get(metric, [])
+
+
+def layer_mean(record: dict[str, Any], module: str, group: str, metric: str) -> float | None:
+    """Mean over layers of one metric of one sample (layers without a value are skipped)."""
+    return _mean(_series(record, module, group, metric))
+
+
+def mean_records(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Element-wise mean of the records of one document's requests (e.g. the options of a multiple-choice doc)."""
+    if len(records) == 1:
+        return records[0]
+    merged = {"layers": records[0]["layers"], "values": {}}
+    for module, groups in records[0]["values"].items():
+        merged["values"][module] = {}
+        for group, metrics in groups.items():
+            merged["values"][module][group] = {
+                metric: [_mean([r["values"][module][group][metric][i] for r in records]) for i in range(len(per))]
+                for metric, per in metrics.items()
+            }
+    return merged
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return sum(present) / len(present) if present else None
+
+
+def _mean_stderr(values: Sequence[float]) -> tuple[float | None, float | None]:
+    """Mean and standard error of the mean (sample std / sqrt(n); None for n < 2)."""
+    n = len(values)
+    if n == 0:
+        return None, None
+    mean = sum(values) / n
+    if n < 2:
+        return mean, None
+    variance = sum((v - mean) ** 2 for v in values) / (n - 1)
+    return mean, math.sqrt(variance / n)
+
+
+def aggregate(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Per-layer and layer-averaged mean, stderr and count over samples, for every module x group x metric.
+
+    Returns ``{module: {group: {metric: {"layers": {"mean": [...], "stderr": [...], "n": [...]},
+    "overall": {"mean", "stderr", "n"}}}}}``; ``overall`` is taken over the samples' layer means.
+    """
+    if not records:
+        return {}
+    num_layers = max(r["layers"] for r in records)
+    keys = sorted(
+        {
+            (module, group, metric)
+            for r in records
+            for module, groups in r["values"].items()
+            for group, metrics in groups.items()
+            for metric in metrics
+        }
+    )
+    out: dict[str, Any] = {}
+    for module, group, metric in keys:
+        columns = [
+            [v for r in records if (v := _value(r, module, group, metric, layer)) is not None]
+            for layer in range(num_layers)
+        ]
+        per_layer = [_mean_stderr(column) for column in columns]
+        sample_means = [m for r in records if (m := layer_mean(r, module, group, metric)) is not None]
+        mean, stderr = _mean_stderr(sample_means)
+        out.setdefault(module, {}).setdefault(group, {})[metric] = {
+            "layers": {
+                "mean": [m for m, _ in per_layer],
+                "stderr": [s for _, s in per_layer],
+                "n": [len(column) for column in columns],
+            },
+            "overall": {"mean": mean, "stderr": stderr, "n": len(sample_means)},
+        }
+    return out
+
+
+def _value(record: dict[str, Any], module: str, group: str, metric: str, layer: int) -> float | None:
+    values = _series(record, module, group, metric)
+    return values[layer] if values else None
