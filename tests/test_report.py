@@ -227,39 +227,32 @@ def test_runs_with_a_different_limit_are_flagged_not_compared(
 
 
 def test_html_leaderboard_renders_sorts_and_is_not_blank(compare_dir: pathlib.Path, tmp_path: pathlib.Path) -> None:
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright not installed (pip install '.[test]')")
-    chromium = shutil.which("chromium")
-    if chromium is None:
-        pytest.skip("chromium not installed (apt-get install -y chromium); .ci/run installs it when it can")
+    from test_leaderboard_page import browser_page
+
     page_text = (compare_dir / "leaderboard.html").read_text()
     assert "http://" not in page_text and "https://" not in page_text and page_text.count("data:image/png;base64,") == 3
-    flags = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-             "--disable-sync", "--no-first-run"]
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch_persistent_context(
-            tmp_path / "profile", executable_path=chromium, headless=True, args=flags)
-        page = browser.new_page()
-        errors: list[str] = []
-        page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
-        page.on("pageerror", lambda error: errors.append(str(error)))
+    order = "rows => rows.map(row => row.cells[2].dataset.v)"
+    with browser_page(tmp_path / "profile") as (page, errors):
         page.goto((compare_dir / "leaderboard.html").as_uri())
-        order = "rows => rows.map(row => row.children[2].textContent)"
-        before = page.eval_on_selector_all("#board tbody tr", order)
-        header = page.locator("#board th", has_text="lostattn_pope/lostattn_mixig_attn")
+        before = page.eval_on_selector_all("#view-lostattn_pope tbody tr", order)
+        header = page.locator("#view-lostattn_pope th[title='lostattn_pope/lostattn_mixig_ffn']")
         header.click()
-        ascending = page.eval_on_selector_all("#board tbody tr", order)
+        ascending = page.eval_on_selector_all("#view-lostattn_pope tbody tr", order)
+        other_view = page.eval_on_selector_all("#view-lostattn_shapes_color tbody tr", order)
         header.click()
-        descending = page.eval_on_selector_all("#board tbody tr", order)
+        descending = page.eval_on_selector_all("#view-lostattn_pope tbody tr", order)
+        page.locator("#view-lostattn_pope thead tr:last-child th:nth-child(3)").click()  # run
+        by_name = page.eval_on_selector_all("#view-lostattn_pope tbody tr", order)
         shot = tmp_path / "shot.png"
         page.screenshot(path=str(shot), full_page=True)
-        browser.close()
-    assert before == ["none", "gaussian", "knockout", "noise_delta"]
-    mixig = {name: _pope_metric(name, "lostattn_mixig_attn") for name in before}  # from the results files themselves
-    assert ascending == sorted(before, key=mixig.__getitem__)
-    assert descending == ascending[::-1]
+    assert before == other_view == ["none", "gaussian", "knockout", "noise_delta"]
+    mixig = {name: _pope_metric(name, "lostattn_mixig_ffn") for name in before}  # from the results files themselves
+    assert ascending == sorted(before, key=mixig.__getitem__) != sorted(before, key=lambda name: str(mixig[name]))
+    assert descending == ascending[::-1] and by_name == sorted(before)
     assert errors == []
     with Image.open(shot) as image:
-        assert image.size[1] > 1000 and np.asarray(image.convert("L")).std() > 10
+        pixels = np.asarray(image.convert("RGB")).reshape(-1, 3)
+    assert image.size[1] > 1000 and len(np.unique(pixels, axis=0)) > 500 and (pixels.min(axis=1) < 235).mean() > 0.05
 
 
 def _pope_metric(run: str, metric: str) -> float:
@@ -310,7 +303,7 @@ def test_check_refuses_different_documents_or_missing_logs(
 ) -> None:
     other = copy_run("gaussian", tmp_path)
     (samples_path,) = other.glob("*_samples_lostattn_shapes_color.jsonl")
-    samples_path.write_text(samples_path.read_text().replace('"doc_hash": "', '"doc_hash": "x', 1))
+    samples_path.write_text(samples_path.read_text().replace('"input": "', '"input": "x', 1))
     code, _, err = lostattn(capsys, "check", other, "--baseline", RUNS / "none")
     assert code == 2 and "different documents in lostattn_shapes_color" in err
     samples_path.unlink()

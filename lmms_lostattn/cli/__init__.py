@@ -30,13 +30,38 @@ import tempfile
 from collections.abc import Sequence
 
 
+def _positive_int(text: str) -> int:
+    """A ``--limit``: a positive number of documents (absent means all; 0 is not a way to say so)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: expected a positive number of documents (omit it for all)")
+    return value
+
+
+def _max_drop(text: str) -> float:
+    """A ``--max-drop``: a finite number in [0, 1] (:func:`lmms_lostattn.reporting.gate.check_max_drop`)."""
+    from lmms_lostattn.reporting.gate import check_max_drop
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    try:
+        return check_max_drop(value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="lostattn", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     paths = commands.add_parser("tasks-path", help="print the --include_path directory of the shipped tasks")
     paths.add_argument("--host", choices=("lmms_eval", "lm_eval"), default="lmms_eval", help="whose tasks")
     build = commands.add_parser("build-tiny", help="build a tiny random-weight model of a supported family")
-    build.add_argument("directory", type=pathlib.Path)
+    build.add_argument("directory", type=pathlib.Path, help="where to write the model (from_pretrained loads it)")
     build.add_argument("--variant", default="llava", help="a family's tiny variant (an unknown one lists them)")
     commands.add_parser("shapes-llava-path", help="print the directory of the shipped trained model")
     commands.add_parser("doctor", help="check this environment: versions, upstream internals, a tiny model end to end")
@@ -47,27 +72,32 @@ def main(argv: Sequence[str] | None = None) -> None:
     repro.add_argument("--seeds", default="0,1,2", help="seeds of the SAP runs (default 0,1,2)")
     repro.add_argument("--sap-args", default="", help="attention arguments added to the SAP runs (attn_layers=1:)")
     repro.add_argument("--include_path", default=None, help="lmms-eval --include_path for local tasks")
-    repro.add_argument("--limit", type=int, default=None, help="documents per task and run")
+    repro.add_argument("--limit", type=_positive_int, default=None, help="documents per task and run (default: all)")
     repro.add_argument("--gen_kwargs", default=None, help="lmms-eval --gen_kwargs")
-    repro.add_argument("-o", "--output", type=pathlib.Path, default=pathlib.Path("lostattn-reproduce"))
+    repro.add_argument("-o", "--output", type=pathlib.Path, default=pathlib.Path("lostattn-reproduce"),
+                       help="the runs, tables and plots (default: lostattn-reproduce); finished runs are kept")
     run = commands.add_parser("demo", help="learned vs. edited attention on the shipped trained model, with RID/MixIG")
     run.add_argument("--output", type=pathlib.Path, default=None, help="where lmms-eval writes (default: a temp dir)")
-    run.add_argument("--limit", type=int, default=None, help="documents per task and run (default: all)")
+    run.add_argument("--limit", type=_positive_int, default=None, help="documents per task and run (default: all)")
     rep = commands.add_parser(
         "report", help="per-layer plots and the paper's tables from lmms-eval or lm-eval output folders"
     )
-    rep.add_argument("runs", nargs="+", type=pathlib.Path)
-    rep.add_argument("-o", "--output", type=pathlib.Path, default=pathlib.Path("lostattn-report"))
+    rep.add_argument("runs", nargs="+", type=pathlib.Path, help="output folders (or results files) of the runs")
+    rep.add_argument("-o", "--output", type=pathlib.Path, default=pathlib.Path("lostattn-report"),
+                     help="where the plots and tables go (default: lostattn-report)")
     rep.add_argument("--force", action="store_true", help="overwrite existing outputs")
     cmp = commands.add_parser("compare", help="leaderboard with paired tests against a baseline run")
-    cmp.add_argument("runs", nargs="+", type=pathlib.Path)
+    cmp.add_argument("runs", nargs="+", type=pathlib.Path, help="output folders (or results files) of the runs")
     cmp.add_argument("--baseline", type=pathlib.Path, default=None, help="default: the first run with attn=none")
-    cmp.add_argument("-o", "--output", type=pathlib.Path, default=pathlib.Path("lostattn-compare"))
+    cmp.add_argument("-o", "--output", type=pathlib.Path, default=pathlib.Path("lostattn-compare"),
+                     help="where the leaderboard goes (default: lostattn-compare)")
     cmp.add_argument("--force", action="store_true", help="overwrite existing outputs")
     gate = commands.add_parser("check", help="exit 1 when a metric falls below the baseline beyond noise")
-    gate.add_argument("run", type=pathlib.Path)
-    gate.add_argument("--baseline", type=pathlib.Path, required=True)
-    gate.add_argument("--max-drop", type=float, default=0.01, help="allowed absolute drop (default 0.01)")
+    gate.add_argument("run", type=pathlib.Path, help="output folder (or results file) of the run to check")
+    gate.add_argument("--baseline", type=pathlib.Path, required=True, help="the run it must not fall below")
+    gate.add_argument("--max-drop", type=_max_drop, default=0.01,
+                      help="allowed absolute drop, a number in [0, 1]: metrics are fractions, 0.01 is one point of "
+                           "accuracy (default 0.01); a statistics row (lostattn_*) may change by this much either way")
     gate.add_argument("--metrics", nargs="+", default=[], help="metric or task/metric (default: every task metric)")
     args = parser.parse_args(argv)
     if args.command in ("report", "compare", "check"):
@@ -109,8 +139,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             points = (*points, *LM_EVAL_POINTS)
         sys.exit(doctor(points))
     elif args.command == "build-tiny":
-        from lmms_lostattn.testing import build_tiny_model
+        from lmms_lostattn.testing import FAMILY_VARIANTS, build_tiny_model
 
+        if args.variant not in FAMILY_VARIANTS:
+            accepted = ", ".join(FAMILY_VARIANTS)
+            parser.exit(2, f"lostattn build-tiny: unknown --variant {args.variant!r}; one of {accepted}\n")
         print(build_tiny_model(args.directory, args.variant))
     else:
         from lmms_lostattn.cli.demo import demo

@@ -10,7 +10,8 @@ from lmms_lostattn.reporting.runs import load_run, version_changes
 
 
 def check(path: pathlib.Path, baseline: pathlib.Path, max_drop: float, metrics: Sequence[str]) -> int:
-    """The CI gate: 0 when no selected metric drops beyond ``max_drop`` and noise, 1 otherwise."""
+    """The CI gate: 0 when no selected metric drops (a statistics row: changes) beyond ``max_drop`` and noise, 1
+    otherwise (see :func:`lmms_lostattn.reporting.gate.regressions`)."""
     base, run = load_run(baseline), load_run(path)
     lines = regressions(base, run, max_drop, metrics)
     failures = sum(status == "FAILED" for status, _ in lines)

@@ -27,4 +27,4 @@ def compare(
     if echo:
         print(markdown(table))
     write_files({**table_files(output / "leaderboard", table),
-            output / "leaderboard.html": page("lostattn leaderboard", table, images)}, force)
+            output / "leaderboard.html": page("lostattn leaderboard", table, base, images)}, force)

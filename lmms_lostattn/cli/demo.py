@@ -30,20 +30,26 @@ DEMO_ROWS = (
 
 
 def _run_lmms_eval(model_args: str, tasks: Sequence[str], limit: int | None, output: pathlib.Path) -> dict:
-    """One demo run of ``lostattn_llava`` (4 new tokens, the shipped tasks); returns its results."""
-    extra = ["--include_path", str(tasks_path()), "--gen_kwargs", "max_new_tokens=4"]
-    extra += ["--limit", str(limit)] if limit else []
+    """One demo run of ``lostattn_llava`` (4 new tokens, the shipped tasks, per-sample logs for the paired tests);
+    lmms-eval's log goes to ``output/lmms-eval.log``, its table to the terminal. Returns the run's results."""
+    extra = ["--include_path", str(tasks_path()), "--gen_kwargs", "max_new_tokens=4", "--log_samples"]
+    extra += ["--limit", str(limit)] if limit is not None else []
+    log = output / "lmms-eval.log"
     try:
-        found = run_lmms_eval("lostattn_llava", model_args, tasks, output, *extra)
+        found = run_lmms_eval("lostattn_llava", model_args, tasks, output, *extra, log=log)
     except RunError as error:
         raise SystemExit(f"lostattn demo: {error}") from error
+    print("\n".join(line for line in log.read_text().splitlines() if line.startswith("|")))
+    print(f"(lmms-eval's log: {log})", flush=True)
     return json.loads(found.read_text())["results"]
 
 
 def demo(output: pathlib.Path, limit: int | None) -> None:
     """The shipped trained model on the local tasks: learned attention vs. Gaussian (paper SAP), uniform and knocked-out
-    attention over image tokens, each with RID/MixIG; a comparison table, then the report and leaderboard."""
+    attention over image tokens, each with RID/MixIG; a comparison table, then the report and leaderboard.
+    ``limit``: documents per task and run, None for all."""
     require_tested_versions()
+    output = output.resolve()  # lmms-eval runs in each run's folder: a relative path would nest there
     base = f"pretrained={SHAPES_LLAVA_DIR},device=cpu,device_map=cpu,dtype=float32,stats=paper"
     results = {}
     for step, (name, args) in enumerate(DEMO_RUNS.items(), start=1):

@@ -21,12 +21,6 @@ def write_files(files: Mapping[pathlib.Path, str | bytes], force: bool) -> None:
         print(f"wrote {path}")
 
 
-def _tables(stem: pathlib.Path, table: Table) -> dict[pathlib.Path, str]:
-    from lmms_lostattn.reporting.compare import csv_text, markdown
-
-    return {stem.with_suffix(".md"): markdown(table), stem.with_suffix(".csv"): csv_text(table)}
-
-
 def table_files(stem: pathlib.Path, table: Table) -> dict[pathlib.Path, str]:
     """A table as Markdown and CSV next to ``stem``."""
     return {stem.with_suffix(".md"): markdown(table), stem.with_suffix(".csv"): csv_text(table)}

@@ -14,6 +14,7 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from difflib import get_close_matches
 from typing import Any
 
 PRIOR_MODES = ("vision_attention", "complexity")  # the released code's image priors (lmms_lostattn.intervention.priors)
@@ -312,7 +313,11 @@ class InterventionSpec:
         """Validate the plugin's arguments (only those named in :attr:`ARGS`) and their combination."""
         unknown = [key for key in args if key not in cls.ARGS]
         if unknown:
-            raise SpecError(f"lostattn: unknown argument(s) {unknown}; accepted: {', '.join(cls.ARGS)}")
+            named = ", ".join(
+                f"{key} (did you mean {close[0]}?)" if (close := get_close_matches(key, cls.ARGS, 1)) else key
+                for key in unknown
+            )
+            raise SpecError(f"lostattn: unknown argument(s) {named}; accepted: {', '.join(cls.ARGS)}")
         given = {key: value for key, value in args.items() if value is not None}
         mode = _choice("attn", given.get("attn", "none"), ATTN_MODES)
         fields: dict[str, Any] = {"attn": mode}

@@ -22,6 +22,10 @@ UNFIT: dict[str, str] = {
 }
 
 
+class UnsupportedFamilyError(ValueError):
+    """A checkpoint whose model type no family adapter claims."""
+
+
 class FamilyRegistry:
     """The known adapters: this package's modules, discovered once, then any :meth:`register`-ed."""
 
@@ -65,7 +69,7 @@ class FamilyRegistry:
         listed = sorted(self.adapters(), key=lambda adapter: not adapter.images)  # vision-language families first
         supported = ", ".join(f"{a.family} ({'/'.join(a.model_types)})" for a in listed)
         why = f" ({UNFIT[config.model_type]})" if config.model_type in UNFIT else ""
-        raise ValueError(
+        raise UnsupportedFamilyError(
             f"lostattn: model_type {config.model_type!r} is not supported{why}. Supported: {supported}. "
             "To add a family, write an adapter file in lmms_lostattn/families/ (see qwen.py); lmms-eval runs it "
             "with lostattn_hf, or add one row to lmms_lostattn/model_wrappers/lmms_eval/wrappers.py for a "
@@ -84,4 +88,13 @@ def text_adapters() -> tuple[FamilyAdapter, ...]:
     return tuple(adapter for adapter in adapters() if not adapter.images)
 
 
-__all__ = ["FAMILIES", "UNFIT", "FamilyAdapter", "adapter_for", "adapters", "register", "text_adapters"]
+__all__ = [
+    "FAMILIES",
+    "UNFIT",
+    "FamilyAdapter",
+    "UnsupportedFamilyError",
+    "adapter_for",
+    "adapters",
+    "register",
+    "text_adapters",
+]

@@ -73,6 +73,11 @@ class FamilyAdapter:
     def check_mode(self, config: PretrainedConfig, mode: str) -> None:
         """Refuse, before the weights load, a mode this family cannot run (the image priors need one token per
         vision patch)."""
+        if mode in PRIOR_MODES and not self.images:
+            raise SpecError(
+                f"lostattn: attn={mode} lays a prior over the image on the image tokens, and {config.model_type} is "
+                "a text model without them; use an attention-weight mode with attn_keys=text|all (e.g. attn=uniform)"
+            )
         if mode in PRIOR_MODES and config.model_type not in self.patch_prior_types:
             supported = ", ".join(self.patch_prior_types) or "none in this family"
             raise SpecError(

@@ -1,38 +1,76 @@
-"""The CI regression gate: does a run fall significantly below its baseline?"""
+"""The CI regression gate: does a run fall significantly below its baseline, or a statistics row move away from it?"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 from lmms_lostattn.reporting.runs import LoadedRun, RunError, comparability
-from lmms_lostattn.reporting.significance import difference
+from lmms_lostattn.reporting.significance import BOOTSTRAP_ITERATIONS, STATISTICS_PREFIX, Difference, difference
+
+
+def check_max_drop(value: float) -> float:
+    """``value`` when it is a usable threshold: a finite number in [0, 1], an absolute change of a metric that is a
+    fraction (0.01 is one point of accuracy); else a ValueError saying so."""
+    if not 0 <= value <= 1:  # NaN compares false, infinities fall outside
+        raise ValueError(f"{value}: expected a number in [0, 1] (an absolute change of a fraction; 0.01 is one "
+                         "point of accuracy)")
+    return value
+
+
+def _tasks_of(groups: dict[str, list[str]], name: str) -> list[str]:
+    """The tasks ``name`` stands for: itself, or a group's tasks (through nested groups)."""
+    return [task for sub in groups[name] for task in _tasks_of(groups, sub)] if name in groups else [name]
+
+
+def _p_value(diff: Difference) -> str:
+    """``p=…``; a bootstrap's 0 is only below its resolution."""
+    return f"p<{1 / BOOTSTRAP_ITERATIONS:g}" if diff.p == 0 else f"p={diff.p:.4g}"
 
 
 def regressions(base: LoadedRun, run: LoadedRun, max_drop: float, metrics: Sequence[str] = ()) -> list[tuple[str, str]]:
-    """Regression gate: ``(status, line)`` per metric, status ``FAILED``, ``ok`` or ``skipped``.
+    """Regression gate: ``(status, line)`` per metric, status ``FAILED``, ``ok`` or ``skipped``, and a ``note`` per
+    group.
 
-    A metric fails when it falls more than ``max_drop`` below the baseline (in its ``higher_is_better`` direction,
-    higher when not recorded) and its paired test gives p < ``ALPHA``.
+    * ``max_drop``: a finite number in [0, 1] (:func:`check_max_drop`), else ValueError.
+    * Direction: a task metric fails when it falls more than ``max_drop`` below the baseline in its recorded
+      ``higher_is_better`` direction and its paired test gives p < ``ALPHA``. A statistics row (``lostattn_*``) has
+      no better direction, nor has a metric whose direction is not recorded: it fails when it changes by more than
+      ``max_drop`` either way, significantly (the line says "changed", not "drop").
+    * Per-sample testing, one rule: a metric is tested only when the task's aggregate is the mean of the per-sample
+      values, as the task declares it (:func:`lmms_lostattn.reporting.significance.per_sample_mean`: aggregation
+      ``mean``, POPE's accuracy, the statistics rows); any other (POPE's precision, recall, F1, yes-ratio, lm-eval's
+      perplexities) is skipped whatever its values, and is an error when named in ``metrics``.
+    * Groups (``group_subtasks``) have no samples log of their own: their tasks are checked instead, and a ``note``
+      line says so; ``group/metric`` in ``metrics`` is that metric in each of the group's tasks.
 
     ``metrics`` entries are ``metric`` (every common task having it) or ``task/metric``; by default every own
-    metric of every task that can be tested per sample. Raises :class:`RunError` when the runs cannot be compared
-    (different tasks, documents or --limit, no samples logs) or a requested metric cannot be tested.
+    metric of every task (no statistics rows). Raises :class:`RunError` when the runs cannot be compared (different
+    tasks, documents or --limit: each problem once), a checked task has no samples log, or a requested metric is in
+    no task or cannot be tested.
     """
+    check_max_drop(max_drop)
     tasks = sorted(set(base.tasks) | set(run.tasks))
-    problems = [problem for task in tasks if (problem := comparability(base, run, task))]
+    problems = dict.fromkeys(problem for task in tasks if (problem := comparability(base, run, task)))
     if problems:
-        raise RunError(f"{run.path} vs baseline {base.path}: {'; '.join(problems)}")
-    missing = [(r.path, task) for task in tasks for r in (base, run) if task not in r.samples]
+        raise RunError(f"baseline {base.path} vs {run.path}: {'; '.join(problems)}")
+    groups = {**base.groups, **run.groups}
+    checked = [task for task in tasks if task not in groups]
+    missing = [(r.path, task) for task in checked for r in (base, run) if task not in r.samples]
     if missing:
         raise RunError(f"{missing[0][0]}: no samples log for {missing[0][1]}; run the harness with --log_samples")
-    wanted = [m.split("/", 1) if "/" in m else [None, m] for m in metrics]
-    selected = [(task, metric) for task in base.tasks for metric in base.metrics(task)
-                if (any(t in (None, task) and m == metric for t, m in wanted) if wanted
-                    else not metric.startswith("lostattn_"))]
-    for task, metric in wanted:
-        if not any(m == metric and task in (None, t) for t, m in selected):
-            raise RunError(f"--metrics: {task + '/' if task else ''}{metric} is in no task of {base.path}")
-    lines = []
+    wanted = [(task, metric) for task, _, metric in (m.rpartition("/") for m in metrics)]
+
+    def covers(entry: tuple[str, str], task: str, metric: str) -> bool:
+        return entry[1] == metric and (not entry[0] or task in _tasks_of(groups, entry[0]))
+
+    selected = [(task, metric) for task in checked for metric in base.metrics(task)
+                if (any(covers(entry, task, metric) for entry in wanted) if wanted
+                    else not metric.startswith(STATISTICS_PREFIX))]
+    for entry in wanted:
+        if not any(covers(entry, *pair) for pair in selected):
+            raise RunError(f"--metrics: {'/'.join(part for part in entry if part)} is in no task of {base.path}")
+    lines = [("note", f"{group} is a group (no samples log of its own): checked through its tasks "
+                      f"{', '.join(_tasks_of(groups, group))}") for group in sorted(groups) if group in tasks]
     for task, metric in selected:
         diff = difference(base, run, task, metric)
         if diff.p is None:
@@ -40,9 +78,14 @@ def regressions(base: LoadedRun, run: LoadedRun, max_drop: float, metrics: Seque
                 raise RunError(f"{task}/{metric}: cannot be tested per sample ({diff.test})")
             lines.append(("skipped", f"{task}/{metric}: {diff.test}"))
             continue
-        higher = base.results.get("higher_is_better", {}).get(task, {}).get(metric, True)
-        drop = -diff.delta if higher else diff.delta
+        directions = base.results.get("higher_is_better", {}).get(task, {})
+        higher = None if metric.startswith(STATISTICS_PREFIX) else directions.get(metric)
+        if higher is None:
+            beyond, change = abs(diff.delta) > max_drop, f"changed {diff.delta:+.4f}, band ±{max_drop}"
+        else:
+            drop = 0.0 - diff.delta if higher else diff.delta  # 0.0 - 0.0 is 0.0, not -0.0
+            beyond, change = drop > max_drop, f"drop {drop:+.4f}, bound {max_drop}"
         line = (f"{task}/{metric}: {base.metric(task, metric):.4f} -> {run.metric(task, metric):.4f} "
-                f"(drop {drop:+.4f}, bound {max_drop}, {diff.test} p={diff.p:.4g})")
-        lines.append(("FAILED" if drop > max_drop and diff.significant else "ok", line))
+                f"({change}, {diff.test} {_p_value(diff)})")
+        lines.append(("FAILED" if beyond and diff.significant else "ok", line))
     return lines

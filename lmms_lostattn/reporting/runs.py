@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import pathlib
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -101,6 +102,21 @@ class LoadedRun:
         """Bootstrap stderr of a metric when the harness computed one, else its CLT stderr (lmms-eval)."""
         bootstrap = self.metric(task, f"{name}_stderr")
         return bootstrap if bootstrap is not None else self.metric(task, f"{name}_stderr_clt")
+
+    @property
+    def groups(self) -> dict[str, list[str]]:
+        """Each group of the run and its tasks (``group_subtasks``; a group has no samples log of its own)."""
+        return {name: list(tasks) for name, tasks in self.results.get("group_subtasks", {}).items() if tasks}
+
+    def aggregation(self, task: str, metric: str) -> str | None:
+        """How the task's config declares ``metric`` aggregated: ``mean``, an aggregation function's name (as either
+        harness records it: its repr or its source), or None when the config does not say."""
+        for entry in self.results.get("configs", {}).get(task, {}).get("metric_list") or ():
+            declared = entry.get("aggregation") if isinstance(entry, dict) and entry.get("metric") == metric else None
+            if isinstance(declared, str):
+                function = re.match(r"\s*(?:<function |def )(\w+)", declared)
+                return function.group(1) if function else declared.strip()
+        return None
 
     def metrics(self, task: str) -> list[str]:
         """Metric names of ``task`` in the results JSON's order (no stderr rows, no ``lostattn_samples``)."""
@@ -228,11 +244,51 @@ def version_changes(base: LoadedRun, other: LoadedRun) -> list[str]:
     return [f"{name} {old.get(name)} -> {new.get(name)}" for name in changed]
 
 
-def comparability(base: LoadedRun, other: LoadedRun, task: str) -> str | None:
-    """Why ``other`` cannot be compared with ``base`` on ``task`` (None when it can).
+# What identifies a logged document besides its doc_id, best first: lm-eval's hashes of its prompt and target text,
+# lmms-eval's prompt text and target, else the harness's doc_hash. Neither harness's doc_hash is usable where another
+# field is logged: lm-eval hashes the document as JSON with an image's repr (which holds its memory address, so it
+# changes from run to run), lmms-eval its request's empty ``doc`` (``null``, the same for every document).
+DOCUMENT_FIELDS = (("prompt_hash", "target_hash"), ("input", "target"), ("doc_hash",))
 
-    Checked: both ran the task, with the same ``--limit``/offset, on the same documents (doc_id -> doc_hash from
-    the samples logs when both have them, else the same effective sample count).
+
+def _identity_fields(*logs: dict[int, dict[str, Any]]) -> tuple[str, ...]:
+    """The first of :data:`DOCUMENT_FIELDS` that every sample of every log carries (none: doc_id alone)."""
+    for fields in DOCUMENT_FIELDS:
+        if all(field in sample for log in logs for sample in log.values() for field in fields):
+            return fields
+    return ()
+
+
+def _doc_ids(docs: Sequence[int], most: int = 5) -> str:
+    shown = ", ".join(str(doc) for doc in docs[:most])
+    return f"{shown}, … ({len(docs)} in all)" if len(docs) > most else shown
+
+
+def _document_difference(task: str, base: dict[int, dict[str, Any]], other: dict[int, dict[str, Any]]) -> str | None:
+    """How the documents of two samples logs of ``task`` differ (None when they are the same)."""
+    only = [sorted(set(a) - set(b)) for a, b in ((base, other), (other, base))]
+    if any(only):
+        where = "; ".join(f"doc_id {_doc_ids(docs)} only in {side}"
+                          for docs, side in zip(only, ("the baseline", "this run"), strict=True) if docs)
+        return f"different documents in {task} ({len(base)} in the baseline, {len(other)} in this run: {where})"
+    fields = _identity_fields(base, other)
+
+    def key(sample: dict[str, Any]) -> list[str]:
+        return [json.dumps(sample[field], sort_keys=True) for field in fields]
+
+    changed = [doc for doc in sorted(base) if key(base[doc]) != key(other[doc])]
+    if changed:
+        return f"different documents in {task} (doc_id {_doc_ids(changed)}: {'/'.join(fields)} differ)"
+    return None
+
+
+def comparability(base: LoadedRun, other: LoadedRun, task: str) -> str | None:
+    """Why ``other`` cannot be compared with ``base`` on ``task`` (None when it can); a message names the task once
+    and gives the baseline's value first.
+
+    Checked: both ran the task, with the same ``--limit``/offset, on the same documents: from the samples logs when
+    both have them (the same doc_ids, each with the same prompt and target, :data:`DOCUMENT_FIELDS`), else the same
+    effective sample count.
     """
     if task not in base.results["results"] or task not in other.results["results"]:
         return f"{task} is not in both runs"
@@ -240,9 +296,8 @@ def comparability(base: LoadedRun, other: LoadedRun, task: str) -> str | None:
         if base.results["config"].get(key) != other.results["config"].get(key):
             return f"different --{key} ({base.results['config'].get(key)} vs {other.results['config'].get(key)})"
     if task in base.samples and task in other.samples:
-        hashes = [{doc: s.get("doc_hash") for doc, s in run.samples[task].items()} for run in (base, other)]
-        if hashes[0] != hashes[1]:
-            return f"different documents in {task} (doc_id/doc_hash of the samples logs differ)"
-        return None
+        return _document_difference(task, base.samples[task], other.samples[task])
     counts = [run.results.get("n-samples", {}).get(task, {}).get("effective") for run in (base, other)]
-    return None if counts[0] == counts[1] else f"different sample counts in {task} ({counts[0]} vs {counts[1]})"
+    if counts[0] == counts[1]:
+        return None
+    return f"different documents in {task} ({counts[0]} in the baseline, {counts[1]} in this run)"

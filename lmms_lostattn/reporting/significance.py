@@ -1,8 +1,8 @@
 """Paired tests between two loaded runs on one task and metric.
 
 A difference is significant when its paired test gives p < ``ALPHA`` (0.05). The test runs on the per-sample values
-of the ``--log_samples`` logs, and only when the task's aggregate is the mean of those values (POPE's F1 is not, its
-accuracy is): exact McNemar when every value is 0 or 1, else a paired bootstrap.
+of the ``--log_samples`` logs, and only when the task's aggregate is the mean of those values, as declared, never
+judged from the values (:func:`per_sample_mean`): exact McNemar when every value is 0 or 1, else a paired bootstrap.
 """
 
 from __future__ import annotations
@@ -18,6 +18,11 @@ from lmms_lostattn.reporting.runs import LoadedRun, comparability
 ALPHA = 0.05
 BOOTSTRAP_ITERATIONS = 10_000
 BOOTSTRAP_SEED = 0
+STATISTICS_PREFIX = "lostattn_"  # the plugin's statistics rows: each a mean over documents of per-sample values
+# Aggregations that are the mean of the logged per-sample values: either harness's ``mean``, and the functions known
+# to compute it (lmms-eval's POPE accuracy averages each sample's ``score``; its precision, recall, F1 and yes-ratio
+# do not).
+MEAN_AGGREGATIONS = frozenset({"mean", "pope_aggregate_accuracy"})
 
 
 def mcnemar(base: Sequence[float], other: Sequence[float]) -> float:
@@ -59,6 +64,13 @@ def sample_scores(run: LoadedRun, task: str, metric: str) -> dict[int, float] | 
     return scores
 
 
+def per_sample_mean(run: LoadedRun, task: str, metric: str) -> bool:
+    """Whether ``metric``'s aggregate on ``task`` is the mean of its per-sample values: a statistics row, or a metric
+    the task's config declares aggregated by one of :data:`MEAN_AGGREGATIONS`. Anything else (another function, an
+    aggregation the config does not declare) is not, whatever the values."""
+    return metric.startswith(STATISTICS_PREFIX) or run.aggregation(task, metric) in MEAN_AGGREGATIONS
+
+
 @dataclass(frozen=True)
 class Difference:
     """``other − base`` on one task metric, with its paired test; ``delta`` is None when not comparable."""
@@ -81,12 +93,14 @@ def difference(base: LoadedRun, other: LoadedRun, task: str, metric: str) -> Dif
     if values[0] is None or values[1] is None:
         return Difference(None, test=f"{metric} missing from a run")
     delta = values[1] - values[0]
+    if not (per_sample_mean(base, task, metric) and per_sample_mean(other, task, metric)):
+        return Difference(delta, test="aggregate is not a per-sample mean")
     scores = [sample_scores(run, task, metric) for run in (base, other)]
     if scores[0] is None or scores[1] is None:
         return Difference(delta, test="no per-sample values")
     for per_doc, value in zip(scores, values, strict=True):
         if not math.isclose(sum(per_doc.values()) / len(per_doc), value, rel_tol=1e-9, abs_tol=1e-12):
-            return Difference(delta, test="aggregate is not a per-sample mean")
+            return Difference(delta, test="per-sample values do not average to the aggregate (edited files?)")
     docs = sorted(scores[0])
     pairs = [scores[0][d] for d in docs], [scores[1][d] for d in docs]
     if all(v in (0.0, 1.0) for v in (*pairs[0], *pairs[1])):

@@ -12,6 +12,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from difflib import get_close_matches
 from importlib.metadata import version
 from typing import Any
 
@@ -27,6 +28,7 @@ from lmms_lostattn.statistics.collector import StatsCollector, table_group
 from lmms_lostattn.statistics.metrics import RANK_EPS
 
 _PLUGIN_PREFIXES = ("attn", "stats")
+NEAR_MISS = 0.8  # difflib's similarity from which a name the base class does not take is a misspelt plugin argument
 
 
 def bracket_list_values(arg_string: str, split: Callable[[str], list[str]]) -> str:
@@ -52,9 +54,14 @@ def bracket_list_values(arg_string: str, split: Callable[[str], list[str]]) -> s
 
 
 def is_plugin_arg(key: str, base_args: Mapping[str, Any]) -> bool:
-    """The plugin's own arguments, and ``attn*``/``stats*`` names the base class does not take (typos of ours, such
-    as ``attn_layer``, which the spec then names); the base class keeps its own (``attn_implementation``)."""
-    return key in InterventionSpec.ARGS or (key.startswith(_PLUGIN_PREFIXES) and key not in base_args)
+    """The plugin's own arguments, and names the base class does not take that look like ours: ``attn*``/``stats*``
+    names and near misses (``attn_layer``, ``atn``, ``stat``), which the spec then refuses by name with the closest
+    argument; the base class keeps its own (``attn_implementation``)."""
+    if key in InterventionSpec.ARGS:
+        return True
+    if key in base_args:
+        return False
+    return key.startswith(_PLUGIN_PREFIXES) or bool(get_close_matches(key, InterventionSpec.ARGS, 1, NEAR_MISS))
 
 
 @dataclass

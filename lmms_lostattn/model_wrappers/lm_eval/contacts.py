@@ -4,10 +4,12 @@ line naming it (in the tests and in ``lostattn doctor`` where lm-eval is install
 
 from __future__ import annotations
 
+import importlib
 import inspect
 
 from lmms_lostattn.compat.contacts import ContactPoint, expect
 from lmms_lostattn.compat.internals import internal
+from lmms_lostattn.model_wrappers.common.patching import swapped
 
 
 def _collator_batches() -> None:
@@ -93,6 +95,18 @@ def _instance_fields() -> None:
     expect((instance.task_name, instance.doc_id) == ("t", 3), "fields moved")
 
 
+def _simple_evaluate() -> None:
+    """``lm-eval run`` imports ``simple_evaluate`` from ``lm_eval`` when it runs, which resolves it in
+    ``lm_eval.evaluator`` then (where ``lostattn-lm-eval`` records each call), and calls it once."""
+    source = inspect.getsource(internal("lm_eval._cli.run", "Run")._execute)
+    expect("from lm_eval import simple_evaluate" in source, "Run._execute no longer imports it from lm_eval")
+    expect("results = simple_evaluate(" in source, "Run._execute no longer calls it")
+    marker = object()
+    with swapped([importlib.import_module("lm_eval.evaluator")], "simple_evaluate", lambda _: marker):
+        resolved = importlib.import_module("lm_eval").simple_evaluate
+    expect(resolved is marker, "lm_eval.simple_evaluate is no longer looked up in lm_eval.evaluator when used")
+
+
 CONTACT_POINTS: tuple[ContactPoint, ...] = (
     ContactPoint("lm_eval Collator batches (followed under the plugin)", "lm_eval", _collator_batches),
     ContactPoint("HFLM._loglikelihood_tokens scoring rows", "lm_eval", _scoring_rows),
@@ -102,4 +116,5 @@ CONTACT_POINTS: tuple[ContactPoint, ...] = (
     ContactPoint("lm_eval._cli.utils.split_top_level", "lm_eval", _split_top_level),
     ContactPoint("lm_eval.api.instance.Instance fields", "lm_eval", _instance_fields),
     ContactPoint("lm_eval.__main__.cli_evaluate", "lm_eval", lambda: internal("lm_eval.__main__", "cli_evaluate")),
+    ContactPoint("lm_eval.evaluator.simple_evaluate (lostattn-lm-eval)", "lm_eval", _simple_evaluate),
 )

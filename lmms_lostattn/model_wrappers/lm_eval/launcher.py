@@ -5,6 +5,9 @@ lm-eval 0.4.13 discovers no models from other packages (no entry points, no ``--
 being imported before ``--model`` is resolved, which this command does before handing over to
 ``lm_eval.__main__.cli_evaluate``. List values may be written plainly in ``--model_args``
 (``attn_layers=18,19,20``), as with lmms-eval.
+
+It exits 2 where the plugin refused the run (its arguments, the installed versions, the checkpoint's family), with
+the message alone, and 1 where lm-eval produced no results; lm-eval's own errors end it as they end ``lm-eval``.
 """
 
 from __future__ import annotations
@@ -40,12 +43,14 @@ def main() -> None:
     except ImportError:
         sys.exit("lostattn-lm-eval needs lm-evaluation-harness: pip install 'lmms-lostattn[lm-eval]'")
     from lmms_lostattn.compat.internals import internal
+    from lmms_lostattn.model_wrappers.common.exits import HostRuns
     from lmms_lostattn.model_wrappers.lm_eval import models  # noqa: F401  (registers lostattn-hf*)
     from lmms_lostattn.model_wrappers.lm_eval.reporting import install
 
     sys.argv = [sys.argv[0], *bracket_model_args(sys.argv[1:], internal("lm_eval._cli.utils", "split_top_level"))]
     install()
-    internal("lm_eval.__main__", "cli_evaluate")()
+    runs = HostRuns("lostattn-lm-eval", has_results=lambda results: results is not None)
+    runs.run(internal("lm_eval.__main__", "cli_evaluate"), "lm_eval.evaluator", "simple_evaluate")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import inspect
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, ClassVar
 
 import lmms_eval.utils as lmms_eval_utils
@@ -19,6 +20,7 @@ from tqdm import tqdm
 
 from lmms_lostattn.compat.internals import internal
 from lmms_lostattn.model_wrappers.common.batches import HostBatches
+from lmms_lostattn.model_wrappers.common.exits import REFUSALS, exit_refused
 from lmms_lostattn.model_wrappers.common.patching import swapped
 from lmms_lostattn.model_wrappers.common.plugin import Plugin
 from lmms_lostattn.model_wrappers.common.plugin import bracket_list_values as _bracket_list_values
@@ -26,6 +28,10 @@ from lmms_lostattn.model_wrappers.lmms_eval.reporting import install
 
 _smart_comma_split = internal("lmms_eval.utils", "_smart_comma_split")
 PROGRESS = "Model Responding (lostattn)"
+# The command lines that log and swallow an exception raised while the model is made (lmms-eval 0.7.3 then exits 0):
+# lmms-eval's console script and modules (``python -m lmms_eval``), and ``lostattn-lmms-eval``.
+CLI_SCRIPTS = ("lmms-eval", "lostattn-lmms-eval")
+CLI_MODULES = ("lmms_eval.__main__", "lmms_eval.cli.dispatch", "lmms_lostattn.model_wrappers.lmms_eval.launcher")
 
 
 @contextmanager
@@ -62,6 +68,12 @@ def is_padding(request: Instance) -> bool:
     return bool(request.metadata.get("__padding_only__"))
 
 
+def running_cli() -> bool:
+    """Whether the running program is one of :data:`CLI_SCRIPTS` or :data:`CLI_MODULES` (not a library use)."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return getattr(spec, "name", None) in CLI_MODULES or Path(sys.argv[0]).stem in CLI_SCRIPTS
+
+
 class LostAttnMixin:
     """Adds the intervention arguments of SPEC §2 to an lmms-eval model class; everything else is the base class."""
 
@@ -75,7 +87,16 @@ class LostAttnMixin:
         return super().create_from_arg_string(bracket_list_values(arg_string), additional_config)
 
     def __init__(self, **kwargs: Any) -> None:
-        self.lostattn = Plugin.from_model_kwargs(kwargs, inspect.signature(super().__init__).parameters, "lmms_eval")
+        """Resolve the plugin's arguments before the base class loads the model. A refusal (:data:`REFUSALS`) ends
+        the process with status 2 under lmms-eval's command line, which would log it and exit 0
+        (:func:`running_cli`); in library use it is raised."""
+        base_args = inspect.signature(super().__init__).parameters
+        try:
+            self.lostattn = Plugin.from_model_kwargs(kwargs, base_args, "lmms_eval")
+        except REFUSALS as error:
+            if running_cli():
+                exit_refused(error)
+            raise
         super().__init__(**kwargs)
         install()
 

@@ -10,6 +10,7 @@ import dataclasses
 import inspect
 import sys
 from collections.abc import Iterator
+from importlib.metadata import entry_points
 
 from lmms_lostattn.compat.contacts import ContactPoint, expect
 from lmms_lostattn.compat.internals import internal
@@ -123,6 +124,29 @@ def _instance_fields() -> None:
     expect((instance.task_name, instance.doc_id, instance.metadata["split"]) == ("t", 3, "test"), "fields moved")
 
 
+def _console_script() -> None:
+    """``lmms-eval`` is ``lmms_eval.cli.dispatch:main``, which hands a run to ``lmms_eval.__main__.cli_evaluate``:
+    the programs under which the wrappers end the process on a refusal (``base.CLI_SCRIPTS``, ``CLI_MODULES``)."""
+    from lmms_lostattn.model_wrappers.lmms_eval.base import CLI_MODULES, CLI_SCRIPTS
+
+    (script,) = entry_points(group="console_scripts", name="lmms-eval") or (None,)
+    expect(script is not None and script.value == "lmms_eval.cli.dispatch:main", f"lmms-eval is {script}")
+    expect(script.name in CLI_SCRIPTS and script.module in CLI_MODULES, f"{script.value} is not a known program")
+    source = inspect.getsource(internal("lmms_eval.cli.dispatch", "main"))
+    expect("from lmms_eval.__main__ import cli_evaluate" in source, "dispatch.main no longer runs cli_evaluate")
+
+
+def _cli_evaluate_single() -> None:
+    """``cli_evaluate`` calls its module's ``cli_evaluate_single(args)`` (looked up when it runs, where
+    ``lostattn-lmms-eval`` records each call), which returns ``(results, samples)``, or ``(None, None)`` without
+    results."""
+    source = inspect.getsource(internal("lmms_eval.__main__", "cli_evaluate"))
+    expect("cli_evaluate_single(args)" in source, "cli_evaluate no longer calls cli_evaluate_single(args)")
+    source = inspect.getsource(internal("lmms_eval.__main__", "cli_evaluate_single"))
+    for fragment in ("return results, samples", "return None, None"):
+        expect(fragment in source, f"cli_evaluate_single no longer has {fragment!r}")
+
+
 CONTACT_POINTS: tuple[ContactPoint, ...] = (
     ContactPoint("lmms_eval.evaluator.evaluate", "lmms_eval", _evaluate),
     ContactPoint("lmms_eval.evaluator._process_document_results", "lmms_eval", _process_document_results),
@@ -134,4 +158,6 @@ CONTACT_POINTS: tuple[ContactPoint, ...] = (
     ContactPoint("lmms_eval.utils._smart_comma_split", "lmms_eval", _smart_comma_split),
     ContactPoint("lmms_eval.models.get_model (lmms_eval.models entry points)", "lmms_eval", _model_registry),
     ContactPoint("lmms_eval.api.instance.Instance fields", "lmms_eval", _instance_fields),
+    ContactPoint("the lmms-eval console script (lmms_eval.cli.dispatch:main)", "lmms_eval", _console_script),
+    ContactPoint("lmms_eval.__main__.cli_evaluate_single (lostattn-lmms-eval)", "lmms_eval", _cli_evaluate_single),
 )

@@ -1,7 +1,8 @@
-"""``lmms-eval`` in a subprocess, for the commands that run it (``lostattn demo``, ``lostattn reproduce``)."""
+"""lmms-eval in a subprocess, for the commands that run it (``lostattn demo``, ``lostattn reproduce``)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import subprocess
@@ -10,19 +11,51 @@ from collections.abc import Sequence
 
 from lmms_lostattn.reporting.runs import RESULTS_SUFFIX, RunError
 
+LAUNCHER = "lmms_lostattn.model_wrappers.lmms_eval.launcher"  # ``lostattn-lmms-eval``
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
-def run_lmms_eval(model: str, model_args: str, tasks: Sequence[str], output: pathlib.Path, *extra: str) -> pathlib.Path:
-    """One ``lmms-eval`` run in a subprocess, offline, writing under ``output`` (also its working directory; its
-    progress and table go to the terminal); returns its results JSON. lmms-eval exits 0 even when the evaluation
-    raised, so a run that wrote no results file is a :class:`RunError`."""
-    command = [sys.executable, "-m", "lmms_eval", "--model", model, "--model_args", model_args,
-               "--tasks", ",".join(tasks), "--output_path", str(output), *extra]
+def run_lmms_eval(
+    model: str,
+    model_args: str,
+    tasks: Sequence[str],
+    output: pathlib.Path,
+    *extra: str,
+    log: pathlib.Path | None = None,
+) -> pathlib.Path:
+    """One run of lmms-eval's command line in a subprocess, offline, writing under ``output`` (also its working
+    directory), through ``lostattn-lmms-eval`` so that a failed run is an exit status; returns its results JSON.
+    Its progress and tables go to the terminal, or, with ``log``, to that file. A failed run, or one that wrote no
+    results file, is a :class:`RunError`. ``output`` must be absolute (the commands resolve it): relative to the
+    working directory, lmms-eval would write it inside ``output`` again."""
+    if not output.is_absolute():
+        raise ValueError(f"{output}: lmms-eval runs in its output folder, which must be given as an absolute path")
+    command = [
+        sys.executable,
+        "-m",
+        LAUNCHER,
+        "--model",
+        model,
+        "--model_args",
+        model_args,
+        "--tasks",
+        ",".join(tasks),
+        "--output_path",
+        str(output),
+        *extra,
+    ]
     print("$ " + " ".join(command), flush=True)
     output.mkdir(parents=True, exist_ok=True)
-    subprocess.run(command, env={**os.environ, **OFFLINE}, check=True, cwd=output)
+    where = "its log above"
+    with contextlib.ExitStack() as stack:
+        streams = {}
+        if log is not None:
+            streams = {"stdout": stack.enter_context(log.open("w")), "stderr": subprocess.STDOUT}
+            where = f"its log {log}"
+        done = subprocess.run(command, env={**os.environ, **OFFLINE}, cwd=output, **streams)
+    if done.returncode:
+        raise RunError(f"lmms-eval failed (exit status {done.returncode}); see {where}")
     found = sorted(output.rglob(f"*{RESULTS_SUFFIX}"))
     if not found:
-        raise RunError(f"lmms-eval wrote no results under {output}; see its log above")
+        raise RunError(f"lmms-eval wrote no results under {output}; see {where}")
     return found[-1]

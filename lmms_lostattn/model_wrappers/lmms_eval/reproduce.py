@@ -10,7 +10,8 @@ Runs, each an lmms-eval process writing under ``<output>/<run>/``:
 A run whose folder holds a results file written for the same command is kept; any other (interrupted, or from
 another command) is run again. Everything the user gave is checked before the first run starts: the model id, the
 arguments the runs set themselves, the seeds, the tasks (through lmms-eval's task index) and the preset's layers
-and heads against the model's config.
+and heads against the model's config. Paths the runs take (``pretrained=`` a local directory, ``--include_path``) are
+made absolute: each run's lmms-eval works in the run's folder.
 """
 
 from __future__ import annotations
@@ -75,10 +76,25 @@ def parse_seeds(text: str) -> tuple[int, ...]:
     return tuple(dict.fromkeys(int(piece) for piece in pieces))
 
 
-def _arguments(text: str) -> dict[str, str]:
-    """``key=value,...`` as lmms-eval splits ``--model_args`` (list values may be written plainly)."""
+def _pieces(text: str) -> list[tuple[str, str, str]]:
+    """``key=value,...`` as lmms-eval splits ``--model_args`` (list values may be written plainly), each piece
+    partitioned at its first ``=``."""
     pieces = internal("lmms_eval.utils", "_smart_comma_split")(bracket_list_values(text)) if text else []
-    return dict(piece.partition("=")[::2] for piece in pieces if piece)
+    return [piece.partition("=") for piece in pieces if piece]
+
+
+def _arguments(text: str) -> dict[str, str]:
+    return {key: value for key, _, value in _pieces(text)}
+
+
+def _absolute_pretrained(model_args: str) -> str:
+    """``model_args`` with a relative ``pretrained=`` that names a local directory made absolute."""
+    pieces = _pieces(model_args)
+    if not any(key == "pretrained" and not pathlib.Path(value).is_absolute() and pathlib.Path(value).exists()
+               for key, _, value in pieces):
+        return model_args
+    return ",".join(f"pretrained={pathlib.Path(value).resolve()}" if key == "pretrained" else "".join((key, eq, value))
+                    for key, eq, value in pieces)
 
 
 def make_plan(
@@ -110,6 +126,8 @@ def make_plan(
     if unknown:
         accepted = ", ".join(k for k in InterventionSpec.ARGS if k.startswith("attn_") and k not in RUN_SET)
         raise ReproduceError(f"--sap-args: {', '.join(unknown)} cannot be given; accepted: {accepted}")
+    include_path = str(pathlib.Path(include_path).resolve()) if include_path else None
+    model_args = _absolute_pretrained(model_args)
     _check_tasks(tasks, include_path)
     _check_preset(given, sap)
     runs = dict(FIXED_RUNS)

@@ -1,0 +1,82 @@
+"""The exit status of the plugin's command lines. lmms-eval 0.7.3 logs an exception raised during a run and exits 0;
+a CI job must never read that as a pass. :data:`REFUSALS` are what the plugin refuses before a model loads (ended
+with status 2 and the message alone, :func:`exit_refused`); :class:`HostRuns` judges a harness's command line by the
+calls of its evaluation function (1 for a failure it swallowed or a run without results)."""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, NoReturn
+
+from lmms_lostattn.compat.internals import internal
+from lmms_lostattn.compat.versions import UpstreamError
+from lmms_lostattn.config.spec import SpecError
+from lmms_lostattn.families import UnsupportedFamilyError
+from lmms_lostattn.model_wrappers.common.patching import swapped
+
+#: What the plugin refuses before a model loads: a bad argument, untested or moved upstream packages, a checkpoint
+#: of a family it has no adapter for.
+REFUSALS: tuple[type[Exception], ...] = (SpecError, UpstreamError, UnsupportedFamilyError)
+
+
+def exit_refused(error: BaseException) -> NoReturn:
+    """End the process with status 2 and the plugin's message on stderr, without a traceback."""
+    print(error, file=sys.stderr)
+    raise SystemExit(2) from None
+
+
+def _main_process() -> bool:
+    """Whether this process is the one a harness returns results on (rank 0, or a run without ranks)."""
+    return all(int(os.environ.get(name) or 0) == 0 for name in ("RANK", "LOCAL_RANK"))
+
+
+@dataclass
+class HostRuns:
+    """The outcome of each call of a harness's evaluation function during one of its command lines, which the
+    harness may log and swallow (lmms-eval 0.7.3 exits 0 after any exception): the plugin's command lines judge
+    their exit status by it. ``has_results`` tells from the function's return value whether it produced results."""
+
+    command: str  # the plugin's command, e.g. ``lostattn-lmms-eval``
+    has_results: Callable[[Any], bool]
+    refused: Exception | None = None
+    failures: list[str] = field(default_factory=list)
+
+    def run(self, cli: Callable[[], Any], module: str, name: str) -> None:
+        """Run the harness's command line ``cli``, recording every call of ``module.name`` (which the harness must
+        look up when it calls it); then end the process with status 2 where the plugin refused the run
+        (:data:`REFUSALS`), 1 where a call failed or, on the main process, produced no results. Returns when every
+        call produced results, or there was none (a command that evaluates nothing, e.g. a listing)."""
+        internal(module, name)
+        try:
+            with swapped([importlib.import_module(module)], name, self._recording):
+                cli()
+        except REFUSALS as error:
+            exit_refused(error)
+        if self.refused is not None:
+            exit_refused(self.refused)
+        if self.failures:
+            print(f"{self.command}: the run failed: {self.failures[0]}", file=sys.stderr)
+            raise SystemExit(1)
+
+    def _recording(self, function: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(function)
+        def recorded(*args: Any, **kwargs: Any) -> Any:
+            try:
+                returned = function(*args, **kwargs)
+            except REFUSALS as error:
+                self.refused = self.refused or error
+                raise
+            except Exception as error:
+                first_line = next(iter(str(error).strip().splitlines()), "")
+                self.failures.append(f"{type(error).__name__}: {first_line}")
+                raise
+            if _main_process() and not self.has_results(returned):
+                self.failures.append("it produced no results")
+            return returned
+
+        return recorded

@@ -1,0 +1,43 @@
+"""A misspelt plugin argument is refused by name with the closest one ("did you mean"), and only names that look
+like the plugin's are taken from the base class's arguments."""
+
+from __future__ import annotations
+
+import pytest
+
+from lmms_lostattn.config.spec import InterventionSpec, SpecError
+from lmms_lostattn.model_wrappers.common.plugin import is_plugin_arg
+
+BASE_ARGS = {"pretrained": None, "device": None, "attn_implementation": None, "kwargs": None}
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ({"atn": "gaussian"}, r"unknown argument\(s\) atn \(did you mean attn\?\); accepted: attn, attn_space"),
+        ({"attn_layer": "1"}, r"attn_layer \(did you mean attn_layers\?\); accepted"),
+        ({"stat": "paper", "stats_group": "image"}, r"stat \(did you mean stats\?\), stats_group \(did you mean "),
+        ({"attn_zzzzzzzz": "1"}, r"unknown argument\(s\) attn_zzzzzzzz; accepted"),
+    ],
+)
+def test_unknown_arguments_name_the_closest_one(args: dict[str, str], message: str) -> None:
+    with pytest.raises(SpecError, match=message):
+        InterventionSpec.from_model_args(args)
+
+
+@pytest.mark.parametrize(
+    ("key", "ours"),
+    [
+        ("attn", True),
+        ("atn", True),
+        ("stat", True),
+        ("stats_group", True),
+        ("attn_layer", True),
+        ("attn_implementation", False),  # the base class's
+        ("device", False),
+        ("max_new_tokens", False),  # left to the base class's **kwargs: not as close to stats_max_tokens as a typo
+        ("seed", False),  # nor to attn_seed
+    ],
+)
+def test_near_misses_go_to_the_plugin(key: str, ours: bool) -> None:
+    assert is_plugin_arg(key, BASE_ARGS) is ours

@@ -1,0 +1,166 @@
+"""A failed run exits non-zero: the plugin's refusals (status 2, the message alone) under ``lmms-eval``,
+``lostattn-lmms-eval`` and ``lostattn-lm-eval``, and every other failure (status 1) under the plugin's own commands,
+through the installed command lines on tiny models; and :class:`HostRuns`' verdicts in-process."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+from cli_helpers import OFFLINE
+
+from lmms_lostattn.config.spec import SpecError
+from lmms_lostattn.model_wrappers.common.exits import HostRuns
+from lmms_lostattn.model_wrappers.lmms_eval import base
+from lmms_lostattn.tasks import tasks_path
+
+BIN = pathlib.Path(sys.executable).parent
+TYPO = "did you mean attn?"
+LAYERS = "attn_layers='99' is not valid"
+FAILED = "lostattn-lmms-eval: the run failed: ValueError:"
+# run name -> (the exit status, what its stderr names); see the command lines in ``exits``
+EXPECTED: dict[str, tuple[int, str]] = {
+    "lmms-eval typo": (2, TYPO),
+    "python -m lmms_eval layers": (2, LAYERS),
+    "lostattn-lmms-eval typo": (2, TYPO),
+    "lostattn-lmms-eval layers": (2, LAYERS),
+    "lostattn-lmms-eval model": (1, f"{FAILED} Model 'lostattn_nosuch' not found"),
+    "lostattn-lmms-eval task": (1, f"{FAILED} Tasks not found: nosuch_task"),
+    "lostattn-lmms-eval ok": (0, ""),
+    "lostattn-lm-eval typo": (2, TYPO),
+    "lostattn-lm-eval layers": (2, LAYERS),
+    "lostattn-lm-eval task": (1, "Tasks not found: nosuch_task"),
+    "lostattn-lm-eval ok": (0, ""),
+}
+
+
+@pytest.fixture(scope="module")
+def exits(
+    tiny_llava: pathlib.Path, tiny_model: Callable[[str], pathlib.Path], tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, tuple[subprocess.CompletedProcess, pathlib.Path]]:
+    """Every command line of :data:`EXPECTED`, two at a time: each run's process and output folder."""
+    root = tmp_path_factory.mktemp("exit_codes")
+    llava = f"pretrained={tiny_llava},device=cpu,device_map=cpu"
+    llama = f"pretrained={tiny_model('llama')},dtype=float32"
+    lmms_eval_tail = ["--include_path", str(tasks_path()), "--limit", "2", "--gen_kwargs", "max_new_tokens=2"]
+    lm_eval_tail = ["--include_path", str(tasks_path(host="lm_eval")), "--limit", "2", "--batch_size", "1"]
+    lm_eval_tail += ["--device", "cpu", "--gen_kwargs", "max_gen_toks=2"]
+
+    def lmms_eval(*command: str, model: str = "lostattn_llava", args: str = "", task: str = "lostattn_pope") -> list:
+        return [*command, "--model", model, "--model_args", llava + args, "--tasks", task, *lmms_eval_tail]
+
+    def lm_eval(args: str = "", task: str = "lostattn_shapes_text_gen") -> list[str]:
+        command = [str(BIN / "lostattn-lm-eval"), "--model", "lostattn-hf", "--model_args", llama + args]
+        return [*command, "--tasks", task, *lm_eval_tail]
+
+    ours = str(BIN / "lostattn-lmms-eval")
+    runs = {
+        "lmms-eval typo": lmms_eval(str(BIN / "lmms-eval"), args=",atn=uniform"),
+        "python -m lmms_eval layers": lmms_eval(sys.executable, "-m", "lmms_eval", args=",attn=uniform,attn_layers=99"),
+        "lostattn-lmms-eval typo": lmms_eval(ours, args=",atn=uniform"),
+        "lostattn-lmms-eval layers": lmms_eval(ours, args=",attn=uniform,attn_layers=99"),
+        "lostattn-lmms-eval model": lmms_eval(ours, model="lostattn_nosuch"),
+        "lostattn-lmms-eval task": lmms_eval(ours, task="nosuch_task"),
+        "lostattn-lmms-eval ok": lmms_eval(ours, args=",attn=uniform,attn_layers=1"),
+        "lostattn-lm-eval typo": lm_eval(",atn=uniform"),
+        "lostattn-lm-eval layers": lm_eval(",attn=uniform,attn_layers=99"),
+        "lostattn-lm-eval task": lm_eval(task="nosuch_task"),
+        "lostattn-lm-eval ok": lm_eval(",attn=uniform,attn_layers=1,attn_keys=all"),
+    }
+
+    def run(name: str) -> tuple[subprocess.CompletedProcess, pathlib.Path]:
+        output = root / name.replace(" ", "_")
+        output.mkdir()  # also the working directory: the checkout must not shadow the install
+        command = [*runs[name], "--output_path", str(output)]
+        done = subprocess.run(command, env={**os.environ, **OFFLINE}, capture_output=True, text=True, timeout=600,
+                              cwd=output)  # fmt: skip
+        return done, output
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return dict(zip(runs, pool.map(run, runs), strict=True))
+
+
+@pytest.mark.cli
+@pytest.mark.parametrize("name", list(EXPECTED))
+def test_a_failed_run_exits_non_zero_and_names_the_problem(
+    exits: dict[str, tuple[subprocess.CompletedProcess, pathlib.Path]], name: str
+) -> None:
+    (done, output), (status, named) = exits[name], EXPECTED[name]
+    log = f"{name}:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
+    assert done.returncode == status, log
+    results = list(output.rglob("*results*.json"))
+    if status == 0:
+        assert results, log
+        return
+    assert not results, log
+    last_line = done.stderr.strip().splitlines()[-1]
+    assert named in last_line, log
+    if status == 2:  # the plugin's message alone, without a traceback before it
+        assert "Traceback" not in done.stderr, log
+
+
+# -- in-process ----------------------------------------------------------------------------------------------------
+
+
+def _evaluate(returned: Any) -> Any:
+    """A harness's evaluation function: returns ``returned``, or raises it."""
+    if isinstance(returned, Exception):
+        raise returned
+    return returned
+
+
+def _command_line(returned: Any) -> Callable[[], None]:
+    """A harness's command line: calls :func:`_evaluate` once (looked up when it runs), logs and swallows any
+    exception, and returns."""
+
+    def command_line() -> None:
+        try:
+            _evaluate(returned)
+        except Exception as error:
+            print(f"logged: {error}")
+
+    return command_line
+
+
+@pytest.mark.parametrize(
+    ("returned", "rank", "status", "says"),
+    [
+        ({"results": {}}, None, None, ""),
+        (None, "1", None, ""),  # off the main process a harness returns nothing
+        (None, None, 1, "lostattn-x: the run failed: it produced no results\n"),
+        (ValueError("no task x\nmore"), None, 1, "lostattn-x: the run failed: ValueError: no task x\n"),
+        (SpecError("lostattn: attn='x' is not valid"), None, 2, "lostattn: attn='x' is not valid\n"),
+    ],
+)
+def test_host_runs_exit_status(
+    returned: Any, rank: str | None, status: int | None, says: str, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    for name in ("RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    if rank is not None:
+        monkeypatch.setenv("RANK", rank)
+    runs = HostRuns("lostattn-x", has_results=lambda value: value is not None)
+    if status is None:
+        runs.run(_command_line(returned), __name__, "_evaluate")
+    else:
+        with pytest.raises(SystemExit) as exit_info:
+            runs.run(_command_line(returned), __name__, "_evaluate")
+        assert exit_info.value.code == status
+    assert capsys.readouterr().err == says
+    assert _evaluate.__name__ == "_evaluate" and not hasattr(_evaluate, "__wrapped__")  # restored
+
+
+def test_refusals_end_the_process_only_under_lmms_eval_s_command_lines(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert not base.running_cli()  # pytest: library use, the error is raised
+    for program in ("/venv/bin/lmms-eval", "lostattn-lmms-eval"):
+        monkeypatch.setattr(sys, "argv", [program, "--model", "x"])
+        assert base.running_cli(), program
+    monkeypatch.setattr(sys, "argv", ["lmms_eval"])
+    assert not base.running_cli()

@@ -1,0 +1,292 @@
+"""``lostattn check`` refuses what makes no sense (a threshold outside [0, 1], ``--limit 0``), states why two runs
+cannot be compared once and the right way round, gates statistics rows in both directions and tests a metric per
+sample by one rule; two runs of the same thing compare clean under either harness; relative output paths do not
+nest."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from cli_helpers import run_cli_batch, run_error
+from test_report import RUNS, copy_run, edit_json, lostattn, set_scores
+
+from lmms_lostattn.models import SHAPES_LLAVA_DIR
+from lmms_lostattn.tasks import tasks_path
+
+POPE_METRICS = ("pope_accuracy", "pope_precision", "pope_recall", "pope_f1_score", "pope_yes_ratio")
+
+
+@pytest.fixture
+def pair(tmp_path: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
+    """(baseline, run): POPE accuracy 1 on all 8 documents, then on 2 of them (McNemar p = 0.031)."""
+    good, bad = copy_run("none", tmp_path, "good"), copy_run("none", tmp_path, "bad")
+    set_scores(good, [1.0] * 8)
+    set_scores(bad, [1.0, 1.0] + [0.0] * 6)
+    return good, bad
+
+
+# --- A, B: thresholds and limits that make no sense ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "5", "-1", "1.5", "ten"])
+def test_a_threshold_outside_0_1_exits_2_before_reading_runs(
+    capsys: pytest.CaptureFixture[str], pair: tuple[pathlib.Path, pathlib.Path], tmp_path: pathlib.Path, value: str
+) -> None:
+    good, bad = pair
+    assert lostattn(capsys, "check", bad, "--baseline", good)[0] == 1  # a 75-point drop
+    code, out, err = lostattn(capsys, "check", bad, "--baseline", good, f"--max-drop={value}")
+    assert code == 2 and "no regression" not in out and "argument --max-drop" in err
+    assert "expected a number in [0, 1]" in err or "is not a number" in err
+    code, _, err = lostattn(capsys, "check", tmp_path / "nothing", "--baseline", good, f"--max-drop={value}")
+    assert code == 2 and "argument --max-drop" in err and "no such file" not in err  # refused before reading
+
+
+def test_thresholds_0_and_1_are_accepted_and_the_help_says_fractions(
+    capsys: pytest.CaptureFixture[str], pair: tuple[pathlib.Path, pathlib.Path]
+) -> None:
+    good, bad = pair
+    assert lostattn(capsys, "check", bad, "--baseline", good, "--max-drop", "0")[0] == 1
+    assert lostattn(capsys, "check", bad, "--baseline", good, "--max-drop", "1")[0] == 0
+    _, out, _ = lostattn(capsys, "check", "--help")
+    assert "[0, 1]" in " ".join(out.split())
+
+
+def test_a_run_folder_without_results_exits_2_naming_it(capsys: pytest.CaptureFixture[str], tmp_path: pathlib.Path):
+    (tmp_path / "empty").mkdir()
+    for run in (tmp_path / "empty", tmp_path / "missing"):
+        code, _, err = lostattn(capsys, "check", run, "--baseline", RUNS / "none")
+        assert code == 2 and str(run) in err and "Traceback" not in err
+    code, _, err = lostattn(capsys, "check", RUNS / "none", "--baseline", tmp_path / "empty")
+    assert code == 2 and f"{tmp_path / 'empty'}: no *_results.json" in err
+
+
+@pytest.mark.parametrize("command", ["demo", "reproduce"])
+@pytest.mark.parametrize("limit", ["0", "-2", "two"])
+def test_limit_must_be_a_positive_integer(
+    capsys: pytest.CaptureFixture[str], tmp_path: pathlib.Path, command: str, limit: str
+) -> None:
+    required = ["--model", "lostattn_llava", "--model_args", "pretrained=x", "--tasks", "t"] * (command == "reproduce")
+    code, _, err = lostattn(capsys, command, *required, "--limit", limit, "--output", tmp_path / "out")
+    assert code == 2 and "argument --limit" in err
+    assert "expected a positive number of documents" in err or "is not an integer" in err
+    assert not (tmp_path / "out").exists()
+
+
+# --- C: why two runs cannot be compared, once and the right way round ------------------------------------------
+
+
+def _drop_last_pope_sample(folder: pathlib.Path) -> None:
+    (samples,) = folder.glob("*_samples_lostattn_pope.jsonl")
+    samples.write_text("".join(samples.read_text().splitlines(keepends=True)[:-1]))
+    edit_json(next(folder.glob("*_results.json")), lambda r: r["n-samples"]["lostattn_pope"].update(effective=7))
+
+
+def test_fewer_documents_are_named_once_with_the_baselines_count_first(
+    capsys: pytest.CaptureFixture[str], tmp_path: pathlib.Path
+) -> None:
+    fewer = copy_run("gaussian", tmp_path, "fewer")
+    _drop_last_pope_sample(fewer)
+    code, _, err = lostattn(capsys, "check", fewer, "--baseline", RUNS / "none")
+    assert code == 2 and err.count("lostattn_pope") == 1
+    assert "different documents in lostattn_pope (8 in the baseline, 7 in this run: doc_id 7 only in the baseline)" \
+        in err
+    code, _, err = lostattn(capsys, "check", RUNS / "none", "--baseline", fewer)
+    assert code == 2 and "(7 in the baseline, 8 in this run: doc_id 7 only in this run)" in err
+    for log in fewer.glob("*_samples_*.jsonl"):
+        log.unlink()
+    code, _, err = lostattn(capsys, "check", fewer, "--baseline", RUNS / "none")
+    assert code == 2 and err.count("lostattn_pope") == 1 and "(8 in the baseline, 7 in this run)" in err
+    limited = copy_run("gaussian", tmp_path, "limited")
+    edit_json(next(limited.glob("*_results.json")), lambda r: r["config"].update(limit=6.0))
+    code, _, err = lostattn(capsys, "check", limited, "--baseline", RUNS / "none")
+    assert code == 2 and err.count("different --limit (8.0 vs 6.0)") == 1  # once, not once per task
+
+
+def test_documents_are_told_apart_by_prompt_and_target_not_by_lmms_evals_doc_hash(
+    capsys: pytest.CaptureFixture[str], tmp_path: pathlib.Path
+) -> None:
+    """lmms-eval's doc_hash is one value for every document of these runs; its logged prompt and target differ."""
+    hashes = {json.loads(line)["doc_hash"] for log in (RUNS / "none").glob("*_samples_*.jsonl")
+              for line in log.read_text().splitlines()}
+    assert len(hashes) == 1
+    other = copy_run("gaussian", tmp_path)
+    (log,) = other.glob("*_samples_lostattn_shapes_color.jsonl")
+    samples = [json.loads(line) for line in log.read_text().splitlines()]
+    samples[0]["doc_hash"] = "another serialisation of the same document"
+    log.write_text("".join(json.dumps(s) + "\n" for s in samples))
+    assert lostattn(capsys, "check", other, "--baseline", RUNS / "none")[0] == 0
+    samples[2]["input"] = "Another question?"
+    log.write_text("".join(json.dumps(s) + "\n" for s in samples))
+    code, _, err = lostattn(capsys, "check", other, "--baseline", RUNS / "none")
+    assert code == 2 and "different documents in lostattn_shapes_color (doc_id 2: input/target differ)" in err
+
+
+# --- D: statistics rows in both directions; one rule for per-sample tests ----------------------------------------
+
+
+def test_statistics_rows_fail_on_a_significant_change_either_way(capsys: pytest.CaptureFixture[str]) -> None:
+    """Noise Δ collapses attention's MixIG (0.14 -> 0.007): beyond the band whichever run is the baseline."""
+    for base, run in (("none", "noise_delta"), ("noise_delta", "none")):
+        code, out, _ = lostattn(capsys, "check", RUNS / run, "--baseline", RUNS / base, "--metrics",
+                                "lostattn_pope/lostattn_mixig_attn")
+        (line,) = [line for line in out.splitlines() if "lostattn_mixig_attn" in line]
+        assert code == 1 and line.startswith("FAILED"), out
+        assert "changed" in line and "band ±0.01" in line and "drop" not in line and "bootstrap p<0.0001" in line
+    code, out, _ = lostattn(capsys, "check", RUNS / "none", "--baseline", RUNS / "noise_delta", "--metrics",
+                            "lostattn_pope/lostattn_mixig_attn", "--max-drop", "0.5")
+    assert code == 0 and "ok      lostattn_pope/lostattn_mixig_attn" in out
+
+
+def _set_pope(folder: pathlib.Path, scores: list[float], aggregates: dict[str, float]) -> None:
+    """Every POPE metric's per-sample score (by doc_id) and the given aggregates, in a run copy."""
+    (log,) = folder.glob("*_samples_lostattn_pope.jsonl")
+    samples = [json.loads(line) for line in log.read_text().splitlines()]
+    for sample in samples:
+        for metric in POPE_METRICS:
+            sample[metric]["score"] = scores[sample["doc_id"]]
+    log.write_text("".join(json.dumps(s) + "\n" for s in samples))
+    edit_json(next(folder.glob("*_results.json")),
+              lambda r: r["results"]["lostattn_pope"].update({f"{m},none": v for m, v in aggregates.items()}))
+
+
+@pytest.mark.parametrize("scores", [[1.0] * 8, [1.0, 0.0] * 4], ids=["all-1", "mixed"])
+def test_only_metrics_declared_as_a_per_sample_mean_are_tested_whatever_the_values(
+    capsys: pytest.CaptureFixture[str], tmp_path: pathlib.Path, scores: list[float]
+) -> None:
+    """POPE's F1, precision and recall are skipped even where every value is 1 (their aggregate then equals the mean
+    by coincidence); its accuracy (a mean of the scores) and exact_match (declared ``mean``) are tested."""
+    runs = [copy_run("none", tmp_path, name) for name in ("a", "b")]
+    mean = sum(scores) / len(scores)
+    for run in runs:
+        _set_pope(run, scores, {"pope_accuracy": mean, "pope_precision": mean, "pope_recall": mean,
+                                "pope_f1_score": mean})
+    code, out, _ = lostattn(capsys, "check", runs[1], "--baseline", runs[0])
+    assert code == 0
+    for metric in ("pope_precision", "pope_recall", "pope_f1_score", "pope_yes_ratio"):
+        assert f"skipped lostattn_pope/{metric}: aggregate is not a per-sample mean" in out
+    assert "ok      lostattn_pope/pope_accuracy" in out and "ok      lostattn_shapes_color/exact_match" in out
+    code, _, err = lostattn(capsys, "check", runs[1], "--baseline", runs[0], "--metrics", "pope_f1_score")
+    assert code == 2 and "pope_f1_score: cannot be tested per sample (aggregate is not a per-sample mean)" in err
+
+
+# --- E, F: two runs of the same thing compare clean, under either harness and for a group ------------------------
+
+
+def _lm_eval(model: str, model_args: str, tasks: str, limit: int, output: pathlib.Path, *extra: str) -> list[str]:
+    return [
+        *("lostattn-lm-eval", "--model", model, "--model_args", model_args, "--tasks", tasks),
+        *("--include_path", str(tasks_path(host="lm_eval")), "--limit", str(limit), "--batch_size", "4"),
+        *("--device", "cpu", "--output_path", str(output), "--log_samples", *extra),
+    ]  # fmt: skip
+
+
+def _lmms_eval(model_args: str, output: pathlib.Path) -> list[str]:
+    return [
+        *("lmms_eval", "--model", "lostattn_llava", "--model_args", model_args),
+        *("--tasks", "lostattn_pope,lostattn_shapes_color", "--include_path", str(tasks_path()), "--limit", "4"),
+        *("--gen_kwargs", "max_new_tokens=3", "--output_path", str(output), "--log_samples"),
+    ]  # fmt: skip
+
+
+@pytest.mark.cli
+def test_two_runs_of_the_same_command_line_check_and_compare_clean(
+    capsys: pytest.CaptureFixture[str], tiny_model: Callable[[str], pathlib.Path], tiny_llava: pathlib.Path,
+    tmp_path: pathlib.Path,
+) -> None:
+    """Each command line run twice: an lm-eval image task (its doc_hash holds an image's repr), an lm-eval group (no
+    samples log of its own) and lmms-eval; ``check`` passes and ``compare`` marks no cell not comparable."""
+    image = ("lostattn-hf-multimodal", f"pretrained={SHAPES_LLAVA_DIR},dtype=float32,stats=paper",
+             "lostattn_shapes_color", 6, "--apply_chat_template")
+    group = ("lostattn-hf", f"pretrained={tiny_model('llama')},dtype=float32,stats=paper", "lostattn_shapes_text", 4)
+    lmms = f"pretrained={tiny_llava},device=cpu,device_map=cpu,dtype=float32,stats=paper"
+    outputs = {name: (tmp_path / f"{name}-1", tmp_path / f"{name}-2") for name in ("image", "group", "lmms")}
+    lm_eval_argvs = [_lm_eval(*args[:4], out, *args[4:]) for name, args in (("image", image), ("group", group))
+                     for out in outputs[name]]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        lmms_eval_runs = pool.submit(run_cli_batch, [_lmms_eval(lmms, out) for out in outputs["lmms"]], tmp_path)
+        run_cli_batch(lm_eval_argvs, tmp_path, host="lm_eval")
+        lmms_eval_runs.result()
+    for first, second in outputs.values():
+        assert not run_error(first) and not run_error(second), run_error(first) or run_error(second)
+        code, out, err = lostattn(capsys, "check", second, "--baseline", first)
+        assert code == 0 and "no regression" in out and "ok      " in out, out + err
+        code, _, err = lostattn(capsys, "compare", first, second, "-o", first.parent / f"{first.name}-compare")
+        assert code == 0, err
+        with (first.parent / f"{first.name}-compare" / "leaderboard.csv").open() as handle:
+            rows = list(csv.DictReader(handle))
+        tests = {column: value for column, value in rows[1].items() if column.endswith(" test")}
+        assert tests and not any(value.startswith("not comparable") for value in tests.values()), tests
+        table = (first.parent / f"{first.name}-compare" / "leaderboard.md").read_text()
+        assert "(†)" not in table
+    _, out, _ = lostattn(capsys, "check", outputs["group"][1], "--baseline", outputs["group"][0], "--metrics",
+                         "lostattn_shapes_text/lostattn_rid_attn")
+    assert ("note    lostattn_shapes_text is a group (no samples log of its own): checked through its tasks "
+            "lostattn_shapes_text_mc, lostattn_shapes_text_gen, lostattn_shapes_text_rolling") in out
+    assert sum(line.startswith("ok") and "/lostattn_rid_attn" in line for line in out.splitlines()) == 3
+
+
+# --- G: relative output paths ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fake_lmms_eval(monkeypatch: pytest.MonkeyPatch) -> list[tuple[list[str], pathlib.Path]]:
+    """lmms-eval's subprocess replaced: records (command, cwd) and writes the golden vanilla run where lmms-eval
+    would, under ``--output_path`` taken relative to its working directory."""
+    calls: list[tuple[list[str], pathlib.Path]] = []
+
+    def run(command: list[str], cwd: pathlib.Path, **_: object) -> subprocess.CompletedProcess:
+        calls.append((command, pathlib.Path(cwd)))
+        target = pathlib.Path(cwd) / command[command.index("--output_path") + 1] / "model"
+        shutil.copytree(RUNS / "none", target)
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr("lmms_lostattn.model_wrappers.lmms_eval.launch.subprocess.run", run)
+    return calls
+
+
+def _no_nesting(root: pathlib.Path, runs: list[str], calls: list[tuple[list[str], pathlib.Path]]) -> None:
+    assert [cwd for _, cwd in calls] == [root / run for run in runs]
+    for command, cwd in calls:
+        assert command[command.index("--output_path") + 1] == str(cwd)
+        assert [path.parent for path in cwd.rglob("*_results.json")] == [cwd / "model"]
+        assert not (cwd / "out").exists()
+
+
+def test_demo_with_a_relative_output_writes_no_nested_folder(
+    capsys: pytest.CaptureFixture[str], tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch,
+    fake_lmms_eval: list[tuple[list[str], pathlib.Path]],
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    code, out, err = lostattn(capsys, "demo", "--output", "out/demo", "--limit", "2")
+    assert code == 0, err
+    _no_nesting(tmp_path / "out" / "demo", ["learned", "gaussian", "uniform", "knockout"], fake_lmms_eval)
+    assert all(command[command.index("--limit") + 1] == "2" for command, _ in fake_lmms_eval)
+    assert (tmp_path / "out" / "demo" / "compare" / "leaderboard.md").is_file()
+    assert f"Outputs: {tmp_path / 'out' / 'demo'}" in out
+
+
+def test_reproduce_with_relative_paths_writes_no_nested_folder(
+    capsys: pytest.CaptureFixture[str], tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch,
+    fake_lmms_eval: list[tuple[list[str], pathlib.Path]],
+) -> None:
+    """``-o``, ``--include_path`` and a local ``pretrained=`` given relative to the working directory."""
+    model = shutil.copytree(SHAPES_LLAVA_DIR, tmp_path / "model")
+    monkeypatch.chdir(tmp_path)
+    include = os.path.relpath(tasks_path(), tmp_path)
+    code, _, err = lostattn(capsys, "reproduce", "--model", "lostattn_llava", "--model_args", "pretrained=model",
+                            "--tasks", "lostattn_pope", "--seeds", "0", "--include_path", include,
+                            "--sap-args", "attn_layers=1:", "-o", "out/repro")
+    assert code == 0, err
+    _no_nesting(tmp_path / "out" / "repro", ["vanilla", "noise_delta", "noise_qkv", "sap_seed0"], fake_lmms_eval)
+    for command, _ in fake_lmms_eval:
+        assert command[command.index("--include_path") + 1] == str(tasks_path().resolve())
+        assert command[command.index("--model_args") + 1].startswith(f"pretrained={model.resolve()},")
+    assert (tmp_path / "out" / "repro" / "table2.md").is_file()
