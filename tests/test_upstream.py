@@ -128,6 +128,7 @@ def test_the_declared_ranges_bound_transformers_and_pin_the_host() -> None:
 
 
 def test_a_version_outside_its_range_names_package_and_range(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(versions.ALLOW_UNTESTED, raising=False)  # the refusal is tested, also under the override
     real = versions.installed
     monkeypatch.setattr(versions, "installed", lambda name: "5.99.0" if name == "transformers" else real(name))
     versions.require_tested_versions.cache_clear()
