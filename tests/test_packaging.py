@@ -63,6 +63,7 @@ LAYERS = (
     ("statistics",),
     ("intervention",),
     ("reporting",),
+    ("inspection",),
     ("model_wrappers",),
     ("cli",),
 )

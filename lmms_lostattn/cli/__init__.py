@@ -13,6 +13,8 @@
 * ``lostattn doctor``: the installed versions against the tested ranges, every contact point with an upstream
   internal, and a tiny model through prefill and cached decoding with edits and statistics; exit 0 when supported.
 * ``lostattn shapes-llava-path``: the directory of the shipped trained model (``pretrained=`` of lmms-eval).
+* ``lostattn show --pretrained DIR --image I --question Q [--model_args attn=...] [-o DIR]``: the last prompt
+  token's attention over the image patches per layer, learned and as the intervention ran it, one PNG per document.
 * ``lostattn report RUN...``, ``lostattn compare RUN...``, ``lostattn check RUN --baseline RUN``: per-layer plots and
   the paper's tables, a leaderboard with paired tests, and a CI regression gate over lmms-eval or lm-eval output
   folders. Unusable input exits 2 with a message naming the file.
@@ -99,6 +101,20 @@ def main(argv: Sequence[str] | None = None) -> None:
                       help="allowed absolute drop, a number in [0, 1]: metrics are fractions, 0.01 is one point of "
                            "accuracy (default 0.01); a statistics row (lostattn_*) may change by this much either way")
     gate.add_argument("--metrics", nargs="+", default=[], help="metric or task/metric (default: every task metric)")
+    look = commands.add_parser("show", help="PNGs of where the last prompt token attends over the image, per layer")
+    look.add_argument("--pretrained", required=True,
+                      help="a checkpoint directory or hub id whose image tokens are one per vision patch (LLaVA-1.5)")
+    look.add_argument("--image", action="append", required=True,
+                      help="an image file; repeat for several documents, each with its own --question")
+    look.add_argument("--question", action="append", required=True,
+                      help="the question asked about the --image of the same position (repeat likewise)")
+    look.add_argument("--model_args", default="",
+                      help="the plugin's attn* arguments, as in lmms-eval (e.g. attn=gaussian,attn_preset=paper,"
+                           "attn_layers=1:); the edited map is drawn beside the learned one (default: learned only)")
+    look.add_argument("--layers", default="all",
+                      help="decoder layers to draw, in attn_layers syntax (all, 3, 1-3, 1:, 18,19,20; default all)")
+    look.add_argument("-o", "--output", type=pathlib.Path, default=pathlib.Path("lostattn-show"),
+                      help="where the PNGs go, one per document (default: lostattn-show)")
     args = parser.parse_args(argv)
     if args.command in ("report", "compare", "check"):
         from lmms_lostattn.cli.check import check
@@ -138,6 +154,10 @@ def main(argv: Sequence[str] | None = None) -> None:
 
             points = (*points, *LM_EVAL_POINTS)
         sys.exit(doctor(points))
+    elif args.command == "show":
+        from lmms_lostattn.cli.show import show
+
+        sys.exit(show(args))
     elif args.command == "build-tiny":
         from lmms_lostattn.testing import FAMILY_VARIANTS, build_tiny_model
 
