@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import inspect
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -28,6 +29,11 @@ def swapped(owners: Iterable[Any], name: str, replacement: Callable[[Any], Any])
     finally:
         for owner, original in originals:
             setattr(owner, name, original)
+
+
+def argument(function: Callable[..., Any], name: str, args: tuple, kwargs: dict[str, Any]) -> Any:
+    """What a call ``function(*args, **kwargs)`` passes its parameter ``name``."""
+    return inspect.signature(function).bind(*args, **kwargs).arguments[name]
 
 
 def wrap_once(module: str, name: str, wrapper: Callable[..., Any]) -> None:

@@ -94,6 +94,12 @@ class RunRecords:
         }
 
 
+def run_of(model: Any) -> RunRecords | None:
+    """The run of a lostattn model (None for any other model a harness evaluates)."""
+    plugin = getattr(model, "lostattn", None)
+    return plugin.run if isinstance(plugin, Plugin) else None
+
+
 @dataclass
 class Plugin:
     """The plugin's state on one host model: its family adapter, resolved intervention and statistics settings."""

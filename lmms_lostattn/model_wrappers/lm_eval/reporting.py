@@ -20,7 +20,6 @@ cached responses by request only, so a cache written under another intervention 
 
 from __future__ import annotations
 
-import inspect
 from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
@@ -30,8 +29,8 @@ from lm_eval.api.metrics import mean, mean_stderr
 from lm_eval.api.model import CachingLM
 from loguru import logger
 
-from lmms_lostattn.model_wrappers.common.patching import wrap_once
-from lmms_lostattn.model_wrappers.common.plugin import RunRecords
+from lmms_lostattn.model_wrappers.common.patching import argument, wrap_once
+from lmms_lostattn.model_wrappers.common.plugin import RunRecords, run_of
 from lmms_lostattn.model_wrappers.common.results import (
     LAYERS_METRIC,
     SAMPLES_METRIC,
@@ -151,15 +150,9 @@ def _warn_uncovered(results: dict[str, Any]) -> None:
             )
 
 
-def _run_of(lm: Any) -> RunRecords | None:
-    """The lostattn run of ``lm``, or of the model inside lm-eval's response cache."""
-    model = lm.lm if isinstance(lm, CachingLM) else lm
-    return getattr(getattr(model, "lostattn", None), "run", None)
-
-
 def _evaluate(original: Any, *args: Any, **kwargs: Any) -> Any:
-    lm = inspect.signature(original).bind(*args, **kwargs).arguments["lm"]
-    run = _run_of(lm)
+    lm = argument(original, "lm", args, kwargs)
+    run = run_of(lm.lm if isinstance(lm, CachingLM) else lm)  # the model inside lm-eval's response cache
     if run is None:
         return original(*args, **kwargs)
     check_response_cache(lm, run)

@@ -21,7 +21,6 @@ by their definition where it is not the paper's, see :func:`lmms_lostattn.statis
 from __future__ import annotations
 
 import functools
-import inspect
 import json
 import pathlib
 from typing import Any
@@ -31,8 +30,8 @@ from lmms_eval.api.metrics import mean
 from lmms_eval.loggers.evaluation_tracker import EvaluationTracker
 from loguru import logger
 
-from lmms_lostattn.model_wrappers.common.patching import swapped, wrap_once
-from lmms_lostattn.model_wrappers.common.plugin import RunRecords
+from lmms_lostattn.model_wrappers.common.patching import argument, swapped, wrap_once
+from lmms_lostattn.model_wrappers.common.plugin import RunRecords, run_of
 from lmms_lostattn.model_wrappers.common.results import (
     LAYERS_METRIC,
     SAMPLES_METRIC,
@@ -57,15 +56,16 @@ def _process_document_results(original: Any, run: RunRecords, item: tuple, *, ta
 
 
 def _evaluate(original: Any, *args: Any, **kwargs: Any) -> Any:
-    lm = inspect.signature(original).bind(*args, **kwargs).arguments["lm"]
-    run: RunRecords | None = getattr(getattr(lm, "lostattn", None), "run", None)
+    run = run_of(argument(original, "lm", args, kwargs))
     if run is None:
         return original(*args, **kwargs)
     if run.stats.kind == "none":
         results = original(*args, **kwargs)
     else:
-        bind = functools.partial(functools.partial, _process_document_results)
-        with swapped([evaluator], "_process_document_results", lambda process: bind(process, run)):
+        def with_statistics(process: Any) -> Any:
+            return functools.partial(_process_document_results, process, run)
+
+        with swapped([evaluator], "_process_document_results", with_statistics):
             results = original(*args, **kwargs)
     if results is not None:  # rank 0
         per_task = {}
