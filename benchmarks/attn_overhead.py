@@ -40,7 +40,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlavaForConditionalGeneration
 from transformers.utils import logging as transformers_logging
 
-from lmms_lostattn.intervention.scope import intervene
 from lmms_lostattn.model_wrappers.lmms_eval.wrappers import LostAttnLlavaSimple
 from lmms_lostattn.testing import build_tokenizer, llava_config_and_processor
 
@@ -95,7 +94,7 @@ SETTINGS = (
     Setting(BASE, False, {}),
     Setting(EAGER, False, {"attn_implementation": "eager"}),
     Setting(CONTROL, True, {"attn": "none"}, BASE, 1.02, ("prefill", "per_token")),
-    Setting(PAPER, True, {"attn": "gaussian", "attn_preset": "paper"}, BASE, 1.10, ("prefill",)),
+    Setting(PAPER, True, {"attn": "gaussian", "attn_preset": "paper"}, BASE, 1.10, ("prefill", "per_token")),
     Setting(
         "plugin uniform/probs/all rows/all layers",
         True,
@@ -187,11 +186,11 @@ def request_scope(lm: Any) -> Iterator[Callable[[Callable[[], Any]], Any]]:
 
     Yields ``call(fn)``, which runs ``fn`` as one request (sample id set, errors from inside the model re-raised).
     """
-    intervention = getattr(lm, "intervention", None)
-    if intervention is None or intervention.mode == "none":
+    plugin = getattr(lm, "lostattn", None)
+    if plugin is None or not plugin.active:
         yield lambda fn: fn()
         return
-    with intervene(lm.model, intervention, lm.lostattn.adapter) as scope:
+    with plugin.scope(lm.model) as (scope, _):
 
         def call(fn: Callable[[], Any]) -> Any:
             scope.set_samples(["bench/test/0"])
@@ -377,6 +376,10 @@ def run(cfg: BenchConfig, rounds: int, new_tokens: int, workdir: pathlib.Path) -
             time_call(models[setting.name], inputs, n, cfg.device, counter)
             ops[setting.name][key] = len(counter.names)
             signatures[setting.name].append(counter.signature)
+    for setting in SETTINGS:
+        edits = setting.plugin and models[setting.name].lostattn.intervention.mode != "none"
+        if edits and signatures[setting.name] == signatures[BASE]:
+            raise RuntimeError(f"{setting.name}: the base's exact aten op sequence, so the intervention did not run")
     print(f"loaded, warmed up and counted in {time.perf_counter() - started:.0f} s", file=sys.stderr)
     load_before = os.getloadavg()
     records: list[dict[str, dict[str, float]]] = []

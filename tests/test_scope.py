@@ -8,6 +8,7 @@ import pathlib
 import pytest
 import torch
 from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from lmms_lostattn.config.spec import InterventionSpec
@@ -75,16 +76,94 @@ def generate(model, inputs, use_cache: bool = True, **args: object) -> torch.Ten
         return model.generate(**inputs, **kwargs)[:, inputs["input_ids"].shape[1] :]
 
 
-def test_nothing_edited_matches_hf_eager_attention(tiny_llava: pathlib.Path, model, batch) -> None:
-    """Every row of every layer through our materialised path, with lambda=0, equals HF's eager attention."""
-    eager = AutoModelForImageTextToText.from_pretrained(
+@pytest.fixture(scope="module")
+def eager(tiny_llava: pathlib.Path):
+    return AutoModelForImageTextToText.from_pretrained(
         tiny_llava, dtype=torch.float32, attn_implementation="eager"
     ).eval()
+
+
+def test_nothing_edited_matches_hf_eager_attention(eager, model, batch) -> None:
+    """Every row of every layer through our materialised path, with lambda=0, equals HF's eager attention."""
     with torch.no_grad():
         reference = eager(**batch).logits
     ours = logits(model, batch, attn="uniform", attn_lambda=0, attn_rows="all", attn_keys="all")
     real = batch["attention_mask"].bool()
     torch.testing.assert_close(ours[real], reference[real], atol=1e-5, rtol=0)
+
+
+def _layer0_weights(eager, batch, **args: object) -> tuple[torch.Tensor, torch.Tensor]:
+    """HF eager attention weights of layer 0 ``(B, H, Q, K)``, and the edited ones with only layer 0 edited."""
+    with torch.no_grad():
+        base = eager(**batch, output_attentions=True).attentions[0]
+        with intervene(eager, resolve(eager, attn_layers="0", **args), adapter_for(eager.config)):
+            return base, eager(**batch, output_attentions=True).attentions[0]
+
+
+@pytest.mark.parametrize("heads", ["all", "0,2"])
+@pytest.mark.parametrize("lam", [0.4, 1.0])
+def test_uniform_probs_all_rows_is_the_blend_of_hf_eager_weights(eager, batch, heads: str, lam: float) -> None:
+    """SPEC §2's probs blend, w_E <- (1 - lambda) w_E + lambda m / |E|, applied to HF's own eager weights: E = the
+    allowed image keys of every real row, in the edited heads."""
+    base, ours = _layer0_weights(
+        eager, batch, attn="uniform", attn_space="probs", attn_rows="all", attn_heads=heads, attn_lambda=lam
+    )
+    real = batch["attention_mask"].bool()
+    position = torch.arange(real.shape[1])
+    allowed = (position[None, :] <= position[:, None]) & real[:, None, :] & real[:, :, None]  # (B, Q, K)
+    image = batch["input_ids"] == eager.config.image_token_id
+    edit = (allowed & image[:, None, :])[:, None]
+    if heads != "all":
+        edit = edit & (torch.arange(base.shape[1]) % 2 == 0).view(1, -1, 1, 1)
+    mass = (base * edit).sum(-1, keepdim=True)
+    expected = torch.where(edit, (1 - lam) * base + lam * mass / edit.sum(-1, keepdim=True).clamp_min(1), base)
+    rows = real[:, None, :].expand(base.shape[:3])
+    torch.testing.assert_close(ours[rows], expected[rows], atol=1e-6, rtol=0)
+    assert not torch.allclose(ours[rows], base[rows], atol=1e-3)
+
+
+def test_per_head_draws_give_each_head_its_own_pattern(eager, batch) -> None:
+    """``attn_draw=per_head`` (gaussian's default): one p per sample, layer and head, also when every head is
+    edited; with lambda = 1 in probs space an edited row is m p on its edited keys."""
+    base, ours = _layer0_weights(eager, batch, attn="gaussian", attn_space="probs", attn_rows="all")
+    image = batch["input_ids"][1] == eager.config.image_token_id
+
+    def pattern_of(row: int) -> torch.Tensor:  # (H, image keys) of sample 1 (no padding)
+        return ours[1, :, row][:, image] / base[1, :, row][:, image].sum(-1, keepdim=True)
+
+    torch.testing.assert_close(pattern_of(-1).sum(-1), torch.ones(base.shape[1]))
+    torch.testing.assert_close(pattern_of(-1), pattern_of(-2))  # the keys' draws, whatever the row
+    assert not torch.allclose(pattern_of(-1)[0], pattern_of(-1)[1], atol=1e-3)
+
+
+class HostReads(TorchDispatchMode):
+    """Counts the aten ops that read device data back to the host (a synchronisation on an accelerator)."""
+
+    READS = {"_local_scalar_dense", "nonzero", "masked_select", "equal", "is_nonzero"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func.overloadpacket.__name__ in self.READS
+        return func(*args, **(kwargs or {}))
+
+
+def test_rows_last_decoding_steps_read_nothing_back(model, batch) -> None:
+    """A decoding step of the paper preset (rows last) reads back exactly what the model's own step does."""
+
+    def reads(new_tokens: int, **args: object) -> int:
+        kwargs = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False, "pad_token_id": 3}
+        scope = contextlib.nullcontext()
+        if args:
+            scope = intervene(model, resolve(model, **args), adapter_for(model.config))
+        with torch.no_grad(), scope, HostReads() as counter:
+            model.generate(**batch, **kwargs)
+        return counter.count
+
+    paper = {"attn": "gaussian", "attn_preset": "paper", "attn_layers": "1:"}
+    assert reads(5, **paper) - reads(1, **paper) == reads(5) - reads(1)
 
 
 def test_attn_none_and_unedited_layers_are_bitwise_the_original(model, batch) -> None:

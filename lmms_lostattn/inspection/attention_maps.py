@@ -169,10 +169,15 @@ class _HeadRecorder(EditedAttention):
         self.layer = layer
         return super().attend(passthrough, module, layer, *call)
 
-    def _edited_entries(self, *args: Any) -> torch.Tensor:
-        edit = super()._edited_entries(*args)
-        self.band[self.layer] = tuple(int(h) for h in edit[0, :, -1].any(dim=-1).nonzero().flatten())
-        return edit
+    def _edited_heads(
+        self, scores: torch.Tensor, allowed: torch.Tensor, selection: Any, step: dict[str, Any]
+    ) -> torch.Tensor | None:
+        heads = super()._edited_heads(scores, allowed, selection, step)
+        edited = step["entries"][0, :, -1].any(dim=-1).expand(scores.shape[1])  # the last row has an edited key
+        if heads is not None:
+            edited = edited & heads[0, :, -1, 0]
+        self.band[self.layer] = tuple(int(h) for h in edited.nonzero().flatten())
+        return heads
 
 
 @contextmanager

@@ -25,7 +25,9 @@ p' = p |mean(s)| / (2 mean_E(p)) instead of p, where mean(s) is the row's score 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -120,14 +122,33 @@ def masked_softmax(scores: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
     return scores.masked_fill(~allowed, _NEG).softmax(dim=-1)
 
 
+def _masked_softmax_(scores: torch.Tensor, allowed: torch.Tensor, memo: dict[str, Any]) -> torch.Tensor:
+    """:func:`masked_softmax` that overwrites ``scores`` with the masked logits (``~allowed`` kept in ``memo``, where
+    the caller may have put ``None``: every key allowed)."""
+    blocked = _memoised(memo, "blocked", lambda: ~allowed)
+    return (scores if blocked is None else scores.masked_fill_(blocked, _NEG)).softmax(dim=-1)
+
+
+def same_in_every_layer(inter: Intervention) -> bool:
+    """Whether every layer of a step gets the same pattern (all but per-head Gaussian draws, drawn per layer)."""
+    return inter.mode != "gaussian" or inter.draw == "shared"
+
+
+def _memoised(memo: dict[str, Any], name: str, make: Callable[[], Any]) -> Any:
+    """``memo[name]``, made first if missing."""
+    if name not in memo:
+        memo[name] = make()
+    return memo[name]
+
+
 def _normalise(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     values = torch.where(mask, values, 0.0)
     return values / values.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(values.dtype).tiny)
 
 
-def pattern(inter: Intervention, edit: torch.Tensor, coords: Coordinates) -> torch.Tensor:
-    """The predefined probability vector p over the edited keys of each row, ``(B, H, Q, K)``, zero elsewhere."""
-    num_heads = edit.shape[1]
+def pattern(inter: Intervention, edit: torch.Tensor, coords: Coordinates, num_heads: int) -> torch.Tensor:
+    """The predefined probability vector p over the edited keys of each row, ``(B, H|1, Q, K)``, zero elsewhere
+    (``edit`` ``(B, H|1, Q, K)``; per-head draws give H)."""
     if inter.mode == "uniform":
         return _normalise(torch.ones_like(edit, dtype=torch.float32), edit)
     if inter.mode == "identity":
@@ -136,13 +157,13 @@ def pattern(inter: Intervention, edit: torch.Tensor, coords: Coordinates) -> tor
         first = edit.int().argmax(dim=-1, keepdim=True)
         return torch.zeros(edit.shape, device=edit.device).scatter_(-1, first, 1.0) * edit
     if inter.mode in PRIOR_MODES:
-        return _normalise(coords.prior[:, None, None, :].expand(edit.shape), edit)
+        return _normalise(coords.prior[:, None, None, :], edit)
     if inter.mode != "gaussian":
         raise ValueError(f"no predefined pattern for attn={inter.mode}")
     draws = coords.key_draws(inter.dist, num_heads)
     if inter.dist == "normal":
-        return masked_softmax((inter.sigma * draws).expand(edit.shape), edit) * edit
-    return _normalise(draws.expand(edit.shape), edit)
+        return torch.where(edit, inter.sigma * draws, _NEG).softmax(dim=-1) * edit
+    return _normalise(draws, edit)
 
 
 def shuffle_within(values: torch.Tensor, edit: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
@@ -158,26 +179,44 @@ def shuffle_within(values: torch.Tensor, edit: torch.Tensor, draws: torch.Tensor
     return values.clone().scatter_(-1, by_position, values.gather(-1, by_draw))
 
 
-def _mean_over(scores: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean of each row's scores over ``keys`` ``(B, H, Q)`` (0 where there is none), and whether there was one."""
-    count = keys.sum(dim=-1)
-    return torch.where(keys, scores, 0.0).sum(dim=-1) / count.clamp_min(1), count > 0
+def _head_key_masks(
+    allowed: torch.Tensor, key_is_visual: torch.Tensor, sides: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The keys :func:`head_scores` averages over, stacked ``(S, B|1, 1|H, Q, K)`` (S = 1, or 2 with ``sides``), and
+    what each mean is divided by, negated (the count, or with ``sides`` the count and the number of sides)."""
+    text_keys = allowed & ~key_is_visual
+    if not sides:
+        masks = text_keys[None]
+        return masks, -masks.sum(dim=-1).clamp_min(1)
+    shape = torch.broadcast_shapes(text_keys.shape, key_is_visual.shape)
+    position = torch.arange(shape[-1], device=key_is_visual.device)
+    visual = key_is_visual.expand(shape)
+    first = torch.where(visual, position, shape[-1]).amin(dim=-1, keepdim=True)
+    last = torch.where(visual, position, -1).amax(dim=-1, keepdim=True)
+    masks = torch.stack([text_keys & (position < first), text_keys & (position > last)])
+    count = masks.sum(dim=-1)
+    sides_seen = -(count > 0).sum(dim=0).clamp_min(1)
+    return masks, torch.cat([count.clamp_min(1), sides_seen[None]])
 
 
-def head_scores(scores: torch.Tensor, allowed: torch.Tensor, key_is_visual: torch.Tensor, sides: bool) -> torch.Tensor:
+def head_scores(
+    scores: torch.Tensor,
+    allowed: torch.Tensor,
+    key_is_visual: torch.Tensor,
+    sides: bool,
+    memo: dict[str, Any] | None = None,
+) -> torch.Tensor:
     """SAP's head score ``(B, H, Q)`` of each row: v_h = -mean of the row's logits over its allowed non-visual keys
     (``pooled``), or ``sides``: -(mean over those before the first visual key + mean over those after the last)/2,
-    the mean of the one side there is when the other has no key (the released OneVision file)."""
-    text_keys = (allowed & ~key_is_visual).expand_as(scores)
+    the mean of the one side there is when the other has no key (the released OneVision file). The key masks
+    depend on the step only: ``memo`` keeps them for the other layers."""
+    memo = {} if memo is None else memo
+    masks, divisors = _memoised(memo, "head_keys", lambda: _head_key_masks(allowed, key_is_visual, sides))
+    sums = torch.where(masks, scores, 0.0).sum(dim=-1)  # (S, B, H, Q)
     if not sides:
-        return -_mean_over(scores, text_keys)[0]
-    position = torch.arange(scores.shape[-1], device=scores.device)
-    visual = key_is_visual.expand_as(scores)
-    first = torch.where(visual, position, scores.shape[-1]).amin(dim=-1, keepdim=True)
-    last = torch.where(visual, position, -1).amax(dim=-1, keepdim=True)
-    left, has_left = _mean_over(scores, text_keys & (position < first))
-    right, has_right = _mean_over(scores, text_keys & (position > last))
-    return -(left + right) / (has_left.float() + has_right.float()).clamp_min(1)
+        return sums[0] / divisors[0]
+    means = sums / divisors[:2]
+    return (means[0] + means[1]) / divisors[2]
 
 
 def band_heads(
@@ -186,13 +225,20 @@ def band_heads(
     key_is_visual: torch.Tensor,
     band: tuple[float, float],
     sides: bool = False,
+    memo: dict[str, Any] | None = None,
 ) -> torch.Tensor:
     """SAP head selection ``(B, H, Q, 1)``: per row, rank heads by :func:`head_scores` and keep heads whose rank
     quantile rank/(H-1) lies in ``band`` (ties: lower head first)."""
-    value = head_scores(scores, allowed, key_is_visual, sides)
-    rank = value.argsort(dim=1, stable=True).argsort(dim=1).float()
-    quantile = rank_quantile(rank, scores.shape[1])
-    return ((quantile >= band[0]) & (quantile <= band[1])).unsqueeze(-1)
+    memo = {} if memo is None else memo
+    value = head_scores(scores, allowed, key_is_visual, sides, memo)
+    rank = value.argsort(dim=1, stable=True).argsort(dim=1)
+    return _memoised(memo, "band", lambda: _in_band(scores.shape[1], band, scores.device))[rank].unsqueeze(-1)
+
+
+def _in_band(num_heads: int, band: tuple[float, float], device: torch.device) -> torch.Tensor:
+    """``(H,)`` bool: whether each rank's quantile lies in ``band``."""
+    quantile = rank_quantile(torch.arange(num_heads, device=device).float(), num_heads)
+    return (quantile >= band[0]) & (quantile <= band[1])
 
 
 def edited_weights(
@@ -202,25 +248,52 @@ def edited_weights(
     inter: Intervention,
     coords: Coordinates,
     score_scale: torch.Tensor | None = None,
+    heads: torch.Tensor | None = None,
+    memo: dict[str, Any] | None = None,
 ) -> torch.Tensor:
-    """Attention weights ``(B, H, Q, K)`` after replacing the learned attention on ``edit`` (module docstring);
-    ``score_scale`` ``(B, 1, Q, 1)``: |mean(s)| of each row, for ``attn_scale=scores``."""
-    lam = inter.lam
+    """Attention weights ``(B, H, Q, K)`` after replacing the learned attention on ``edit & heads`` (module
+    docstring); ``scores`` is overwritten. ``edit`` ``(B, 1|H, Q, K)``: the edited entries, allowed keys of edited
+    kinds in edited rows (a row's edited keys are the keys it allows among a set of the sample's); ``heads``
+    ``(B|1, H, Q|1, 1)``: the edited heads (``None``: every head); ``score_scale`` ``(B, 1, Q, 1)``: |mean(s)| of each
+    row, for ``attn_scale=scores``. ``memo`` keeps what depends on ``edit`` and ``allowed`` only for the other layers
+    of a forward step, and what depends on the pattern too where every layer has the same one."""
+    lam, memo = inter.lam, {} if memo is None else memo
+    kept = memo if same_in_every_layer(inter) else {}
     if inter.mode == "shuffle":
+        edit = edit if heads is None else edit & heads
         source = scores if inter.space == "logits" else masked_softmax(scores, allowed)
         target = shuffle_within(source, edit, coords.entry_draws(scores.shape[1]))
         mixed = torch.where(edit, (1.0 - lam) * source + lam * target, source)
         return masked_softmax(mixed, allowed) if inter.space == "logits" else mixed
     if inter.mode == "knockout":
-        weights = masked_softmax(scores, allowed)
-        return torch.where(edit, (1.0 - lam) * weights, weights)
-    target = pattern(inter, edit, coords)
-    edit = edit & (target.sum(dim=-1, keepdim=True) > 0)  # rows without an edited key keep their weights
+        return _masked_softmax_(scores, allowed, memo).mul_(_keep_factor(edit, heads, lam, kept))
+    target = _memoised(kept, "target", lambda: pattern(inter, edit, coords, scores.shape[1]))
+    edit = _memoised(kept, "edit", lambda: edit & (target.sum(dim=-1, keepdim=True) > 0))  # rows without an edited
+    # key keep their weights
     if inter.space == "logits":
         if inter.scale == "scores":  # p' = p |mean s| / (2 mean_E p)
-            mean_p = target.sum(dim=-1, keepdim=True) / edit.sum(dim=-1, keepdim=True).clamp_min(1)
-            target = target * score_scale / (2.0 * mean_p.clamp_min(torch.finfo(target.dtype).tiny))
-        return masked_softmax(torch.where(edit, (1.0 - lam) * scores + lam * target, scores), allowed)
-    weights = masked_softmax(scores, allowed)
-    mass = (weights * edit).sum(dim=-1, keepdim=True)
-    return torch.where(edit, (1.0 - lam) * weights + lam * mass * target, weights)
+            target = target * score_scale / _memoised(kept, "target_scale", lambda: _twice_mean(target, edit))
+        replaced = target if lam == 1.0 else (1.0 - lam) * scores + lam * target  # lambda = 1: 0 s + p is p
+        mixed = torch.where(edit if heads is None else edit & heads, replaced, scores)
+        return _masked_softmax_(mixed, allowed, memo)
+    weights = _masked_softmax_(scores, allowed, memo)
+    # the row mass on the edited keys, as a GEMV: weights are 0 outside ``allowed``, so an edited row's edited keys
+    # are the keys edited in any row
+    keys = _memoised(kept, "keys", lambda: edit.any(dim=-2).unsqueeze(-1).float())
+    gain = lam * (weights @ keys)
+    return weights.mul_(_keep_factor(edit, heads, lam, kept)).addcmul_(target, gain if heads is None else gain * heads)
+
+
+def _keep_factor(
+    edit: torch.Tensor, heads: torch.Tensor | None, lam: float, memo: dict[str, Any]
+) -> torch.Tensor:
+    """What the learned weights are multiplied by: ``1 - lambda`` on the edited entries, 1 elsewhere."""
+    if heads is None:
+        return _memoised(memo, "keep", lambda: torch.where(edit, 1.0 - lam, 1.0))
+    return torch.where(edit & heads, 1.0 - lam, 1.0)
+
+
+def _twice_mean(target: torch.Tensor, edit: torch.Tensor) -> torch.Tensor:
+    """``2 mean_E(p)`` of each row, kept from 0."""
+    mean_p = target.sum(dim=-1, keepdim=True) / edit.sum(dim=-1, keepdim=True).clamp_min(1)
+    return 2.0 * mean_p.clamp_min(torch.finfo(target.dtype).tiny)

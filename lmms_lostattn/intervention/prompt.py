@@ -58,6 +58,7 @@ class PromptState:
     # and, once an edited layer needs it, the (B, prompt length) prior value at each prompt position
     prior_parts: list[torch.Tensor] = field(default_factory=list)
     prior: torch.Tensor | None = None
+    right_padded: bool = False  # the host gave row ends (``real_end``): rows may end before the last position
 
     @property
     def prompt_len(self) -> int:
@@ -225,6 +226,7 @@ class PromptTracker:
             self._sample_keys(input_ids, first_real, real_end, names),
             continuation_start=continuation_start,
             prior_parts=self.pending_priors,  # the vision tower runs just before this forward or inside it
+            right_padded=rows is not None and rows.ends is not None,
         )
 
     def _sample_keys(

@@ -2,13 +2,16 @@
 
 Every edited layer of a forward step sees the same ``(Q, K)`` block, so :class:`Selector` computes the
 :class:`Selection` once (with the first edited layer) and hands each later layer the same one, moved to that
-layer's device (a sharded model's layers sit on several).
+layer's device (a sharded model's layers sit on several). For ``attn_rows=last`` while generating, the rows follow
+from positions the host knows (every row from the one that predicts the first generated token), so a decoding step
+selects without reading anything back from the device; right-padded scoring rows are found per sample.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -31,6 +34,8 @@ class Selection:
     key_edited: torch.Tensor  # (B, K) bool: key positions whose weights are replaced
     first_query: int  # absolute position of the first computed row
     first_key: int  # absolute position of the first key
+    # what the edited layers of the step share, by attention mask (see EditedAttention); one per device
+    memo: dict[Any, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def keys(self) -> range:
@@ -44,6 +49,9 @@ class Selection:
             if isinstance(value, torch.Tensor) and value.device != device
         }
         return dataclasses.replace(self, **moved) if moved else self
+
+
+Rows = tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, int]  # Selection's needed, query_abs, rows, first_query
 
 
 class Selector:
@@ -88,7 +96,32 @@ class Selector:
 
     def _select(self, num_q: int, num_k: int) -> Selection | None:
         state = self.prompts.state
-        query_abs = state.positions(num_q)
+        known = self.intervention.rows == "last" and state.continuation_start is None and not state.right_padded
+        found = self._last_rows(num_q) if known else self._rows_found(num_q)
+        if found is None:
+            return None
+        needed, query_abs, rows, first_query = found
+        key_abs = state.positions(num_k)
+        visual = state.visual_at(key_abs)
+        edited = self._edited_keys(key_abs, visual)
+        return Selection(needed, query_abs, rows, key_abs, visual, edited, first_query, state.length - num_k)
+
+    def _last_rows(self, num_q: int) -> Rows | None:
+        """``attn_rows=last`` while generating (left padding or none): every row from the one that predicts the first
+        generated token on, for every sample; known on the host, so no host sync."""
+        state = self.prompts.state
+        first_row = state.length - num_q
+        first = max(state.prompt_len - 1, first_row)
+        if first >= state.length:
+            return None
+        device = state.is_visual.device
+        needed = None if first == first_row else torch.arange(first - first_row, num_q, device=device)
+        rows = torch.ones(state.is_visual.shape[0], state.length - first, dtype=torch.bool, device=device)
+        return needed, torch.arange(first, state.length, device=device)[None, :], rows, first
+
+    def _rows_found(self, num_q: int) -> Rows | None:
+        """The edited rows of any selection, found from the tracked prompt (host syncs)."""
+        query_abs = self.prompts.state.positions(num_q)
         rows = self.edited_rows(query_abs)
         union = rows.any(dim=0).nonzero().flatten()
         if union.numel() == 0:
@@ -101,8 +134,4 @@ class Selector:
             needed, query_abs, rows = union, query_abs[union][None, :], rows[:, union]
         else:
             needed, query_abs = None, query_abs[None, :]
-        key_abs = state.positions(num_k)
-        visual = state.visual_at(key_abs)
-        edited = self._edited_keys(key_abs, visual)
-        first_key = state.length - num_k
-        return Selection(needed, query_abs, rows, key_abs, visual, edited, int(query_abs.min()), first_key)
+        return needed, query_abs, rows, int(query_abs.min())
