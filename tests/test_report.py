@@ -226,6 +226,17 @@ def test_runs_with_a_different_limit_are_flagged_not_compared(
     assert f"versions differ from the baseline (torch {results('none')['lostattn']['versions']['torch']} -> 0.0)" in out
 
 
+def test_runs_on_different_hub_kernels_are_noted(capsys: pytest.CaptureFixture[str], tmp_path: pathlib.Path) -> None:
+    base, other = copy_run("none", tmp_path / "base"), copy_run("gaussian", tmp_path / "other")
+    for run, layers in ((base, {"LigerRMSNorm": 9, "Silu": 4}), (other, {})):
+        record = {"use_kernels": bool(layers), "USE_HUB_KERNELS": None, "layers": layers}
+        edit_json(next(run.glob("*_results.json")), lambda raw, record=record: raw["lostattn"].update(kernels=record))
+    code, out, _ = lostattn(capsys, "compare", base, other, "-o", tmp_path / "out")
+    assert code == 0 and "versions differ from the baseline (hub kernels LigerRMSNorm x9, Silu x4 -> none)" in out
+    code, out, _ = lostattn(capsys, "check", other, "--baseline", base)
+    assert "note: versions differ (hub kernels LigerRMSNorm x9, Silu x4 -> none)" in out
+
+
 def test_html_leaderboard_renders_sorts_and_is_not_blank(compare_dir: pathlib.Path, tmp_path: pathlib.Path) -> None:
     from test_leaderboard_page import browser_page
 

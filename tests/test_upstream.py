@@ -123,7 +123,8 @@ def test_a_forward_without_a_cache_parameter_is_refused_before_anything_attaches
 def test_the_declared_ranges_bound_transformers_and_pin_the_host() -> None:
     declared = {req.name: req.specifier for req in versions.tested_requirements()}
     assert str(declared["lmms-eval"]) == "==0.7.3"
-    assert not declared["transformers"].contains("5.25.0") and declared["transformers"].contains("5.24.0")
+    assert all(declared["transformers"].contains(tested) for tested in ("5.23.0", "5.24.0", "5.25.0"))
+    assert not declared["transformers"].contains("5.26.0") and not declared["transformers"].contains("5.22.2")
     assert not declared["filelock"].contains("4.3.1")
 
 
@@ -161,6 +162,7 @@ def test_doctor_says_supported_here(capsys: pytest.CaptureFixture) -> None:
     assert exit_info.value.code == 0, out
     assert out.rstrip().endswith("supported") and "FAILED" not in out
     assert f"transformers {versions.installed('transformers')}" in out
+    assert "tiny LLaVA loaded here (cpu): use_kernels=" in out and "kernelizes at load by default" in out
 
 
 def test_doctor_fails_with_a_clear_line_when_a_contact_point_breaks(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,19 +1,29 @@
 """``lostattn doctor``: is this environment one the package is tested on, and does the mechanism work in it?
 
-Three parts, each line ``ok`` or what is wrong: the installed versions against the declared (tested) ranges; every
+Four parts, each line ``ok`` or what is wrong: the installed versions against the declared (tested) ranges; every
 contact point with an upstream internal (:data:`lmms_lostattn.intervention.contacts.CONTACT_POINTS`, plus the
-host glue's);
-and a tiny LLaVA built in memory through a prefill and cached decoding, with edits and statistics, against the
-same generation recomputed without the KV cache. Ends with ``supported`` (exit 0) or what to install (exit 1).
+host glue's); the hub kernels setting (:mod:`lmms_lostattn.compat.kernels`) and what a load here runs; and a tiny
+LLaVA, saved and loaded through ``from_pretrained`` as users load checkpoints, through a prefill and cached decoding,
+with edits and statistics, against the same generation recomputed without the KV cache. Ends with ``supported``
+(exit 0) or what to install (exit 1).
 """
 
 from __future__ import annotations
 
 import math
+import tempfile
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from lmms_lostattn.compat.contacts import ContactPoint
+from lmms_lostattn.compat.kernels import (
+    ENV,
+    HubKernelsError,
+    accelerator_load,
+    kernels_by_default,
+    kernels_record,
+    require_reachable_kernels,
+)
 from lmms_lostattn.compat.versions import installed, tested_requirements, version_problems
 from lmms_lostattn.intervention.contacts import CONTACT_POINTS
 
@@ -109,27 +119,88 @@ def _check_intervention(model: Any, singles: list[dict], batch: dict, args: dict
             raise AssertionError(f"statistics not finite in every layer and sample: {rid}")
 
 
-def end_to_end_checks() -> list[tuple[str, Callable[[], None]]]:
-    """``(description, check)`` pairs of the tiny-model run (the model is built once, on the first check)."""
-    built: dict[str, Any] = {}
+def load_tiny_llava() -> tuple[Any, Any]:
+    """``(model, processor)``: a tiny random-weight LLaVA saved to a temporary folder and loaded back through
+    ``from_pretrained`` with its defaults (hub kernels included), on the CPU in float32."""
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers.utils import logging
 
-    def run(args: dict[str, str]) -> None:
-        if not built:
-            from lmms_lostattn.testing import make_tiny_model
+    from lmms_lostattn.testing import build_tiny_model
 
-            built["model"], processor = make_tiny_model("llava", text_layers=2)
-            built["singles"], built["batch"] = _tiny_inputs(processor)
-        _check_intervention(built["model"], built["singles"], built["batch"], args)
+    bars = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        with tempfile.TemporaryDirectory(prefix="lostattn-doctor-") as folder:
+            build_tiny_model(folder, "llava", text_layers=2)
+            model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).eval()
+            return model, AutoProcessor.from_pretrained(folder)
+    finally:
+        if bars:
+            logging.enable_progress_bar()
 
-    return [(",".join(f"{k}={v}" for k, v in args.items()), lambda args=args: run(args)) for args in END_TO_END]
+
+def kernels_lines(model: Any) -> tuple[list[str], int]:
+    """The hub kernels part: the setting, what ``model`` (loaded here on the CPU) runs, and whether a load on this
+    machine's accelerator could fetch its kernels; the lines and the number of problems."""
+    from lmms_lostattn.compat.versions import installed
+
+    record = kernels_record(model)
+    layers = ", ".join(f"{name} x{count}" for name, count in record["layers"].items()) or "none"
+    default = "yes" if kernels_by_default() else "no"
+    lines = [
+        _status(
+            None,
+            f"transformers {installed('transformers')} kernelizes at load by default: {default} "
+            f"({ENV}={record[ENV] or 'unset'})",
+        ),
+        _status(None, f"tiny LLaVA loaded here (cpu): use_kernels={record['use_kernels']}, kernel layers: {layers}"),
+    ]
+    accelerator = accelerator_load()
+    if accelerator is None:
+        return [*lines, _status(None, "no accelerator here: hub kernels apply to GPU loads only")], 0
+    try:
+        require_reachable_kernels()
+    except HubKernelsError as error:
+        return [*lines, _status(str(error), "")], 1
+    return [*lines, _status(None, f"{accelerator}: a load here can fetch its hub kernels (or needs none)")], 0
+
+
+def end_to_end_checks(model: Any, processor: Any) -> list[tuple[str, Callable[[], None]]]:
+    """``(description, check)`` pairs of the tiny-model run."""
+    singles, batch = _tiny_inputs(processor)
+    return [
+        (
+            ",".join(f"{k}={v}" for k, v in args.items()),
+            lambda args=args: _check_intervention(model, singles, batch, args),
+        )
+        for args in END_TO_END
+    ]
 
 
 def _status(problem: str | None, ok: str) -> str:
     return f"  ok       {ok}" if problem is None else f"  FAILED   {problem}"
 
 
+def _model_parts(model: Any, processor: Any, echo: Callable[[str], None]) -> int:
+    """The hub kernels and end-to-end parts on the loaded tiny model; the number of problems."""
+    lines, problems = kernels_lines(model)
+    for line in lines:
+        echo(line)
+    echo(f"tiny LLaVA: prefill, {NEW_TOKENS} cached decoding steps vs recomputation, edits and statistics")
+    for description, check in end_to_end_checks(model, processor):
+        try:
+            check()
+            problem = None
+        except Exception as error:  # every failure of the run is the finding
+            problem = f"{description}: {type(error).__name__}: {error}"
+        echo(_status(problem, f"{description}: cached decoding equals recomputation, statistics on the prefill"))
+        problems += problem is not None
+    return problems
+
+
 def doctor(host_points: Sequence[ContactPoint] = (), echo: Callable[[str], None] = print) -> int:
-    """Print the three parts and the verdict; 0 when supported, 1 otherwise."""
+    """Print the four parts and the verdict; 0 when supported, 1 otherwise."""
     problems = 0
     echo(f"lmms-lostattn {installed('lmms-lostattn')}: versions installed against the tested ranges")
     outside = version_problems()
@@ -142,15 +213,14 @@ def doctor(host_points: Sequence[ContactPoint] = (), echo: Callable[[str], None]
         problem = point.problem()
         echo(_status(problem, point.name))
         problems += problem is not None
-    echo(f"tiny LLaVA: prefill, {NEW_TOKENS} cached decoding steps vs recomputation, edits and statistics")
-    for description, check in end_to_end_checks():
-        try:
-            check()
-            problem = None
-        except Exception as error:  # every failure of the run is the finding
-            problem = f"{description}: {type(error).__name__}: {error}"
-        echo(_status(problem, f"{description}: cached decoding equals recomputation, statistics on the prefill"))
-        problems += problem is not None
+    echo("hub kernels (transformers' use_kernels; the plugin loads as its base class does)")
+    try:
+        model, processor = load_tiny_llava()
+    except Exception as error:  # a load that fails is the finding; nothing below can run without it
+        echo(_status(f"the tiny LLaVA through from_pretrained: {type(error).__name__}: {error}", ""))
+        problems += 1
+    else:
+        problems += _model_parts(model, processor, echo)
     if problems:
         ranges = " ".join(f"'{req}'" for req in tested_requirements() if req.specifier)
         echo(

@@ -238,10 +238,23 @@ def load_runs(paths: list[pathlib.Path]) -> list[LoadedRun]:
 
 
 def version_changes(base: LoadedRun, other: LoadedRun) -> list[str]:
-    """Package versions recorded differently in the two runs, as ``name a -> b``."""
+    """Package versions recorded differently in the two runs, as ``name a -> b``, and the hub kernel layers where
+    both runs record them (``hub kernels a -> b``: the two loads ran different layers)."""
     old, new = (run.block.get("versions", {}) for run in (base, other))
     changed = sorted(name for name in {*old, *new} if old.get(name) != new.get(name))
-    return [f"{name} {old.get(name)} -> {new.get(name)}" for name in changed]
+    changes = [f"{name} {old.get(name)} -> {new.get(name)}" for name in changed]
+    old_kernels, new_kernels = (_kernel_layers(run) for run in (base, other))
+    if None not in (old_kernels, new_kernels) and old_kernels != new_kernels:
+        changes.append(f"hub kernels {old_kernels} -> {new_kernels}")
+    return changes
+
+
+def _kernel_layers(run: LoadedRun) -> str | None:
+    """The hub kernel layers a run records (``LigerRMSNorm x65, Silu x32``, ``none``), None where it has no record."""
+    record = run.block.get("kernels")
+    if record is None:
+        return None
+    return ", ".join(f"{name} x{count}" for name, count in record.get("layers", {}).items()) or "none"
 
 
 # What identifies a logged document besides its doc_id, best first: lm-eval's hashes of its prompt and target text,

@@ -20,6 +20,7 @@ from loguru import logger
 from torch import nn
 from transformers import AutoConfig, AutoImageProcessor
 
+from lmms_lostattn.compat.kernels import kernels_record, require_reachable_kernels
 from lmms_lostattn.compat.versions import require_tested_versions
 from lmms_lostattn.config.spec import Intervention, InterventionSpec, StatsConfig, spec_hash
 from lmms_lostattn.families import FamilyAdapter, adapter_for
@@ -74,6 +75,7 @@ class RunRecords:
     intervention: Intervention
     stats: StatsConfig
     records: dict[tuple[str, Any], list[dict[str, Any]]] = field(default_factory=lambda: defaultdict(list))
+    kernels: dict[str, Any] | None = None  # the hub kernels the loaded model runs (compat.kernels.kernels_record)
 
     def describe(self) -> dict[str, Any]:
         settings = {
@@ -91,6 +93,7 @@ class RunRecords:
             "intervention": self.intervention.to_dict(),
             "stats": settings,
             "versions": {name: version(name) for name in ("lmms-lostattn", self.host, "torch", "transformers")},
+            "kernels": self.kernels,
         }
 
 
@@ -113,7 +116,8 @@ class Plugin:
     @classmethod
     def from_model_kwargs(cls, kwargs: dict[str, Any], base_args: Mapping[str, Any], host: str) -> Plugin:
         """Take the plugin's arguments out of ``kwargs`` (the rest goes to the base class) and resolve them against
-        the checkpoint's config, before any weights load: every bad argument is an error here."""
+        the checkpoint's config, before any weights load: every bad argument is an error here, and so is a load
+        that would fetch hub kernels from an unreachable hub."""
         require_tested_versions()
         plugin_args = {key: kwargs.pop(key) for key in list(kwargs) if is_plugin_arg(key, base_args)}
         spec = InterventionSpec.from_model_args(plugin_args)
@@ -129,12 +133,17 @@ class Plugin:
         if intervention.mode == "complexity":  # the normalisation it undoes, from the checkpoint's processor
             processor = AutoImageProcessor.from_pretrained(pretrained, **hub)
             image_mean_std = (processor.image_mean, processor.image_std)
+        require_reachable_kernels(kwargs.get("device"), kwargs.get("device_map"))
         run = RunRecords(model=str(pretrained), host=host, intervention=intervention, stats=spec.stats)
         logger.info(
             f"lostattn: spec {spec_hash(intervention, spec.stats)}: intervention {intervention.to_dict()}, "
             f"statistics {spec.stats.to_dict()}"
         )
         return cls(adapter, intervention, spec.stats, run, image_mean_std)
+
+    def loaded(self, model: nn.Module) -> None:
+        """Record what the base class loaded: the hub kernels its model runs."""
+        self.run.kernels = kernels_record(model)
 
     @property
     def active(self) -> bool:

@@ -57,6 +57,7 @@ class LostAttnLMMixin:
             )
         self._keyed: Callable[[list[Window]], list[tuple[object, Instance]]] | None = None  # see _scoring
         super().__init__(**kwargs)
+        self.lostattn.loaded(self.model)
         install()
 
     def loglikelihood(self, requests: list[Instance], disable_tqdm: bool = False) -> list[Any]:

@@ -98,6 +98,7 @@ class LostAttnMixin:
                 exit_refused(error)
             raise
         super().__init__(**kwargs)
+        self.lostattn.loaded(self.model)
         install()
 
     def generate_until(self, requests: list[Instance]) -> list[Any]:

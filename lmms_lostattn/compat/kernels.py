@@ -1,0 +1,116 @@
+"""transformers' hub kernels: whether a load swaps layers for kernels fetched from the hub, and what a model runs.
+
+From transformers 5.25, ``from_pretrained`` without ``use_kernels`` kernelizes the model unless the environment
+variable ``USE_HUB_KERNELS`` is false: on CUDA/ROCm/XPU, RMSNorm, activations and rotary embeddings run kernels
+fetched from the hub at load time (attention does not; on the CPU nothing is swapped). The policy here
+(README, "Hub kernels"):
+
+* the plugin loads exactly as its base class does: the same ``from_pretrained`` default, switched by the same
+  variable, so the plugin and the base class run the same layers on one machine and their results stay comparable;
+* every run records what it ran (:func:`kernels_record`: ``use_kernels``, the variable, the kernelized layers);
+* a load that would fetch kernels from a hub it cannot reach is refused before the weights load
+  (:func:`require_reachable_kernels`), instead of waiting on hub timeouts and falling back layer by layer.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import warnings
+from collections import Counter
+from typing import Any
+from urllib.parse import urlsplit
+
+from packaging.version import Version
+
+from lmms_lostattn.compat.internals import internal
+from lmms_lostattn.compat.versions import UpstreamError, installed
+
+ENV = "USE_HUB_KERNELS"
+DEFAULT_ON_FROM = Version("5.25")  # the first transformers whose from_pretrained kernelizes by default
+PROBE_TIMEOUT_S = 5.0
+
+
+class HubKernelsError(UpstreamError):
+    """A load would fetch hub kernels, and the hub cannot be reached."""
+
+
+def kernels_by_default() -> bool:
+    """Whether ``from_pretrained`` without ``use_kernels`` kernelizes: transformers >= 5.25 and ``USE_HUB_KERNELS``
+    not false, as transformers itself reads the variable."""
+    if Version(installed("transformers") or "0") < DEFAULT_ON_FROM:
+        return False
+    enabled = internal("transformers.integrations.hub_kernels", "_kernels_enabled")
+    return bool(enabled())
+
+
+def accelerator_load(device: Any = None, device_map: Any = None) -> str | None:
+    """The accelerator type (``cuda``, ``xpu``, ...) a host would load its model on, given its ``device`` and
+    ``device_map`` arguments; None for a load on the CPU (where no hub kernel applies)."""
+    import torch
+
+    if not torch.accelerator.is_available():
+        return None
+    requested = [str(value) for value in (device, device_map) if value not in (None, "")]
+    if requested and all(value.startswith("cpu") for value in requested):
+        return None
+    return torch.accelerator.current_accelerator().type
+
+
+def hub_problem(timeout: float = PROBE_TIMEOUT_S) -> str | None:
+    """Why the hub (``HF_ENDPOINT``) cannot be reached from here, or None when a connection opens."""
+    from huggingface_hub import constants
+
+    url = urlsplit(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=timeout).close()
+    except OSError as error:
+        return f"{constants.ENDPOINT} is unreachable ({type(error).__name__}: {error})"
+    return None
+
+
+def require_reachable_kernels(device: Any = None, device_map: Any = None) -> None:
+    """Before a load on an accelerator that would kernelize: refuse when the hub cannot be reached; in the hub's
+    offline mode, warn that kernels missing from the local cache fall back to PyTorch's layers."""
+    accelerator = accelerator_load(device, device_map)
+    if accelerator is None or not kernels_by_default():
+        return
+    from huggingface_hub import constants
+
+    default = f"transformers {installed('transformers')} loads hub kernels on {accelerator} by default"
+    if constants.is_offline_mode():
+        warnings.warn(
+            f"lmms-lostattn: {default}; in offline mode (HF_HUB_OFFLINE) kernels missing from the local cache fall "
+            f"back to PyTorch's layers (the results record which ran). {ENV}=0 loads PyTorch's layers throughout.",
+            stacklevel=2,
+        )
+        return
+    problem = hub_problem()
+    if problem is not None:
+        raise HubKernelsError(
+            f"lmms-lostattn: {default} (RMSNorm, activations, rotary embeddings), fetched at load time, but {problem}. "
+            f"Set {ENV}=0 to load PyTorch's layers (for the base class too: it reads the same variable), or "
+            "HF_HUB_OFFLINE=1 to use the kernels in the local cache."
+        )
+
+
+def kernel_layers(model: Any) -> dict[str, int]:
+    """How many of ``model``'s modules run each hub kernel layer (its ``layer_name``), as the ``kernels`` library
+    lists them; empty when nothing was kernelized."""
+    if not getattr(model, "use_kernels", False):
+        return {}
+    get_kernelized_layers = internal("kernels", "get_kernelized_layers")
+    layers = get_kernelized_layers(model).layers.values()
+    return dict(sorted(Counter(str(layer.repo.layer_name) for layer in layers).items()))
+
+
+def kernels_record(model: Any) -> dict[str, Any]:
+    """What a loaded model runs, for the results' environment block: ``use_kernels`` (as loaded), the
+    ``USE_HUB_KERNELS`` variable (None: unset) and the kernelized layers (:func:`kernel_layers`)."""
+    model = getattr(model, "module", model)  # unwrap a data-parallel wrapper
+    return {
+        "use_kernels": bool(getattr(model, "use_kernels", False)),
+        ENV: os.environ.get(ENV),
+        "layers": kernel_layers(model),
+    }

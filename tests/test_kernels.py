@@ -1,0 +1,107 @@
+"""transformers' hub kernels: the plugin loads as its base class does, records what ran, and refuses a GPU load
+that would wait on an unreachable hub."""
+
+from __future__ import annotations
+
+import inspect
+import pathlib
+import socket
+
+import pytest
+import torch
+from huggingface_hub import constants
+from lmms_eval.models.simple.llava_hf import LlavaHf
+from packaging.version import Version
+from transformers import AutoModelForImageTextToText
+
+from lmms_lostattn.compat import kernels
+from lmms_lostattn.compat.versions import installed
+from lmms_lostattn.model_wrappers.common.plugin import Plugin
+from lmms_lostattn.model_wrappers.lmms_eval.wrappers import LostAttnLlavaSimple
+
+DEFAULT_ON = Version(installed("transformers")) >= kernels.DEFAULT_ON_FROM
+
+
+def _closed_port() -> int:
+    """A local port nothing listens on (connections to it are refused at once)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def gpu_load_with_hub_down(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A load that would run on a GPU, with the hub endpoint refusing connections."""
+    monkeypatch.setattr(kernels, "accelerator_load", lambda device=None, device_map=None: "cuda")
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
+    monkeypatch.delenv(kernels.ENV, raising=False)
+    monkeypatch.setattr(constants, "is_offline_mode", lambda: False)
+
+
+@pytest.mark.parametrize(("value", "kernelized"), [("0", False), ("NO", False), ("1", True), (None, True)])
+def test_the_default_follows_transformers_load(
+    tiny_llava: pathlib.Path, monkeypatch: pytest.MonkeyPatch, value: str | None, kernelized: bool
+) -> None:
+    """``kernels_by_default`` says what ``from_pretrained`` without ``use_kernels`` then does."""
+    if value is None:
+        monkeypatch.delenv(kernels.ENV, raising=False)
+    else:
+        monkeypatch.setenv(kernels.ENV, value)
+    model = AutoModelForImageTextToText.from_pretrained(tiny_llava)
+    assert kernels.kernels_by_default() == model.use_kernels == (kernelized and DEFAULT_ON)
+    record = kernels.kernels_record(model)
+    assert record == {"use_kernels": model.use_kernels, kernels.ENV: value, "layers": {}}  # nothing swapped on CPU
+
+
+def test_the_record_counts_each_kernel_layer(tiny_llava: pathlib.Path) -> None:
+    """The layers the ``kernels`` library lists for a kernelized model (it marks each swapped module with its
+    repository), counted per kernel layer."""
+    repository = pytest.importorskip("kernels").LayerRepository
+    model = AutoModelForImageTextToText.from_pretrained(tiny_llava)
+    model._use_kernels = True
+    norms = [module for name, module in model.named_modules() if name.endswith("layernorm")]
+    activations = [module for name, module in model.named_modules() if name.endswith("mlp.act_fn")]
+    for modules, layer in ((norms, "LigerRMSNorm"), (activations, "Silu")):
+        for module in modules:
+            module.__dict__["_kernel_repo"] = repository("kernels-community/x", layer_name=layer, version=1)
+    assert norms and activations
+    assert kernels.kernel_layers(model) == {"LigerRMSNorm": len(norms), "Silu": len(activations)}
+
+
+def test_accelerator_load_reads_the_hosts_device_arguments(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)
+    monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda: torch.device("cuda"))
+    assert kernels.accelerator_load() == "cuda"
+    assert kernels.accelerator_load("cuda:0", "auto") == "cuda"
+    assert kernels.accelerator_load("cpu", "cpu") is None
+    assert kernels.accelerator_load(None, "cpu") is None
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: False)
+    assert kernels.accelerator_load("cuda") is None
+
+
+@pytest.mark.skipif(not DEFAULT_ON, reason="this transformers does not kernelize by default")
+@pytest.mark.usefixtures("gpu_load_with_hub_down")
+def test_a_gpu_load_needing_an_unreachable_hub_is_refused_before_the_weights(tiny_llava: pathlib.Path) -> None:
+    base_args = inspect.signature(LlavaHf.__init__).parameters
+    with pytest.raises(kernels.HubKernelsError, match=r"127\.0\.0\.1.* is unreachable.*USE_HUB_KERNELS=0"):
+        Plugin.from_model_kwargs({"pretrained": str(tiny_llava), "attn": "gaussian"}, base_args, "lmms_eval")
+
+
+@pytest.mark.skipif(not DEFAULT_ON, reason="this transformers does not kernelize by default")
+@pytest.mark.usefixtures("gpu_load_with_hub_down")
+def test_kernels_off_or_the_offline_cache_need_no_hub(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(kernels.ENV, "0")
+    kernels.require_reachable_kernels()
+    monkeypatch.delenv(kernels.ENV)
+    monkeypatch.setattr(constants, "is_offline_mode", lambda: True)
+    with pytest.warns(UserWarning, match="kernels missing from the local cache fall back to PyTorch's layers"):
+        kernels.require_reachable_kernels()
+
+
+def test_the_wrapper_records_what_its_base_class_loaded(tiny_llava: pathlib.Path) -> None:
+    """The results' environment block holds the kernels of the model the base class loaded."""
+    args = {"pretrained": str(tiny_llava), "device": "cpu", "device_map": "cpu", "dtype": "float32"}
+    lm = LostAttnLlavaSimple(**args, attn="gaussian")
+    base = LlavaHf(**args)
+    assert lm.lostattn.run.describe()["kernels"] == kernels.kernels_record(base.model)
+    assert lm.lostattn.run.describe()["kernels"]["use_kernels"] == base.model.use_kernels
