@@ -32,6 +32,7 @@ EXPECTED: dict[str, tuple[int, str]] = {
     "lostattn-lmms-eval layers": (2, LAYERS),
     "lostattn-lmms-eval model": (1, f"{FAILED} Model 'lostattn_nosuch' not found"),
     "lostattn-lmms-eval task": (1, f"{FAILED} Tasks not found: nosuch_task"),
+    "lostattn-lmms-eval no tasks": (2, "lostattn-lmms-eval: no --tasks given"),
     "lostattn-lmms-eval ok": (0, ""),
     "lostattn-lm-eval typo": (2, TYPO),
     "lostattn-lm-eval layers": (2, LAYERS),
@@ -52,8 +53,9 @@ def exits(
     lm_eval_tail = ["--include_path", str(tasks_path(host="lm_eval")), "--limit", "2", "--batch_size", "1"]
     lm_eval_tail += ["--device", "cpu", "--gen_kwargs", "max_gen_toks=2"]
 
-    def lmms_eval(*command: str, model: str = "lostattn_llava", args: str = "", task: str = "lostattn_pope") -> list:
-        return [*command, "--model", model, "--model_args", llava + args, "--tasks", task, *lmms_eval_tail]
+    def lmms_eval(*command: str, model: str = "lostattn_llava", args: str = "", task: str | None = "lostattn_pope"):
+        tasks = ["--tasks", task] if task else []
+        return [*command, "--model", model, "--model_args", llava + args, *tasks, *lmms_eval_tail]
 
     def lm_eval(args: str = "", task: str = "lostattn_shapes_text_gen") -> list[str]:
         command = [str(BIN / "lostattn-lm-eval"), "--model", "lostattn-hf", "--model_args", llama + args]
@@ -67,6 +69,7 @@ def exits(
         "lostattn-lmms-eval layers": lmms_eval(ours, args=",attn=uniform,attn_layers=99"),
         "lostattn-lmms-eval model": lmms_eval(ours, model="lostattn_nosuch"),
         "lostattn-lmms-eval task": lmms_eval(ours, task="nosuch_task"),
+        "lostattn-lmms-eval no tasks": lmms_eval(ours, task=None),
         "lostattn-lmms-eval ok": lmms_eval(ours, args=",attn=uniform,attn_layers=1"),
         "lostattn-lm-eval typo": lm_eval(",atn=uniform"),
         "lostattn-lm-eval layers": lm_eval(",attn=uniform,attn_layers=99"),

@@ -6,26 +6,33 @@ is; the question names the scene's first object, as the POPE task asks it.
 
 from __future__ import annotations
 
+import io
+import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from cli_helpers import OFFLINE
 from PIL import Image
 from transformers import LlavaForConditionalGeneration
 
+from lmms_lostattn import tasks
 from lmms_lostattn.cli import main
 from lmms_lostattn.config.spec import SpecError
 from lmms_lostattn.inspection import attention_maps
 from lmms_lostattn.inspection.attention_maps import Inspector, load
+from lmms_lostattn.model_wrappers.lmms_eval.documents import task_documents
 from lmms_lostattn.models import SHAPES_LLAVA_DIR
 from lmms_lostattn.models.training import PATCH_SIZE, POPE_POST_PROMPT
 from lmms_lostattn.tasks.generate_shapes import Scene, ShapeObject, make_scenes
 
+RUNS = pathlib.Path(__file__).parent / "data" / "runs"
 N_SCENES = 16
 GRID = 6  # 96-pixel images, 16-pixel patches; 37 image tokens with the class token
 SHOWN_LAYERS = (1, 2, 3)  # layer 0 puts almost no mass on the image (about 2e-4 in all on these scenes)
@@ -149,6 +156,72 @@ def test_the_command_writes_one_png_per_document(tmp_path, scenes: list[Scene]) 
     for path in written:
         with Image.open(path) as figure:
             assert figure.width > 600 and figure.height > 400
+
+
+def _show(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["show", *argv])
+    out, err = capsys.readouterr()
+    return exit_info.value.code, out, err
+
+
+def test_task_documents_are_the_task_s_own_image_and_question() -> None:
+    """Read against the shipped data file itself: document 3's image bytes and question."""
+    frame = pd.read_parquet(pathlib.Path(tasks.__file__).parent / "data" / "lostattn_pope.parquet")
+    (document,) = task_documents("lostattn_pope", [3])
+    with Image.open(io.BytesIO(frame.iloc[3]["image"]["bytes"])) as stored:
+        assert np.array_equal(np.asarray(document.image), np.asarray(stored.convert("RGB")))
+    assert document.text.startswith(frame.iloc[3]["question"]) and document.text.endswith(POPE_POST_PROMPT.strip())
+
+
+def test_the_command_draws_a_task_s_documents(tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = _show(capsys, "--pretrained", str(SHAPES_LLAVA_DIR), "--task", "lostattn_pope", "--doc-ids",
+                           "0,3", "--layers", "3", "-o", str(tmp_path))  # fmt: skip
+    assert code == 0, err
+    assert out.split() == [str(tmp_path / "00_lostattn_pope_0.png"), str(tmp_path / "01_lostattn_pope_3.png")]
+
+
+def test_the_command_draws_a_run_s_documents_with_its_intervention(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The run's model, its attn* arguments (the edited map beside the learned one) and every task of the run."""
+    run = pathlib.Path(shutil.copytree(RUNS / "gaussian", tmp_path / "run"))
+    (results,) = run.rglob("*_results.json")
+    raw = json.loads(results.read_text())
+    pretrained = raw["config"]["model_args"].split(",")[0]
+    raw["config"]["model_args"] = raw["config"]["model_args"].replace(pretrained, f"pretrained={SHAPES_LLAVA_DIR}")
+    results.write_text(json.dumps(raw))
+    code, out, err = _show(capsys, "--run", str(run), "--doc-ids", "1", "--layers", "3", "-o", str(tmp_path / "out"))
+    assert code == 0, err
+    names = [pathlib.Path(path).name for path in out.split()]
+    assert names == ["00_lostattn_pope_1.png", "01_lostattn_shapes_color_1.png"]
+    with Image.open(tmp_path / "out" / names[0]) as edited, Image.open(_learned_only(tmp_path, capsys)) as learned:
+        assert edited.width > learned.width  # a column of edited maps beside the learned ones
+
+
+def _learned_only(tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]) -> pathlib.Path:
+    code, out, err = _show(capsys, "--pretrained", str(SHAPES_LLAVA_DIR), "--task", "lostattn_pope", "--doc-ids", "1",
+                           "--layers", "3", "-o", str(tmp_path / "learned"))  # fmt: skip
+    assert code == 0, err
+    return pathlib.Path(out.split()[0])
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["--task", "lostattn_pope", "--doc-ids", "500"], "lostattn_pope has documents 0-199; no document 500"),
+        (["--task", "lostattn_pope", "--doc-ids", "one"], "--doc-ids 'one': give document ids"),
+        (["--task", "nosuch_task"], "no lmms-eval task 'nosuch_task'"),
+        (["--task", "lostattn_pope", "--image", "x.png", "--question", "q"], "give the documents one way"),
+        ([], "give the documents one way: --image/--question, --task or --run (got none)"),
+    ],
+)
+def test_documents_that_cannot_be_drawn_are_refused(
+    argv: list[str], says: str, tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = _show(capsys, "--pretrained", str(SHAPES_LLAVA_DIR), *argv, "-o", str(tmp_path))
+    assert code == 2 and says in err.strip().splitlines()[-1], err
+    assert not list(tmp_path.glob("*.png"))
 
 
 def test_only_the_command_line_imports_the_inspection_folder() -> None:

@@ -13,8 +13,9 @@
 * ``lostattn doctor``: the installed versions against the tested ranges, every contact point with an upstream
   internal, and a tiny model through prefill and cached decoding with edits and statistics; exit 0 when supported.
 * ``lostattn shapes-llava-path``: the directory of the shipped trained model (``pretrained=`` of lmms-eval).
-* ``lostattn show --pretrained DIR --image I --question Q [--model_args attn=...] [-o DIR]``: the last prompt
-  token's attention over the image patches per layer, learned and as the intervention ran it, one PNG per document.
+* ``lostattn show --pretrained DIR (--image I --question Q | --task T --doc-ids 0,3) [--model_args attn=...]``, or
+  ``lostattn show --run RUN --doc-ids 0,3``: the last prompt token's attention over the image patches per layer,
+  learned and as the intervention ran it, one PNG per document.
 * ``lostattn report RUN...``, ``lostattn compare RUN...``, ``lostattn check RUN --baseline RUN``: per-layer plots and
   the paper's tables, a leaderboard with paired tests, and a CI regression gate over lmms-eval or lm-eval output
   folders. Unusable input exits 2 with a message naming the file.
@@ -102,12 +103,22 @@ def main(argv: Sequence[str] | None = None) -> None:
                            "accuracy (default 0.01); a statistics row (lostattn_*) may change by this much either way")
     gate.add_argument("--metrics", nargs="+", default=[], help="metric or task/metric (default: every task metric)")
     look = commands.add_parser("show", help="PNGs of where the last prompt token attends over the image, per layer")
-    look.add_argument("--pretrained", required=True,
-                      help="a checkpoint directory or hub id whose image tokens are one per vision patch (LLaVA-1.5)")
-    look.add_argument("--image", action="append", required=True,
+    look.add_argument("--pretrained", default=None,
+                      help="a checkpoint directory or hub id whose image tokens are one per vision patch (LLaVA-1.5); "
+                           "with --run, default: the run's")
+    look.add_argument("--image", action="append", default=[],
                       help="an image file; repeat for several documents, each with its own --question")
-    look.add_argument("--question", action="append", required=True,
+    look.add_argument("--question", action="append", default=[],
                       help="the question asked about the --image of the same position (repeat likewise)")
+    look.add_argument("--task", default=None,
+                      help="instead of --image/--question: the documents --doc-ids of this lmms-eval task, with the "
+                           "image and prompt text lmms-eval builds for them")
+    look.add_argument("--run", type=pathlib.Path, default=None,
+                      help="instead: an lmms-eval run's output folder: its model, attn* arguments (--model_args "
+                           "adds to them) and tasks")
+    look.add_argument("--doc-ids", default="0", help="with --task or --run: document ids, e.g. 0,3,7 (default 0)")
+    look.add_argument("--include_path", action="append", default=[],
+                      help="with --task or --run: a folder of task YAMLs, as lmms-eval's --include_path")
     look.add_argument("--model_args", default="",
                       help="the plugin's attn* arguments, as in lmms-eval (e.g. attn=gaussian,attn_preset=paper,"
                            "attn_layers=1:); the edited map is drawn beside the learned one (default: learned only)")

@@ -43,14 +43,18 @@ class HostRuns:
 
     command: str  # the plugin's command, e.g. ``lostattn-lmms-eval``
     has_results: Callable[[Any], bool]
+    #: What is wrong with the evaluation function's arguments where the harness would exit 0 on it without
+    #: evaluating (None: nothing); such a run ends with status 2 and this message.
+    usage_error: Callable[..., str | None] = lambda *args, **kwargs: None
     refused: Exception | None = None
     failures: list[str] = field(default_factory=list)
 
     def run(self, cli: Callable[[], Any], module: str, name: str) -> None:
         """Run the harness's command line ``cli``, recording every call of ``module.name`` (which the harness must
         look up when it calls it); then end the process with status 2 where the plugin refused the run
-        (:data:`REFUSALS`), 1 where a call failed or, on the main process, produced no results. Returns when every
-        call produced results, or there was none (a command that evaluates nothing, e.g. a listing)."""
+        (:data:`REFUSALS`) or the call's arguments (:attr:`usage_error`), 1 where a call failed or, on the main
+        process, produced no results. Returns when every call produced results, or there was none (a command that
+        evaluates nothing, e.g. a listing)."""
         internal(module, name)
         try:
             with swapped([importlib.import_module(module)], name, self._recording):
@@ -66,6 +70,10 @@ class HostRuns:
     def _recording(self, function: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(function)
         def recorded(*args: Any, **kwargs: Any) -> Any:
+            problem = self.usage_error(*args, **kwargs)
+            if problem is not None:
+                print(f"{self.command}: {problem}", file=sys.stderr)
+                raise SystemExit(2)
             try:
                 returned = function(*args, **kwargs)
             except REFUSALS as error:

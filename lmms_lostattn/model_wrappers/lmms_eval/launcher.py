@@ -1,18 +1,28 @@
 """``lostattn-lmms-eval``: lmms-eval's command line, every flag as ``lmms-eval`` takes it, with an exit status that
 says whether the run worked. lmms-eval 0.7.3 logs an exception raised during a run (an unknown task or model id, a
 crash while evaluating) and exits 0; this command exits 2 where the plugin refused the run (its arguments, the
-installed versions, the checkpoint's family: the message alone), 1 where lmms-eval failed otherwise or produced no
-results, with one line saying why.
+installed versions, the checkpoint's family: the message alone) or was given no ``--tasks``, 1 where lmms-eval failed
+otherwise or produced no results, with one line saying why.
 """
 
 from __future__ import annotations
+
+from typing import Any
+
+
+def no_tasks(args: Any, *rest: Any, **kwargs: Any) -> str | None:
+    """lmms-eval exits 0 on a run without ``--tasks`` (after logging an error): say so (``--config`` files that name
+    tasks have set ``args.tasks`` by the time the evaluation function runs)."""
+    if getattr(args, "tasks", "") is None:
+        return "no --tasks given: name the tasks to evaluate (--tasks list lists them)"
+    return None
 
 
 def main() -> None:
     from lmms_lostattn.compat.internals import internal
     from lmms_lostattn.model_wrappers.common.exits import HostRuns
 
-    runs = HostRuns("lostattn-lmms-eval", has_results=lambda returned: returned[0] is not None)
+    runs = HostRuns("lostattn-lmms-eval", has_results=lambda returned: returned[0] is not None, usage_error=no_tasks)
     runs.run(internal("lmms_eval.cli.dispatch", "main"), "lmms_eval.__main__", "cli_evaluate_single")
 
 
