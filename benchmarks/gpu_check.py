@@ -35,7 +35,7 @@ from lmms_eval.models.simple.llava_hf import LlavaHf
 from PIL import Image
 from stats_overhead import _request
 
-from lmms_lostattn.compat.kernels import ENV, hub_problem, kernels_record
+from lmms_lostattn.compat.kernels import ENV, describe_layers, hub_problem, kernels_record
 from lmms_lostattn.model_wrappers.lmms_eval.wrappers import LostAttnLlavaSimple
 
 NEW_TOKENS = 8
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
           "RID attn | MixIG attn | RID ffn | MixIG ffn |")
     print("|---|---|---|---:|---|---:|---:|---:|---:|")
     for (dtype, kernels), cell in cells.items():
-        layers = ", ".join(f"{k} x{v}" for k, v in cell["kernels"]["base"]["layers"].items()) or "none"
+        layers = describe_layers(cell["kernels"]["base"]["layers"])
         stats = " | ".join(f"{value:.4f}" for value in cell["statistics"].values())
         equal = len(set(cell["answers"].values())) == 1
         print(f"| {dtype} | {kernels} | {layers} | {cell['gap_attn_none']:.3g} | {equal} | {stats} |")

@@ -20,6 +20,7 @@ from lmms_lostattn.compat.kernels import (
     ENV,
     HubKernelsError,
     accelerator_load,
+    describe_layers,
     kernels_by_default,
     kernels_record,
     require_reachable_kernels,
@@ -146,7 +147,6 @@ def kernels_lines(model: Any) -> tuple[list[str], int]:
     from lmms_lostattn.compat.versions import installed
 
     record = kernels_record(model)
-    layers = ", ".join(f"{name} x{count}" for name, count in record["layers"].items()) or "none"
     default = "yes" if kernels_by_default() else "no"
     lines = [
         _status(
@@ -154,7 +154,11 @@ def kernels_lines(model: Any) -> tuple[list[str], int]:
             f"transformers {installed('transformers')} kernelizes at load by default: {default} "
             f"({ENV}={record[ENV] or 'unset'})",
         ),
-        _status(None, f"tiny LLaVA loaded here (cpu): use_kernels={record['use_kernels']}, kernel layers: {layers}"),
+        _status(
+            None,
+            f"tiny LLaVA loaded here (cpu): use_kernels={record['use_kernels']}, "
+            f"kernel layers: {describe_layers(record['layers'])}",
+        ),
     ]
     accelerator = accelerator_load()
     if accelerator is None:

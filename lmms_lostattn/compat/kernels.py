@@ -105,6 +105,11 @@ def kernel_layers(model: Any) -> dict[str, int]:
     return dict(sorted(Counter(str(layer.repo.layer_name) for layer in layers).items()))
 
 
+def describe_layers(layers: dict[str, int]) -> str:
+    """Kernel layers (:func:`kernel_layers`) in one line: ``LigerRMSNorm x65, Silu x32``, or ``none``."""
+    return ", ".join(f"{name} x{count}" for name, count in layers.items()) or "none"
+
+
 def kernels_record(model: Any) -> dict[str, Any]:
     """What a loaded model runs, for the results' environment block: ``use_kernels`` (as loaded), the
     ``USE_HUB_KERNELS`` variable (None: unset) and the kernelized layers (:func:`kernel_layers`)."""

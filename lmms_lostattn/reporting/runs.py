@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from lmms_lostattn.compat.kernels import describe_layers
 from lmms_lostattn.statistics.collector import table_row
 
 RESULTS_SUFFIX = "_results.json"  # lmms-eval's
@@ -254,7 +255,7 @@ def _kernel_layers(run: LoadedRun) -> str | None:
     record = run.block.get("kernels")
     if record is None:
         return None
-    return ", ".join(f"{name} x{count}" for name, count in record.get("layers", {}).items()) or "none"
+    return describe_layers(record.get("layers", {}))
 
 
 # What identifies a logged document besides its doc_id, best first: lm-eval's hashes of its prompt and target text,
