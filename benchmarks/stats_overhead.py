@@ -98,7 +98,7 @@ def _cell(value: float | None, spec: str) -> str:
     return "n/a" if value is None else format(value, spec)
 
 
-# Issue #4's GPU targets for stats=paper on the 7B config: step time and peak memory added to stats=none.
+# The GPU targets for stats=paper on the 7B config: step time and peak memory added to stats=none.
 TARGET_RATIO, TARGET_GIB = 1.10, 1.0
 
 
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
                 f"| {length} | {kind} | {row['min_s']:.3f} | {row['median_s']:.3f} | {row['ratio']:.2f} | "
                 f"{row['added_s']:+.3f} | {_cell(row['peak_gib'], '.2f')} | {_cell(row['added_gib'], '+.3f')} |"
             )
-    print(f"\nstats=paper targets (issue #4, for the 7B GPU config): ratio <= {TARGET_RATIO}, + GiB <= {TARGET_GIB}")
+    print(f"\nstats=paper targets (for the 7B GPU config): ratio <= {TARGET_RATIO}, + GiB <= {TARGET_GIB}")
     for length, by_kind in results.items():
         row = by_kind["paper"]
         memory = "not measured (CPU)" if row["added_gib"] is None else f"{row['added_gib']:+.3f} GiB"
