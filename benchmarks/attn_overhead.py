@@ -68,12 +68,17 @@ class BenchConfig:
     extra_args: dict[str, dict[str, str]] = field(default_factory=dict)  # setting name -> model_args added for it
 
 
-PAPER = "plugin paper preset"
+PAPER, KNOCKOUT = "plugin paper preset", "plugin knockout (paper layers and rows)"
 CONFIGS = {
     # 8 layers: the LLaVA preset's layers 18-23 do not exist, so the paper setting edits every layer but 0.
-    "cpu": BenchConfig("cpu", 512, 8, 8, 8, 1376, None, "float32", "cpu", 2, extra_args={PAPER: {"attn_layers": "1:"}}),
+    "cpu": BenchConfig(
+        "cpu", 512, 8, 8, 8, 1376, None, "float32", "cpu", 2,
+        extra_args={PAPER: {"attn_layers": "1:"}, KNOCKOUT: {"attn_layers": "1:"}},
+    ),
     # LLaVA-1.5-7B decoder: the preset itself (layers 18-23, heads p0.3-0.6).
-    "7b": BenchConfig("7b", 4096, 32, 32, 32, 11008, 32064, "float16", "cuda", None),
+    "7b": BenchConfig(
+        "7b", 4096, 32, 32, 32, 11008, 32064, "float16", "cuda", None, extra_args={KNOCKOUT: {"attn_layers": "18-23"}}
+    ),
 }
 
 
@@ -95,6 +100,9 @@ SETTINGS = (
     Setting(EAGER, False, {"attn_implementation": "eager"}),
     Setting(CONTROL, True, {"attn": "none"}, BASE, 1.02, ("prefill", "per_token")),
     Setting(PAPER, True, {"attn": "gaussian", "attn_preset": "paper"}, BASE, 1.10, ("prefill", "per_token")),
+    # no target: the cheapest edit (one multiply) on the preset's layers, rows and keys, i.e. what materialising the
+    # edited rows costs before any pattern, head scores or score scale
+    Setting(KNOCKOUT, True, {"attn": "knockout"}, BASE),
     Setting(
         "plugin uniform/probs/all rows/all layers",
         True,

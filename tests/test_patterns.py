@@ -70,10 +70,12 @@ def test_logits_space_blend_formula(block: dict, lam: float) -> None:
     torch.testing.assert_close(run(block, "uniform", space="logits", lam=lam), expected)
 
 
-def test_gaussian_logits_uses_a_dirichlet_vector_shared_by_rows(block: dict) -> None:
+@pytest.mark.parametrize("edit_heads", [H, 1])  # edited entries per head, or one mask for every head (as attention)
+def test_gaussian_logits_uses_a_dirichlet_vector_shared_by_rows(block: dict, edit_heads: int) -> None:
     """p over the edited keys is -log(U) normalised, one vector per (sample, head), whatever the row."""
-    weights = run(block, "gaussian", space="logits")
-    scores, edit, allowed = block["scores"], block["edit"], block["allowed"]
+    scores, edit, allowed = block["scores"], block["edit"][:, :edit_heads], block["allowed"]
+    inter = Intervention(mode="gaussian", space="logits")
+    weights = edited_weights(scores.clone(), allowed, edit, inter, block["coords"])
     heads = torch.arange(H).view(1, H, 1, 1)
     u = rng.uniform(block["coords"].sample_key.view(B, 1, 1, 1), 0, heads, block["key_abs"].view(1, 1, 1, K))
     p = torch.where(edit, -torch.log(u), 0.0)
@@ -181,6 +183,28 @@ def test_memo_draws_each_key_once_and_keeps_the_values(dist: str, monkeypatch: p
     gap = _coordinates(keys=range(13, 15), memo=memo).key_draws(dist, 3)  # after a gap: drawn, not kept
     torch.testing.assert_close(gap, fresh[-1], rtol=0, atol=0)
     assert memo[dist].shape[-1] == 12
+
+
+def _lowbias32(x: int) -> int:
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & 0xFFFFFFFF
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+def test_uniform_draws_are_the_lowbias32_chain_of_their_coordinates() -> None:
+    """u = (h + 1/2) / 2^32 rounded to float32, h folding each coordinate c into the key as
+    h <- lowbias32(h xor lowbias32(c + 0x9E3779B9 mod 2^32)): a pure function of the coordinates."""
+    keys, positions = [7, 2**32 - 1], range(-2, 5)
+    drawn = rng.uniform(torch.tensor(keys).view(2, 1, 1), -1, torch.arange(3).view(1, 3, 1), torch.arange(-2, 5))
+    for i, key in enumerate(keys):
+        for head in range(3):
+            for j, position in enumerate(positions):
+                state = key
+                for coord in (-1, head, position):
+                    state = _lowbias32(state ^ _lowbias32((coord + 0x9E3779B9) & 0xFFFFFFFF))
+                assert drawn[i, head, j] == torch.tensor((state + 0.5) / 2**32, dtype=torch.float32)
 
 
 def test_uniform_draws_look_uniform() -> None:

@@ -8,7 +8,7 @@ bitwise. With eager, the returned attention weights (e.g. ``output_attentions``)
 
 The scores come from the query pre-multiplied by the scaling (one pass over the query, not over the scores), each
 key-value head against its own query heads (no ``repeat_kv`` copy). What depends on the forward step only (the
-allowed keys, the edited entries of any head, the head-score key masks and, where every layer shares it, the
+allowed keys, the edited entries of any head, the head-score key weights and, where every layer shares it, the
 pattern) is worked out by the first edited layer and kept on the selection for the others.
 """
 
@@ -121,6 +121,8 @@ class EditedAttention:
         edited = edited.transpose(1, 2)
         if out is None:  # every row edited; the eager kernel also returns the weights (output_attentions)
             return edited.contiguous(), weights.to(query.dtype) if passthrough is eager_passthrough else None
+        if "changed" not in step:
+            step["changed"] = step["entries"].any(dim=-1, keepdim=True)
         changed = step["changed"] if heads is None else step["changed"] & heads  # entries outside stay bitwise
         out = out.transpose(1, 2)  # (B, H, Q, Dv), a view: the writes below land in the kernel's output
         set_rows(out, needed, torch.where(changed, edited.transpose(1, 2), rows_of(out, needed)))
@@ -135,7 +137,7 @@ class EditedAttention:
     ) -> dict[str, Any]:
         """What the edited layers of a step share for one attention mask, worked out by the first of them and kept
         on the selection: the allowed keys of the computed rows, additive biases beyond the mask, the edited
-        entries of any head (``(B, 1|H, Qs, K)``) and the rows with one, ``blocked`` = None where every key is allowed;
+        entries of any head (``(B, 1|H, Qs, K)``), ``blocked`` = None where every key is allowed;
         also what :func:`~lmms_lostattn.intervention.patterns.edited_weights` keeps."""
         causal = getattr(module, "is_causal", True)
         held = selection.memo.get((id(attention_mask), causal))
@@ -146,7 +148,7 @@ class EditedAttention:
             mask = rows_of(mask, selection.needed)
         allowed = allowed_keys(module, mask, selection.query_abs, selection.key_abs)
         entries = allowed & selection.key_edited[:, None, None, :] & selection.rows[:, None, :, None]
-        step = {"allowed": allowed, "entries": entries, "changed": entries.any(dim=-1, keepdim=True)}
+        step = {"allowed": allowed, "entries": entries}
         if attention_mask is None and (not causal or selection.first_query >= selection.keys.stop - 1):
             step["blocked"] = None  # every key allowed (a causal decoding step), known on the host
         if mask is not None and mask.dtype != torch.bool:
@@ -220,10 +222,12 @@ class EditedAttention:
         (a cached decoding step computes that one row). Recomputation without a cache gives the same values."""
         device = scores.device
         allowed = step["allowed"]
-        if "row_keys" not in step:
-            step["row_keys"] = allowed.sum(-1).clamp_min(1)
-        kept = scores if step.get("blocked", allowed) is None else torch.where(allowed, scores, 0.0)
-        row_mean = (kept.sum(-1) / step["row_keys"]).mean(dim=1)
+        if step.get("blocked", allowed) is None:  # every key allowed
+            row_mean = scores.mean(dim=(1, 3))
+        else:
+            if "row_keys" not in step:
+                step["row_keys"] = allowed.sum(-1).clamp_min(1)
+            row_mean = (torch.where(allowed, scores, 0.0).sum(-1) / step["row_keys"]).mean(dim=1)
         if "prompt" not in step:
             step["prompt"] = self._prompt_block(every_row.shape[2], key.shape[2], selection, device)
         if step["prompt"] is None:  # generated rows only (a cached decoding step)

@@ -38,10 +38,15 @@ _NEG = torch.finfo(torch.float32).min
 SHARED_LAYER = -1  # the layer coordinate of draws shared by every layer (``attn_draw=shared``)
 
 
+def _exponential(*coords: torch.Tensor | int) -> torch.Tensor:
+    """Exp(1) draws, -log(u), kept above 0 (u rounds to 1 in float32 with probability 2^-24)."""
+    return torch.log(rng.uniform(*coords)).neg_().clamp_min_(torch.finfo(torch.float32).tiny)
+
+
 # What one key draws for ``gaussian``, by ``attn_dist``, from its uniform or normal draw: p is the normalised (or,
 # for ``normal``, softmaxed) vector of these over the edited keys.
 _KEY_DRAWS = {
-    "dirichlet": lambda *coords: -torch.log(rng.uniform(*coords)),  # normalised Exp(1) draws: a flat Dirichlet
+    "dirichlet": _exponential,  # normalised Exp(1) draws: a flat Dirichlet
     "uniform": rng.uniform,
     "normal": rng.normal,
 }
@@ -141,29 +146,43 @@ def _memoised(memo: dict[str, Any], name: str, make: Callable[[], Any]) -> Any:
     return memo[name]
 
 
-def _normalise(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def _normalise(values: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``values`` (>= 0) over their sum on each row's ``mask``ed keys, zero outside ``mask``, and those sums
+    ``(B, H|1, Q, 1)``. Values that are the same in every row (``(B|1, H|1, 1, K)``: per-key draws or priors) against
+    a mask that is the same for every head (``(B|1, 1, Q, K)``) get the sums as one matrix product."""
+    tiny = torch.finfo(values.dtype).tiny
+    if values.shape[-2] == 1 and mask.shape[1] == 1:
+        per_key = values[:, :, 0, :].transpose(-1, -2).unsqueeze(1)  # (B|1, 1, K, H|1)
+        sums = torch.matmul(mask.to(values.dtype), per_key).permute(0, 3, 2, 1)  # (B, H|1, Q, 1)
+        return torch.where(mask, values / sums.clamp_min(tiny), 0.0), sums
     values = torch.where(mask, values, 0.0)
-    return values / values.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(values.dtype).tiny)
+    sums = values.sum(dim=-1, keepdim=True)
+    return values / sums.clamp_min(tiny), sums
 
 
-def pattern(inter: Intervention, edit: torch.Tensor, coords: Coordinates, num_heads: int) -> torch.Tensor:
+def pattern(
+    inter: Intervention, edit: torch.Tensor, coords: Coordinates, num_heads: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The predefined probability vector p over the edited keys of each row, ``(B, H|1, Q, K)``, zero elsewhere
-    (``edit`` ``(B, H|1, Q, K)``; per-head draws give H)."""
+    (``edit`` ``(B, 1|H, Q, K)``; per-head draws give H), and which rows p puts mass on, ``(B, H|1, Q, 1)``; ``None``
+    where p is positive on every edited key (every row with an edited key has mass)."""
     if inter.mode == "uniform":
-        return _normalise(torch.ones_like(edit, dtype=torch.float32), edit)
+        return _normalise(torch.ones_like(edit, dtype=torch.float32), edit)[0], None
     if inter.mode == "identity":
-        return _normalise((coords.key_abs.view(1, 1, 1, -1) == coords.queries[:, None, :, None]).float(), edit)
+        p, sums = _normalise((coords.key_abs.view(1, 1, 1, -1) == coords.queries[:, None, :, None]).float(), edit)
+        return p, sums > 0
     if inter.mode == "sink":
         first = edit.int().argmax(dim=-1, keepdim=True)
-        return torch.zeros(edit.shape, device=edit.device).scatter_(-1, first, 1.0) * edit
+        return torch.zeros(edit.shape, device=edit.device).scatter_(-1, first, 1.0) * edit, None
     if inter.mode in PRIOR_MODES:
-        return _normalise(coords.prior[:, None, None, :], edit)
+        p, sums = _normalise(coords.prior[:, None, None, :], edit)
+        return p, sums > 0
     if inter.mode != "gaussian":
         raise ValueError(f"no predefined pattern for attn={inter.mode}")
     draws = coords.key_draws(inter.dist, num_heads)
     if inter.dist == "normal":
-        return torch.where(edit, inter.sigma * draws, _NEG).softmax(dim=-1) * edit
-    return _normalise(draws, edit)
+        return torch.where(edit, inter.sigma * draws, _NEG).softmax(dim=-1) * edit, None
+    return _normalise(draws, edit)[0], None
 
 
 def shuffle_within(values: torch.Tensor, edit: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
@@ -179,24 +198,22 @@ def shuffle_within(values: torch.Tensor, edit: torch.Tensor, draws: torch.Tensor
     return values.clone().scatter_(-1, by_position, values.gather(-1, by_draw))
 
 
-def _head_key_masks(
-    allowed: torch.Tensor, key_is_visual: torch.Tensor, sides: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The keys :func:`head_scores` averages over, stacked ``(S, B|1, 1|H, Q, K)`` (S = 1, or 2 with ``sides``), and
-    what each mean is divided by, negated (the count, or with ``sides`` the count and the number of sides)."""
+def _head_key_weights(allowed: torch.Tensor, key_is_visual: torch.Tensor, sides: bool) -> torch.Tensor:
+    """The weight of each key in a row's head score, ``(B|1, 1|H, Q, K)``, so that the score is the row's logits
+    times these weights, summed: -1/n on the n allowed non-visual keys (``pooled``), or with ``sides``
+    -1/(n_side · sides with keys) on the keys of each side."""
     text_keys = allowed & ~key_is_visual
     if not sides:
-        masks = text_keys[None]
-        return masks, -masks.sum(dim=-1).clamp_min(1)
+        return text_keys / -text_keys.sum(dim=-1, keepdim=True).clamp_min(1)
     shape = torch.broadcast_shapes(text_keys.shape, key_is_visual.shape)
     position = torch.arange(shape[-1], device=key_is_visual.device)
     visual = key_is_visual.expand(shape)
     first = torch.where(visual, position, shape[-1]).amin(dim=-1, keepdim=True)
     last = torch.where(visual, position, -1).amax(dim=-1, keepdim=True)
-    masks = torch.stack([text_keys & (position < first), text_keys & (position > last)])
-    count = masks.sum(dim=-1)
-    sides_seen = -(count > 0).sum(dim=0).clamp_min(1)
-    return masks, torch.cat([count.clamp_min(1), sides_seen[None]])
+    masks = torch.stack([text_keys & (position < first), text_keys & (position > last)])  # (2, B, H, Q, K)
+    count = masks.sum(dim=-1, keepdim=True)
+    sides_seen = (count > 0).sum(dim=0).clamp_min(1)
+    return (masks / (count.clamp_min(1) * -sides_seen)).sum(dim=0)
 
 
 def head_scores(
@@ -208,15 +225,14 @@ def head_scores(
 ) -> torch.Tensor:
     """SAP's head score ``(B, H, Q)`` of each row: v_h = -mean of the row's logits over its allowed non-visual keys
     (``pooled``), or ``sides``: -(mean over those before the first visual key + mean over those after the last)/2,
-    the mean of the one side there is when the other has no key (the released OneVision file). The key masks
-    depend on the step only: ``memo`` keeps them for the other layers."""
+    the mean of the one side there is when the other has no key (the released OneVision file). Computed as the
+    logits times per-key weights (:func:`_head_key_weights`), one matrix product where the weights are the same for
+    every head; they depend on the step only, and ``memo`` keeps them for the other layers."""
     memo = {} if memo is None else memo
-    masks, divisors = _memoised(memo, "head_keys", lambda: _head_key_masks(allowed, key_is_visual, sides))
-    sums = torch.where(masks, scores, 0.0).sum(dim=-1)  # (S, B, H, Q)
-    if not sides:
-        return sums[0] / divisors[0]
-    means = sums / divisors[:2]
-    return (means[0] + means[1]) / divisors[2]
+    weights = _memoised(memo, "head_keys", lambda: _head_key_weights(allowed, key_is_visual, sides))
+    if weights.shape[1] != 1:
+        return (scores * weights).sum(dim=-1)
+    return torch.matmul(scores.transpose(1, 2), weights[:, 0, :, :, None])[..., 0].transpose(1, 2)
 
 
 def band_heads(
@@ -231,8 +247,9 @@ def band_heads(
     quantile rank/(H-1) lies in ``band`` (ties: lower head first)."""
     memo = {} if memo is None else memo
     value = head_scores(scores, allowed, key_is_visual, sides, memo)
-    rank = value.argsort(dim=1, stable=True).argsort(dim=1)
-    return _memoised(memo, "band", lambda: _in_band(scores.shape[1], band, scores.device))[rank].unsqueeze(-1)
+    by_rank = _memoised(memo, "band", lambda: _in_band(scores.shape[1], band, scores.device))
+    by_rank = by_rank.view(1, -1, 1).expand(value.shape)
+    return by_rank.scatter(1, value.argsort(dim=1, stable=True), by_rank).unsqueeze(-1)  # head order[r] gets rank r's
 
 
 def _in_band(num_heads: int, band: tuple[float, float], device: torch.device) -> torch.Tensor:
@@ -267,12 +284,13 @@ def edited_weights(
         return masked_softmax(mixed, allowed) if inter.space == "logits" else mixed
     if inter.mode == "knockout":
         return _masked_softmax_(scores, allowed, memo).mul_(_keep_factor(edit, heads, lam, kept))
-    target = _memoised(kept, "target", lambda: pattern(inter, edit, coords, scores.shape[1]))
-    edit = _memoised(kept, "edit", lambda: edit & (target.sum(dim=-1, keepdim=True) > 0))  # rows without an edited
-    # key keep their weights
+    target, mass = _memoised(kept, "target", lambda: pattern(inter, edit, coords, scores.shape[1]))
+    if mass is not None:  # rows where p has no mass keep their weights
+        edit = _memoised(kept, "edit", lambda: edit & mass)
     if inter.space == "logits":
-        if inter.scale == "scores":  # p' = p |mean s| / (2 mean_E p)
-            target = target * score_scale / _memoised(kept, "target_scale", lambda: _twice_mean(target, edit))
+        if inter.scale == "scores":  # p' = p |mean s| / (2 mean_E p) = p |E| |mean s| / 2: p sums to 1 over E
+            unit = _memoised(kept, "unit_target", lambda: target * (edit.sum(dim=-1, keepdim=True) * 0.5))
+            target = unit * score_scale
         replaced = target if lam == 1.0 else (1.0 - lam) * scores + lam * target  # lambda = 1: 0 s + p is p
         mixed = torch.where(edit if heads is None else edit & heads, replaced, scores)
         return _masked_softmax_(mixed, allowed, memo)
@@ -291,9 +309,3 @@ def _keep_factor(
     if heads is None:
         return _memoised(memo, "keep", lambda: torch.where(edit, 1.0 - lam, 1.0))
     return torch.where(edit & heads, 1.0 - lam, 1.0)
-
-
-def _twice_mean(target: torch.Tensor, edit: torch.Tensor) -> torch.Tensor:
-    """``2 mean_E(p)`` of each row, kept from 0."""
-    mean_p = target.sum(dim=-1, keepdim=True) / edit.sum(dim=-1, keepdim=True).clamp_min(1)
-    return 2.0 * mean_p.clamp_min(torch.finfo(target.dtype).tiny)

@@ -16,9 +16,8 @@ _MASK32 = 0xFFFFFFFF
 _GOLDEN = 0x9E3779B9
 
 
-def _mix(x: torch.Tensor) -> torch.Tensor:
-    """lowbias32 on int64 tensors holding 32-bit values (products wrap; the low 32 bits stay exact)."""
-    x = x & _MASK32
+def _mix(x: torch.Tensor | int) -> torch.Tensor | int:
+    """lowbias32 of 32-bit values: Python ints, or int64 tensors (products wrap; the low 32 bits stay exact)."""
     x = x ^ (x >> 16)
     x = (x * 0x7FEB352D) & _MASK32
     x = x ^ (x >> 15)
@@ -33,12 +32,14 @@ def stable_key(*parts: object) -> int:
 
 
 def uniform(key: torch.Tensor | int, *coords: torch.Tensor | int) -> torch.Tensor:
-    """Uniform draws in (0, 1), float32, broadcast over ``key`` and ``coords`` (int64 tensors or ints)."""
-    state = torch.as_tensor(key, dtype=torch.int64)
+    """Uniform draws in (0, 1], float32 (1 where (h + 1/2) / 2^32 rounds up, probability 2^-24), broadcast over
+    ``key`` and ``coords`` (int64 tensors or ints; an int coordinate is mixed on the host)."""
+    state = torch.as_tensor(key, dtype=torch.int64) & _MASK32
     for coord in coords:
-        coord = torch.as_tensor(coord, dtype=torch.int64, device=state.device)
+        if not isinstance(coord, int):
+            coord = torch.as_tensor(coord, dtype=torch.int64, device=state.device)
         state = _mix(state ^ _mix((coord + _GOLDEN) & _MASK32))
-    return ((state.double() + 0.5) / 2**32).float()
+    return state.double().add_(0.5).div_(2**32).float()
 
 
 def normal(key: torch.Tensor | int, *coords: torch.Tensor | int) -> torch.Tensor:
