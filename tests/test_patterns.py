@@ -7,7 +7,14 @@ import torch
 
 from lmms_lostattn.config.spec import Intervention
 from lmms_lostattn.intervention import patterns, rng
-from lmms_lostattn.intervention.patterns import Coordinates, band_heads, edited_weights, masked_softmax, shuffle_within
+from lmms_lostattn.intervention.patterns import (
+    Coordinates,
+    band_heads,
+    edited_weights,
+    head_scores,
+    masked_softmax,
+    shuffle_within,
+)
 
 B, H, Q, K = 2, 3, 4, 6
 
@@ -144,6 +151,25 @@ def test_band_heads_keeps_the_quantile_band() -> None:
     chosen = band_heads(scores, allowed, visual, (0.25, 0.5)).flatten()
     # ascending v: head0 (-4), head2 (-3), head4 (-2), head3 (-1), head1 (0) -> quantiles 0, .25, .5, .75, 1
     assert chosen.tolist() == [False, False, True, False, True]
+
+
+@pytest.mark.parametrize("sides", [False, True])
+def test_head_scores_are_minus_the_mean_over_each_rows_text_keys(sides: bool) -> None:
+    """Every row its own causal keys; image keys 3..5, so a row's text keys before the image are 0..2 and after it
+    6.. up to the row (none for rows 2..5): ``sides`` then takes the one side there is."""
+    scores = torch.randn(2, 3, 9, 9, generator=torch.Generator().manual_seed(1))
+    allowed = torch.ones(9, 9, dtype=torch.bool).tril()[None, None]
+    visual = torch.zeros(2, 1, 1, 9, dtype=torch.bool)
+    visual[..., 3:6] = True
+    got = head_scores(scores, allowed, visual, sides)
+    for b in range(2):
+        for h in range(3):
+            for q in range(9):
+                before, after = scores[b, h, q, : min(q + 1, 3)], scores[b, h, q, 6 : q + 1]
+                means = [side.mean() for side in (before, after) if side.numel()]
+                text = torch.cat([before, after])
+                expected = -sum(means) / len(means) if sides else -text.mean()
+                torch.testing.assert_close(got[b, h, q], expected)
 
 
 def _coordinates(
