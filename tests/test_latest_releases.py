@@ -26,7 +26,7 @@ def latest():
 
 
 DOCTOR = """contact points with upstream internals
-  ok       transformers.integrations.sdpa_attention.repeat_kv
+  ok       transformers.integrations.sdpa_attention.sdpa_attention_forward
   FAILED   lmms-lostattn: the model forward's KV-cache argument (transformers 5.26.0) has moved: expected ...
   ok       lmms_eval.utils._smart_comma_split
 NOT supported: 1 problem(s) above."""

@@ -37,10 +37,15 @@ def test_contact_point_holds(point: contacts.ContactPoint) -> None:
 
 
 def test_a_broken_contact_point_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(sdpa_attention, "repeat_kv", lambda hidden, n_rep: hidden.repeat(1, n_rep, 1, 1))
-    point = next(p for p in CONTACT_POINTS if p.name.endswith("repeat_kv"))
+    def heads_first(module, query, *args, **kwargs):  # the output left as (B, H, Q, D)
+        out, weights = sdpa_forward(module, query, *args, **kwargs)
+        return out.transpose(1, 2), weights
+
+    sdpa_forward = sdpa_attention.sdpa_attention_forward
+    monkeypatch.setattr(sdpa_attention, "sdpa_attention_forward", heads_first)
+    point = next(p for p in CONTACT_POINTS if p.name.endswith("sdpa_attention_forward"))
     problem = point.problem()
-    assert problem is not None and "repeat_kv" in problem and "transformers" in problem
+    assert problem is not None and "sdpa_attention_forward" in problem and "transformers" in problem
 
 
 def test_a_missing_internal_is_named_with_the_version() -> None:

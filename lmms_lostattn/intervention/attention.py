@@ -20,15 +20,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from lmms_lostattn.compat.internals import internal
 from lmms_lostattn.config.spec import PRIOR_MODES, Intervention
 from lmms_lostattn.intervention.kernel import eager_passthrough
 from lmms_lostattn.intervention.patterns import SHARED_LAYER, Coordinates, band_heads, edited_weights
 from lmms_lostattn.intervention.prior_hooks import prior_at
 from lmms_lostattn.intervention.prompt import InterventionError, PromptTracker
 from lmms_lostattn.intervention.selection import Selection, Selector
-
-repeat_kv = internal("transformers.integrations.sdpa_attention", "repeat_kv")
 
 
 def rows_of(block: torch.Tensor, needed: torch.Tensor) -> torch.Tensor:
@@ -234,7 +231,7 @@ class EditedAttention:
             return row_mean.abs()[:, None, :, None]
         in_rows, row_count, in_keys, key_count, prompt_rows = step["prompt"]
         mean_query = torch.einsum("bhqd,bq->bhd", every_row.float(), in_rows) / row_count
-        key = repeat_kv(key, every_row.shape[1] // key.shape[1])
-        mean_key = torch.einsum("bhkd,bk->bhd", key.float(), in_keys) / key_count
+        mean_key = torch.einsum("bhkd,bk->bhd", key.float(), in_keys) / key_count  # per key-value head
+        mean_key = mean_key.repeat_interleave(every_row.shape[1] // key.shape[1], dim=1)  # per query head
         prompt_mean = (mean_query * mean_key).sum(-1).mean(dim=1) * scaling  # (B,): mean over heads, rows, keys
         return torch.where(prompt_rows, prompt_mean[:, None], row_mean).abs()[:, None, :, None]

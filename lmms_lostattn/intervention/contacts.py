@@ -31,14 +31,6 @@ def _random_qkv() -> tuple[Any, Any, Any]:
     return tuple(torch.randn((2, heads, 5, 8), generator=generator, dtype=torch.float64) for heads in (4, 2, 2))
 
 
-def _repeat_kv() -> None:
-    repeat_kv = internal("transformers.integrations.sdpa_attention", "repeat_kv")
-    _, key, _ = _random_qkv()
-    expect(
-        torch.equal(repeat_kv(key, 2), key.repeat_interleave(2, dim=1)), "repeat_kv(x, n) != x.repeat_interleave(n, 1)"
-    )
-
-
 def _sdpa_attention_forward() -> None:
     """Called as the model files call it, with no mask: causal attention, output ``(B, Q, H, D)``."""
     sdpa_attention_forward = internal("transformers.integrations.sdpa_attention", "sdpa_attention_forward")
@@ -117,7 +109,6 @@ CONTACT_POINTS: tuple[ContactPoint, ...] = (
     ContactPoint(
         "transformers.integrations.sdpa_attention.sdpa_attention_forward", "transformers", _sdpa_attention_forward
     ),
-    ContactPoint("transformers.integrations.sdpa_attention.repeat_kv", "transformers", _repeat_kv),
     ContactPoint("transformers.cache_utils.DynamicCache.get_seq_length", "transformers", _dynamic_cache),
     ContactPoint("PretrainedConfig.get_text_config / sub_configs", "transformers", _text_sub_config),
     ContactPoint("GenerationMixin.generate: prefill, then forwards with the KV cache", "transformers", _generate_calls),
