@@ -136,7 +136,7 @@ def _command_line(returned: Any) -> Callable[[], None]:
     [
         ({"results": {}}, None, None, ""),
         (None, "1", None, ""),  # off the main process a harness returns nothing
-        (None, None, 1, "lostattn-x: the run failed: it produced no results\n"),
+        (None, None, 2, "lostattn-x: the run produced no results\n"),
         (ValueError("no task x\nmore"), None, 1, "lostattn-x: the run failed: ValueError: no task x\n"),
         (SpecError("lostattn: attn='x' is not valid"), None, 2, "lostattn: attn='x' is not valid\n"),
     ],

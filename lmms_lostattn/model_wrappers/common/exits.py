@@ -1,7 +1,8 @@
 """The exit status of the plugin's command lines. lmms-eval 0.7.3 logs an exception raised during a run and exits 0;
 a CI job must never read that as a pass. :data:`REFUSALS` are what the plugin refuses before a model loads (ended
 with status 2 and the message alone, :func:`exit_refused`); :class:`HostRuns` judges a harness's command line by the
-calls of its evaluation function (1 for a failure it swallowed or a run without results)."""
+calls of its evaluation function (1 for a failure it swallowed, 2 for a run without results, as ``lostattn check``
+exits on a folder without results)."""
 
 from __future__ import annotations
 
@@ -48,12 +49,13 @@ class HostRuns:
     usage_error: Callable[..., str | None] = lambda *args, **kwargs: None
     refused: Exception | None = None
     failures: list[str] = field(default_factory=list)
+    without_results: bool = False  # a call on the main process returned without results (and raised nothing)
 
     def run(self, cli: Callable[[], Any], module: str, name: str) -> None:
         """Run the harness's command line ``cli``, recording every call of ``module.name`` (which the harness must
         look up when it calls it); then end the process with status 2 where the plugin refused the run
-        (:data:`REFUSALS`) or the call's arguments (:attr:`usage_error`), 1 where a call failed or, on the main
-        process, produced no results. Returns when every call produced results, or there was none (a command that
+        (:data:`REFUSALS`) or the call's arguments (:attr:`usage_error`), 1 where a call failed, 2 where one returned
+        no results on the main process. Returns when every call produced results, or there was none (a command that
         evaluates nothing, e.g. a listing)."""
         internal(module, name)
         try:
@@ -66,6 +68,9 @@ class HostRuns:
         if self.failures:
             print(f"{self.command}: the run failed: {self.failures[0]}", file=sys.stderr)
             raise SystemExit(1)
+        if self.without_results:
+            print(f"{self.command}: the run produced no results", file=sys.stderr)
+            raise SystemExit(2)
 
     def _recording(self, function: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(function)
@@ -84,7 +89,7 @@ class HostRuns:
                 self.failures.append(f"{type(error).__name__}: {first_line}")
                 raise
             if _main_process() and not self.has_results(returned):
-                self.failures.append("it produced no results")
+                self.without_results = True
             return returned
 
         return recorded

@@ -7,7 +7,7 @@ being imported before ``--model`` is resolved, which this command does before ha
 (``attn_layers=18,19,20``), as with lmms-eval.
 
 It exits 2 where the plugin refused the run (its arguments, the installed versions, the checkpoint's family), with
-the message alone, and 1 where lm-eval produced no results; lm-eval's own errors end it as they end ``lm-eval``.
+the message alone, or where lm-eval produced no results; lm-eval's own errors end it as they end ``lm-eval``.
 """
 
 from __future__ import annotations

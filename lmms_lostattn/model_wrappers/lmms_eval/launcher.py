@@ -1,8 +1,8 @@
 """``lostattn-lmms-eval``: lmms-eval's command line, every flag as ``lmms-eval`` takes it, with an exit status that
 says whether the run worked. lmms-eval 0.7.3 logs an exception raised during a run (an unknown task or model id, a
 crash while evaluating) and exits 0; this command exits 2 where the plugin refused the run (its arguments, the
-installed versions, the checkpoint's family: the message alone) or was given no ``--tasks``, 1 where lmms-eval failed
-otherwise or produced no results, with one line saying why.
+installed versions, the checkpoint's family: the message alone), was given no ``--tasks`` or produced no results, 1
+where lmms-eval failed otherwise, with one line saying why.
 """
 
 from __future__ import annotations
