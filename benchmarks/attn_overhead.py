@@ -69,11 +69,13 @@ class BenchConfig:
 
 
 PAPER, KNOCKOUT = "plugin paper preset", "plugin knockout (paper layers and rows)"
+PAPER_SHARE = "plugin paper preset, the 7B's share of layers"
 CONFIGS = {
-    # 8 layers: the LLaVA preset's layers 18-23 do not exist, so the paper setting edits every layer but 0.
+    # 8 layers: the LLaVA preset's layers 18-23 do not exist, so the paper setting edits every layer but 0; the
+    # share setting edits the part of the depth they are on the 7B (18-23 of 32: 4-5 of 8).
     "cpu": BenchConfig(
         "cpu", 512, 8, 8, 8, 1376, None, "float32", "cpu", 2,
-        extra_args={PAPER: {"attn_layers": "1:"}, KNOCKOUT: {"attn_layers": "1:"}},
+        extra_args={PAPER: {"attn_layers": "1:"}, KNOCKOUT: {"attn_layers": "1:"}, PAPER_SHARE: {"attn_layers": "4-5"}},
     ),
     # LLaVA-1.5-7B decoder: the preset itself (layers 18-23, heads p0.3-0.6).
     "7b": BenchConfig(
@@ -103,6 +105,9 @@ SETTINGS = (
     # no target: the cheapest edit (one multiply) on the preset's layers, rows and keys, i.e. what materialising the
     # edited rows costs before any pattern, head scores or score scale
     Setting(KNOCKOUT, True, {"attn": "knockout"}, BASE),
+    # no target: the preset's cost where it edits the part of the decoder it edits on LLaVA-1.5-7B (on the 7B config,
+    # the paper setting itself)
+    Setting(PAPER_SHARE, True, {"attn": "gaussian", "attn_preset": "paper"}, BASE),
     Setting(
         "plugin uniform/probs/all rows/all layers",
         True,
