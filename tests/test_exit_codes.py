@@ -1,6 +1,7 @@
 """A failed run exits non-zero: the plugin's refusals (status 2, the message alone) under ``lmms-eval``,
 ``lostattn-lmms-eval`` and ``lostattn-lm-eval``, and every other failure (status 1) under the plugin's own commands,
-through the installed command lines on tiny models; and :class:`HostRuns`' verdicts in-process."""
+through the installed command lines on tiny models; the launcher's status passed on by the commands that run it
+(``lostattn demo``, ``lostattn reproduce``); and :class:`HostRuns`' verdicts in-process."""
 
 from __future__ import annotations
 
@@ -15,9 +16,13 @@ from typing import Any
 import pytest
 from cli_helpers import OFFLINE
 
+from lmms_lostattn.cli import main
 from lmms_lostattn.config.spec import SpecError
 from lmms_lostattn.model_wrappers.common.exits import HostRuns
 from lmms_lostattn.model_wrappers.lmms_eval import base
+from lmms_lostattn.model_wrappers.lmms_eval import reproduce as reproduce_runs
+from lmms_lostattn.model_wrappers.lmms_eval.launch import LaunchError, run_lmms_eval
+from lmms_lostattn.models import SHAPES_LLAVA_DIR
 from lmms_lostattn.tasks import tasks_path
 
 BIN = pathlib.Path(sys.executable).parent
@@ -108,7 +113,41 @@ def test_a_failed_run_exits_non_zero_and_names_the_problem(
         assert "Traceback" not in done.stderr, log
 
 
+@pytest.mark.cli
+def test_run_lmms_eval_carries_the_launcher_s_status(tiny_llava: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    args = f"pretrained={tiny_llava},device=cpu,device_map=cpu,atn=uniform"
+    with pytest.raises(LaunchError) as refused:
+        run_lmms_eval("lostattn_llava", args, ["lostattn_pope"], tmp_path, "--include_path", str(tasks_path()),
+                      log=tmp_path / "log")  # fmt: skip
+    assert refused.value.status == 2
+    assert str(refused.value) == f"lmms-eval failed (exit status 2); see its log {tmp_path / 'log'}"
+    assert TYPO in (tmp_path / "log").read_text()
+
+
 # -- in-process ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("status", [1, 2])
+@pytest.mark.parametrize("command", ["demo", "reproduce"])
+def test_commands_that_run_lmms_eval_end_with_its_status_and_one_line(
+    command: str, status: int, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    def failed_run(*_: Any, **__: Any) -> pathlib.Path:
+        raise LaunchError(f"lmms-eval failed (exit status {status}); see its log", status)
+
+    monkeypatch.setattr("lmms_lostattn.cli.demo.run_lmms_eval", failed_run)
+    monkeypatch.setattr(reproduce_runs, "run_lmms_eval", failed_run)
+    argv = {
+        "demo": ["demo", "--output", str(tmp_path / "out"), "--limit", "1"],
+        "reproduce": ["reproduce", "--model", "lostattn_llava", "--model_args", f"pretrained={SHAPES_LLAVA_DIR}",
+                      "--tasks", "lostattn_pope", "--seeds", "0", "--include_path", str(tasks_path()),
+                      "--sap-args", "attn_layers=1:", "-o", str(tmp_path / "out")],
+    }  # fmt: skip
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv[command])
+    assert exit_info.value.code == status
+    assert capsys.readouterr().err == f"lostattn {command}: lmms-eval failed (exit status {status}); see its log\n"
 
 
 def _evaluate(returned: Any) -> Any:

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import json
 import pathlib
+import sys
 from collections.abc import Sequence
 
 from lmms_lostattn.cli.compare import compare
 from lmms_lostattn.cli.report import report
 from lmms_lostattn.compat.versions import require_tested_versions
-from lmms_lostattn.model_wrappers.lmms_eval.launch import run_lmms_eval
+from lmms_lostattn.model_wrappers.lmms_eval.launch import LaunchError, run_lmms_eval
 from lmms_lostattn.models import SHAPES_LLAVA_DIR
-from lmms_lostattn.reporting.runs import RunError
 from lmms_lostattn.tasks import tasks_path
 
 DEMO_TASKS = ("lostattn_pope", "lostattn_shapes_color")
@@ -37,8 +37,9 @@ def _run_lmms_eval(model_args: str, tasks: Sequence[str], limit: int | None, out
     log = output / "lmms-eval.log"
     try:
         found = run_lmms_eval("lostattn_llava", model_args, tasks, output, *extra, log=log)
-    except RunError as error:
-        raise SystemExit(f"lostattn demo: {error}") from error
+    except LaunchError as error:
+        print(f"lostattn demo: {error}", file=sys.stderr)
+        raise SystemExit(error.status) from error
     print("\n".join(line for line in log.read_text().splitlines() if line.startswith("|")))
     print(f"(lmms-eval's log: {log})", flush=True)
     return json.loads(found.read_text())["results"]
