@@ -127,6 +127,24 @@ def test_run_lmms_eval_carries_the_launcher_s_status(tiny_llava: pathlib.Path, t
 # -- in-process ----------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    ("returncode", "status", "says"),
+    [(0, 2, "lmms-eval wrote no results under"), (1, 1, "lmms-eval failed (exit status 1)"),
+     (-9, 1, "lmms-eval failed (exit status -9)")],
+)  # fmt: skip
+def test_launch_error_status_by_the_launcher_s_exit(
+    returncode: int, status: int, says: str, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def finished(command: list[str], **_: Any) -> subprocess.CompletedProcess:
+        return subprocess.CompletedProcess(command, returncode)
+
+    monkeypatch.setattr(subprocess, "run", finished)
+    with pytest.raises(LaunchError) as failed:
+        run_lmms_eval("lostattn_llava", "pretrained=x", ["lostattn_pope"], tmp_path)
+    assert failed.value.status == status
+    assert str(failed.value).startswith(says)
+
+
 @pytest.mark.parametrize("status", [1, 2])
 @pytest.mark.parametrize("command", ["demo", "reproduce"])
 def test_commands_that_run_lmms_eval_end_with_its_status_and_one_line(

@@ -17,7 +17,8 @@ OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALL
 
 class LaunchError(RuntimeError):
     """A run of lmms-eval that failed; ``status`` is what the command running it exits with: the launcher's own exit
-    status (1: the run failed, 2: a refusal or no results), or 2 for a run that wrote no results file."""
+    status (1: the run failed, 2: a refusal or no results; 1 for a launcher killed by a signal), or 2 for a run that
+    wrote no results file."""
 
     def __init__(self, message: str, status: int) -> None:
         super().__init__(message)
@@ -63,7 +64,8 @@ def run_lmms_eval(
             where = f"its log {log}"
         done = subprocess.run(command, env={**os.environ, **OFFLINE}, cwd=output, **streams)
     if done.returncode:
-        raise LaunchError(f"lmms-eval failed (exit status {done.returncode}); see {where}", done.returncode)
+        status = done.returncode if done.returncode > 0 else 1  # < 0: killed by a signal
+        raise LaunchError(f"lmms-eval failed (exit status {done.returncode}); see {where}", status)
     found = sorted(output.rglob(f"*{RESULTS_SUFFIX}"))
     if not found:
         raise LaunchError(f"lmms-eval wrote no results under {output}; see {where}", 2)
