@@ -151,10 +151,20 @@ def main(argv: Sequence[str] | None = None) -> None:
         from lmms_lostattn.models import SHAPES_LLAVA_DIR
 
         print(SHAPES_LLAVA_DIR)
-    elif args.command == "reproduce":
-        from lmms_lostattn.cli.reproduce import reproduce
+    elif args.command in ("reproduce", "demo"):
+        from lmms_lostattn.model_wrappers.lmms_eval.launch import LaunchError
 
-        sys.exit(reproduce(args))
+        try:
+            if args.command == "reproduce":
+                from lmms_lostattn.cli.reproduce import reproduce
+
+                sys.exit(reproduce(args))
+            from lmms_lostattn.cli.demo import demo
+
+            demo(args.output or pathlib.Path(tempfile.mkdtemp(prefix="lostattn-demo-")), args.limit)
+        except LaunchError as error:  # a failed lmms-eval run: its exit status and one line naming its log
+            print(f"lostattn {args.command}: {error}", file=sys.stderr)
+            sys.exit(error.status)
     elif args.command == "doctor":
         from lmms_lostattn.cli.doctor import doctor
         from lmms_lostattn.model_wrappers.lmms_eval.contacts import CONTACT_POINTS
@@ -176,8 +186,4 @@ def main(argv: Sequence[str] | None = None) -> None:
             accepted = ", ".join(FAMILY_VARIANTS)
             parser.exit(2, f"lostattn build-tiny: unknown --variant {args.variant!r}; one of {accepted}\n")
         print(build_tiny_model(args.directory, args.variant))
-    else:
-        from lmms_lostattn.cli.demo import demo
-
-        demo(args.output or pathlib.Path(tempfile.mkdtemp(prefix="lostattn-demo-")), args.limit)
 

@@ -7,14 +7,13 @@ import sys
 
 from lmms_lostattn.cli.outputs import write_files
 from lmms_lostattn.cli.report import report
-from lmms_lostattn.model_wrappers.lmms_eval.launch import LaunchError
 from lmms_lostattn.model_wrappers.lmms_eval.reproduce import ReproduceError, make_plan, parse_seeds, run_plan, tables
 
 
 def reproduce(args: argparse.Namespace) -> int:
     """``lostattn reproduce``: check everything, run what is not done, write and print the two tables and the
-    per-layer plots; exit 2 on unusable input, before any run, and a failed run's status (1, or 2 for a refusal or
-    no results) with one line naming its log."""
+    per-layer plots; exit 2 on unusable input, before any run (a failed run is a
+    :class:`~lmms_lostattn.model_wrappers.lmms_eval.launch.LaunchError`)."""
     output = args.output.resolve()  # lmms-eval runs in each run's folder: a relative path would nest there
     extra = ["--limit", str(args.limit)] if args.limit is not None else []
     extra += ["--gen_kwargs", args.gen_kwargs] if args.gen_kwargs else []
@@ -27,9 +26,6 @@ def reproduce(args: argparse.Namespace) -> int:
     except ReproduceError as error:
         print(f"lostattn reproduce: {error}", file=sys.stderr)
         return 2
-    except LaunchError as error:
-        print(f"lostattn reproduce: {error}", file=sys.stderr)
-        return error.status
     write_files({output / name: content for name, content in files.items()}, force=True)
     print("\n" + files["table1.md"] + "\n" + files["table2.md"])
     report(list(folders.values()), output / "report", force=True)
