@@ -211,6 +211,23 @@ def test_memo_draws_each_key_once_and_keeps_the_values(dist: str, monkeypatch: p
     assert memo[dist].shape[-1] == 12
 
 
+def test_layers_of_a_prompt_share_its_mixed_coordinates_and_draw_what_a_fresh_draw_gives() -> None:
+    """Every layer of a prompt mixes the same head and key coordinates: they are worked out once, and each layer's
+    draws equal a draw without them at the same coordinates."""
+    mixed: dict = {}
+    for layer in (3, 4, 9):
+        shared = Coordinates(**{**_coordinates(layer=layer).__dict__, "mixed": mixed}).key_draws("dirichlet", 3)
+        torch.testing.assert_close(shared, _coordinates(layer=layer).key_draws("dirichlet", 3), rtol=0, atol=0)
+    assert sorted(mixed) == [("heads", 3), ("keys", 0, 5)]
+
+
+def test_normal_draws_are_box_muller_of_the_uniform_streams_1_and_2() -> None:
+    key, heads, positions = torch.tensor([5, 2**31]).view(2, 1, 1), torch.arange(3).view(1, 3, 1), torch.arange(-2, 6)
+    u1, u2 = (rng.uniform(key, 4, heads, positions, stream) for stream in (1, 2))
+    expected = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * torch.pi * u2)
+    torch.testing.assert_close(rng.normal(key, 4, heads, positions), expected, rtol=0, atol=0)
+
+
 def _lowbias32(x: int) -> int:
     x ^= x >> 16
     x = (x * 0x7FEB352D) & 0xFFFFFFFF

@@ -177,7 +177,10 @@ class EditedAttention:
         prior = None
         if self.intervention.mode in PRIOR_MODES:
             prior = prior_at(state, selection.keys, device, self.intervention.mode)
-        return Coordinates(sample_key, first_real, layer, selection.keys, selection.query_abs, memo, shared, prior)
+        mixed = state.mixed_coordinates.setdefault(device, {})
+        return Coordinates(
+            sample_key, first_real, layer, selection.keys, selection.query_abs, memo, shared, prior, mixed
+        )
 
     def _prompt_block(
         self, num_q: int, num_k: int, selection: Selection, device: torch.device

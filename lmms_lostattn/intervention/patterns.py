@@ -25,7 +25,7 @@ p' = p |mean(s)| / (2 mean_E(p)) instead of p, where mean(s) is the row's score 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,17 +38,17 @@ _NEG = torch.finfo(torch.float32).min
 SHARED_LAYER = -1  # the layer coordinate of draws shared by every layer (``attn_draw=shared``)
 
 
-def _exponential(*coords: torch.Tensor | int) -> torch.Tensor:
+def _exponential(key: torch.Tensor, *mixed: torch.Tensor | int) -> torch.Tensor:
     """Exp(1) draws, -log(u), kept above 0 (u rounds to 1 in float32 with probability 2^-24)."""
-    return torch.log(rng.uniform(*coords)).neg_().clamp_min_(torch.finfo(torch.float32).tiny)
+    return torch.log(rng.uniform_at(key, *mixed)).neg_().clamp_min_(torch.finfo(torch.float32).tiny)
 
 
-# What one key draws for ``gaussian``, by ``attn_dist``, from its uniform or normal draw: p is the normalised (or,
-# for ``normal``, softmaxed) vector of these over the edited keys.
+# What one key draws for ``gaussian``, by ``attn_dist``, from its uniform or normal draw at mixed coordinates
+# (:func:`rng.coordinate`): p is the normalised (or, for ``normal``, softmaxed) vector of these over the edited keys.
 _KEY_DRAWS = {
     "dirichlet": _exponential,  # normalised Exp(1) draws: a flat Dirichlet
-    "uniform": rng.uniform,
-    "normal": rng.normal,
+    "uniform": rng.uniform_at,
+    "normal": rng.normal_at,
 }
 
 
@@ -64,7 +64,8 @@ class Coordinates:
     ``memo``, if given, is where one prompt's per-key draws of this layer are kept, over positions ``0..n-1``, so
     decoding steps reuse the prompt's draws instead of drawing every key again; when keys beyond ``n`` are asked for,
     the memo grows to at least ``2n`` at once. The values are the same either way: every draw is a pure function of
-    its coordinates.
+    its coordinates. ``mixed``, if given, is where one prompt keeps its mixed head and key coordinates
+    (:func:`rng.coordinate`) for every layer that draws at the same ones.
     """
 
     sample_key: torch.Tensor
@@ -75,6 +76,7 @@ class Coordinates:
     memo: dict[str, torch.Tensor] | None = None
     shared: bool = False
     prior: torch.Tensor | None = None  # (B, K) image-prior values at the keys, for the prior modes
+    mixed: dict[tuple[object, ...], torch.Tensor] | None = None
 
     @property
     def queries(self) -> torch.Tensor:
@@ -105,10 +107,13 @@ class Coordinates:
         return known[..., self.keys.start : self.keys.stop]
 
     def _draw(self, dist: str, num_heads: int, positions: range) -> torch.Tensor:
-        rel = self._relative(torch.arange(positions.start, positions.stop, device=self.first_real.device))
-        key = self.sample_key.view(-1, 1, 1, 1)
         layer, heads = (SHARED_LAYER, 1) if self.shared else (self.layer, num_heads)
-        return _KEY_DRAWS[dist](key, layer, self._heads(heads), rel[:, None, None])
+        mixed = {} if self.mixed is None else self.mixed
+        at_heads = _memoised(mixed, ("heads", heads), lambda: rng.coordinate(self._heads(heads)))
+        at_keys = _memoised(mixed, ("keys", positions.start, positions.stop), lambda: rng.coordinate(
+            self._relative(torch.arange(positions.start, positions.stop, device=self.first_real.device))[:, None, None]
+        ))
+        return _KEY_DRAWS[dist](self.sample_key.view(-1, 1, 1, 1), rng.coordinate(layer), at_heads, at_keys)
 
     def entry_draws(self, num_heads: int) -> torch.Tensor:
         """Uniform draws ``(B, H, Q, K)``: one per sample, head, query position and key position."""
@@ -139,7 +144,7 @@ def same_in_every_layer(inter: Intervention) -> bool:
     return inter.mode != "gaussian" or inter.draw == "shared"
 
 
-def _memoised(memo: dict[str, Any], name: str, make: Callable[[], Any]) -> Any:
+def _memoised(memo: dict[Any, Any], name: Hashable, make: Callable[[], Any]) -> Any:
     """``memo[name]``, made first if missing."""
     if name not in memo:
         memo[name] = make()
