@@ -213,12 +213,14 @@ def test_memo_draws_each_key_once_and_keeps_the_values(dist: str, monkeypatch: p
 
 def test_layers_of_a_prompt_share_its_mixed_coordinates_and_draw_what_a_fresh_draw_gives() -> None:
     """Every layer of a prompt mixes the same head and key coordinates: they are worked out once, and each layer's
-    draws equal a draw without them at the same coordinates."""
+    draws equal a draw without them at the same coordinates. Only the latest key positions are kept (a sliding
+    window asks for new ones every step)."""
     mixed: dict = {}
-    for layer in (3, 4, 9):
-        shared = Coordinates(**{**_coordinates(layer=layer).__dict__, "mixed": mixed}).key_draws("dirichlet", 3)
-        torch.testing.assert_close(shared, _coordinates(layer=layer).key_draws("dirichlet", 3), rtol=0, atol=0)
-    assert sorted(mixed) == [("heads", 3), ("keys", 0, 5)]
+    for layer, keys in ((3, range(5)), (4, range(5)), (9, range(5)), (3, range(2, 7))):
+        drawn = Coordinates(**{**_coordinates(layer=layer, keys=keys).__dict__, "mixed": mixed}).key_draws("normal", 3)
+        fresh = _coordinates(layer=layer, keys=keys).key_draws("normal", 3)
+        torch.testing.assert_close(drawn, fresh, rtol=0, atol=0)
+        assert set(mixed) == {("heads", 3), "key positions", "keys"} and mixed["key positions"] == keys
 
 
 def test_normal_draws_are_box_muller_of_the_uniform_streams_1_and_2() -> None:

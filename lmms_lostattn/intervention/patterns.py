@@ -64,8 +64,8 @@ class Coordinates:
     ``memo``, if given, is where one prompt's per-key draws of this layer are kept, over positions ``0..n-1``, so
     decoding steps reuse the prompt's draws instead of drawing every key again; when keys beyond ``n`` are asked for,
     the memo grows to at least ``2n`` at once. The values are the same either way: every draw is a pure function of
-    its coordinates. ``mixed``, if given, is where one prompt keeps its mixed head and key coordinates
-    (:func:`rng.coordinate`) for every layer that draws at the same ones.
+    its coordinates. ``mixed``, if given, is where one prompt keeps its mixed head coordinates and its latest mixed
+    key positions (:func:`rng.coordinate`) for every layer that draws at the same ones.
     """
 
     sample_key: torch.Tensor
@@ -76,7 +76,7 @@ class Coordinates:
     memo: dict[str, torch.Tensor] | None = None
     shared: bool = False
     prior: torch.Tensor | None = None  # (B, K) image-prior values at the keys, for the prior modes
-    mixed: dict[tuple[object, ...], torch.Tensor] | None = None
+    mixed: dict[Hashable, Any] | None = None
 
     @property
     def queries(self) -> torch.Tensor:
@@ -110,10 +110,10 @@ class Coordinates:
         layer, heads = (SHARED_LAYER, 1) if self.shared else (self.layer, num_heads)
         mixed = {} if self.mixed is None else self.mixed
         at_heads = _memoised(mixed, ("heads", heads), lambda: rng.coordinate(self._heads(heads)))
-        at_keys = _memoised(mixed, ("keys", positions.start, positions.stop), lambda: rng.coordinate(
-            self._relative(torch.arange(positions.start, positions.stop, device=self.first_real.device))[:, None, None]
-        ))
-        return _KEY_DRAWS[dist](self.sample_key.view(-1, 1, 1, 1), rng.coordinate(layer), at_heads, at_keys)
+        if mixed.get("key positions") != positions:  # only the latest: a sliding window draws new keys every step
+            rel = self._relative(torch.arange(positions.start, positions.stop, device=self.first_real.device))
+            mixed["key positions"], mixed["keys"] = positions, rng.coordinate(rel[:, None, None])
+        return _KEY_DRAWS[dist](self.sample_key.view(-1, 1, 1, 1), rng.coordinate(layer), at_heads, mixed["keys"])
 
     def entry_draws(self, num_heads: int) -> torch.Tensor:
         """Uniform draws ``(B, H, Q, K)``: one per sample, head, query position and key position."""

@@ -10,7 +10,7 @@ generated tokens); a cached decoding step grows the tracked prompt by its new po
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,7 +53,7 @@ class PromptState:
     # per (layer, or SHARED_LAYER for draws shared by all layers; device): its Coordinates.memo
     draws: dict[tuple[int, torch.device], dict[str, torch.Tensor]] = field(default_factory=dict)
     # per device: the mixed head and key coordinates of the draws, the same in every layer (Coordinates.mixed)
-    mixed_coordinates: dict[torch.device, dict[tuple[object, ...], torch.Tensor]] = field(default_factory=dict)
+    mixed_coordinates: dict[torch.device, dict[Hashable, Any]] = field(default_factory=dict)
     # (B,) first position of the continuation a scoring pass (``labels``) scores; None: generation
     continuation_start: torch.Tensor | None = None
     # image priors: the per-image (N, P) priors the vision tower hooks computed for this prompt, in image order,
