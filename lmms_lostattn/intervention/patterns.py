@@ -110,10 +110,12 @@ class Coordinates:
         layer, heads = (SHARED_LAYER, 1) if self.shared else (self.layer, num_heads)
         mixed = {} if self.mixed is None else self.mixed
         at_heads = _memoised(mixed, ("heads", heads), lambda: rng.coordinate(self._heads(heads)))
-        if mixed.get("key positions") != positions:  # only the latest: a sliding window draws new keys every step
+        kept_positions, at_keys = mixed.get("keys", (None, None))
+        if kept_positions != positions:  # only the latest: a sliding window draws new keys every step
             rel = self._relative(torch.arange(positions.start, positions.stop, device=self.first_real.device))
-            mixed["key positions"], mixed["keys"] = positions, rng.coordinate(rel[:, None, None])
-        return _KEY_DRAWS[dist](self.sample_key.view(-1, 1, 1, 1), rng.coordinate(layer), at_heads, mixed["keys"])
+            at_keys = rng.coordinate(rel[:, None, None])
+            mixed["keys"] = positions, at_keys
+        return _KEY_DRAWS[dist](self.sample_key.view(-1, 1, 1, 1), rng.coordinate(layer), at_heads, at_keys)
 
     def entry_draws(self, num_heads: int) -> torch.Tensor:
         """Uniform draws ``(B, H, Q, K)``: one per sample, head, query position and key position."""
