@@ -139,7 +139,8 @@ def test_statistics_rows_fail_on_a_significant_change_either_way(capsys: pytest.
                                 "lostattn_pope/lostattn_mixig_attn")
         (line,) = [line for line in out.splitlines() if "lostattn_mixig_attn" in line]
         assert code == 1 and line.startswith("FAILED"), out
-        assert "changed" in line and "band ±0.01" in line and "drop" not in line and "bootstrap p<0.0001" in line
+        assert "changed" in line and "band ±0.01" in line and "drop" not in line
+        assert "permutation p=0.007812" in line  # 2 / 2^8: every one of the 8 documents moved the same way
     code, out, _ = lostattn(capsys, "check", RUNS / "none", "--baseline", RUNS / "noise_delta", "--metrics",
                             "lostattn_pope/lostattn_mixig_attn", "--max-drop", "0.5")
     assert code == 0 and "ok      lostattn_pope/lostattn_mixig_attn" in out
@@ -175,6 +176,101 @@ def test_only_metrics_declared_as_a_per_sample_mean_are_tested_whatever_the_valu
     assert "ok      lostattn_pope/pope_accuracy" in out and "ok      lostattn_shapes_color/exact_match" in out
     code, _, err = lostattn(capsys, "check", runs[1], "--baseline", runs[0], "--metrics", "pope_f1_score")
     assert code == 2 and "pope_f1_score: cannot be tested per sample (aggregate is not a per-sample mean)" in err
+
+
+def _drop_exact_match(results: dict) -> None:
+    del results["results"]["lostattn_shapes_color"]["exact_match,none"]
+
+
+def _accuracy_not_a_number(results: dict) -> None:
+    results["results"]["lostattn_pope"]["pope_accuracy,none"] = "N/A"
+
+
+@pytest.mark.parametrize("damage", [_drop_exact_match, _accuracy_not_a_number])
+def test_a_baseline_metric_the_run_does_not_report_cannot_be_judged(
+    capsys: pytest.CaptureFixture[str], tmp_path: pathlib.Path, damage: Callable[[dict], None]
+) -> None:
+    run = copy_run("none", tmp_path, "run")
+    (results_path,) = run.glob("*_results.json")
+    edit_json(results_path, damage)
+    code, out, err = lostattn(capsys, "check", run, "--baseline", RUNS / "none")
+    assert code == 2 and "no regression" not in out
+    assert f"missing from {results_path}, or not a number there" in err, err
+
+
+def test_per_sample_values_that_do_not_average_to_the_aggregate_cannot_be_judged(
+    capsys: pytest.CaptureFixture[str], tmp_path: pathlib.Path
+) -> None:
+    run = copy_run("none", tmp_path, "run")
+    edit_json(next(run.glob("*_results.json")), lambda r: r["results"]["lostattn_pope"].update(
+        {"pope_accuracy,none": 0.123}))
+    code, _, err = lostattn(capsys, "check", run, "--baseline", RUNS / "none")
+    assert code == 2 and "pope_accuracy: cannot be tested per sample (per-sample values do not average" in err
+
+
+def _keep_only_pope_f1(results: dict) -> None:
+    pope = results["results"]["lostattn_pope"]
+    results["results"] = {"lostattn_pope": {key: value for key, value in pope.items() if key.startswith("pope_f1")}}
+
+
+def test_a_check_that_tests_nothing_cannot_be_judged(
+    capsys: pytest.CaptureFixture[str], tmp_path: pathlib.Path
+) -> None:
+    """No results at all, or only metrics that are not per-sample means: exit 2, never "no regression"."""
+    empty = [copy_run("none", tmp_path, name) for name in ("a", "b")]
+    for run in empty:
+        edit_json(next(run.glob("*_results.json")), lambda r: r.update({"results": {}, "n-samples": {}}))
+        for log in run.glob("*_samples_*.jsonl"):
+            log.unlink()
+    code, out, err = lostattn(capsys, "check", empty[1], "--baseline", empty[0])
+    assert code == 2 and "no task results; nothing to check" in err and "no regression" not in out
+    untestable = [copy_run("none", tmp_path, name) for name in ("c", "d")]
+    for run in untestable:
+        edit_json(next(run.glob("*_results.json")), _keep_only_pope_f1)
+        next(run.glob("*_samples_lostattn_shapes_color.jsonl")).unlink()
+    code, out, err = lostattn(capsys, "check", untestable[1], "--baseline", untestable[0])
+    assert code == 2 and "no metric of lostattn_pope can be tested per sample" in err, err
+    assert "no regression" not in out
+
+
+def _lm_eval_filtered_run(folder: pathlib.Path, strict: list[float], flexible: list[float]) -> pathlib.Path:
+    """An lm-eval run folder of a gsm8k-like task: ``exact_match`` under two filters and no ``none`` filter, with a
+    statistics row (lm-eval puts it under ``none``; each filter's lines carry its per-sample values)."""
+    folder.mkdir()
+    date, rid = "2026-12-05T00-00-00.000001", [0.1 * (i + 1) for i in range(len(strict))]
+    task = {"alias": "gsm", "lostattn_rid_attn,none": sum(rid) / len(rid)}
+    for name, scores in (("strict-match", strict), ("flexible-extract", flexible)):
+        task[f"exact_match,{name}"] = sum(scores) / len(scores)
+    results = {
+        "results": {"gsm": task},
+        "configs": {"gsm": {"metric_list": [{"metric": "exact_match", "aggregation": "mean"}]}},
+        "higher_is_better": {"gsm": {"exact_match": True}},
+        "n-samples": {"gsm": {"original": len(strict), "effective": len(strict)}},
+        "config": {"model": "lostattn-hf", "model_args": "pretrained=tiny", "limit": len(strict)},
+        "lostattn": {"spec_hash": "0123456789ab", "intervention": {"mode": "none"}, "tasks": {}},
+    }
+    (folder / f"results_{date}.json").write_text(json.dumps(results))
+    lines = [{"doc_id": doc, "filter": name, "prompt_hash": f"p{doc}", "target_hash": f"t{doc}",
+              "exact_match": scores[doc], "lostattn_rid_attn": rid[doc]}
+             for name, scores in (("strict-match", strict), ("flexible-extract", flexible)) for doc in range(len(rid))]
+    (folder / f"samples_gsm_{date}.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return folder
+
+
+def test_lm_eval_metrics_under_other_filters_are_tested_per_filter(
+    capsys: pytest.CaptureFixture[str], tmp_path: pathlib.Path
+) -> None:
+    """gsm8k-style tasks report ``exact_match`` only under named filters: each is checked, named as lm-eval keys it,
+    on its own filter's samples lines."""
+    base = _lm_eval_filtered_run(tmp_path / "base", [1.0] * 8, [1.0] * 8)
+    run = _lm_eval_filtered_run(tmp_path / "run", [0.0] * 8, [1.0] * 8)
+    code, out, err = lostattn(capsys, "check", run, "--baseline", base)
+    assert code == 1, out + err
+    assert "FAILED  gsm/exact_match,strict-match: 1.0000 -> 0.0000" in out
+    assert "ok      gsm/exact_match,flexible-extract: 1.0000 -> 1.0000" in out
+    code, out, _ = lostattn(capsys, "check", run, "--baseline", base, "--metrics", "gsm/exact_match,flexible-extract",
+                            "lostattn_rid_attn")
+    assert code == 0 and "ok      gsm/lostattn_rid_attn: " in out and "strict-match" not in out
 
 
 # --- E, F: two runs of the same thing compare clean, under either harness and for a group ------------------------

@@ -119,7 +119,7 @@ def test_significant_cells_are_coloured_with_the_test_on_hover(
     (changed,) = [c for c in page.eval_on_selector_all("td", CELLS, "lostattn_pope/lostattn_mixig_attn")
                   if c["run"] == "low"]  # knockout's MixIG: a statistics row, so neither better nor worse
     red, green, blue = _rgb(changed["background"])
-    assert "changed" in changed["cls"] and blue > red + 25 and "bootstrap p <" in changed["title"]
+    assert "changed" in changed["cls"] and blue > red + 25 and "permutation p = 0.00781" in changed["title"]
     (ratio,) = [c for c in page.eval_on_selector_all("td", CELLS, "lostattn_pope/pope_yes_ratio") if c["run"] == "low"]
     assert ratio["cls"] == "n" and ratio["title"].endswith("no test (aggregate is not a per-sample mean)")
     (apart,) = [c for c in page.eval_on_selector_all("td", CELLS, "lostattn_pope/pope_accuracy")
@@ -127,7 +127,7 @@ def test_significant_cells_are_coloured_with_the_test_on_hover(
     assert "nc" in apart["cls"] and apart["title"].startswith("not comparable: different --limit")
     assert page.locator("tr", has_text="gaussian").locator("td.nc .d").first.text_content() == "†"
     notes = page.locator("footer").text_content()
-    assert "exact McNemar" in notes and "10000 resamples" in notes and "p < 0.05" in notes
+    assert "exact McNemar" in notes and "10000 sign flips" in notes and "p < 0.05" in notes
     assert "† gaussian: different --limit" in notes
     page.goto(shifted["better"].as_uri())
     (better,) = [c for c in page.eval_on_selector_all("td", CELLS, "lostattn_pope/pope_accuracy") if c["run"] == "high"]

@@ -117,6 +117,24 @@ def test_every_mode_scores_each_row_as_at_batch_size_one(tiny_model: Callable[[s
         assert any(abs(a[0] - b[0]) > 1e-4 for a, b in zip(base, scores_4, strict=True)), "the mode changed nothing"
 
 
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_lm_evals_attn_implementation_argument_passes_through(
+    tiny_model: Callable[[str], pathlib.Path], implementation: str
+) -> None:
+    """lm-eval's ``hf`` takes ``attn_implementation`` through ``**kwargs`` (not its signature): it still loads the
+    model, the edit runs on that implementation and scores as on the other one."""
+    path = str(tiny_model("llama"))
+    base = HFLM(pretrained=path, batch_size=1, attn_implementation=implementation, **_CPU)
+    ours = LostAttnHFLM(pretrained=path, batch_size=1, attn_implementation=implementation, attn="uniform",
+                        attn_keys="all", **_CPU)
+    assert ours.model.config._attn_implementation == base.model.config._attn_implementation == implementation
+    other = LostAttnHFLM(pretrained=path, batch_size=1, attn="uniform", attn_keys="all",
+                         attn_implementation={"eager": "sdpa", "sdpa": "eager"}[implementation], **_CPU)
+    scores, reference = (lm.loglikelihood(_scoring_requests()) for lm in (ours, other))
+    assert [value for value, _ in scores] == pytest.approx([value for value, _ in reference], abs=1e-5)
+    assert scores != base.loglikelihood(_scoring_requests())
+
+
 @pytest.mark.parametrize("mode", ["uniform", "knockout"])
 def test_attn_rows_last_edits_the_rows_that_predict_the_continuation(
     tiny_model: Callable[[str], pathlib.Path], mode: str
@@ -199,8 +217,14 @@ def test_hf_multimodal_generates_like_lm_eval_and_each_row_as_alone(
         ("llama", {"attn": "uniform", "attn_keys": "all", "batch_size": "auto"}, r"batch_size=auto probes memory"),
         ("llama", {"attn_layer": "1"}, r"attn_layer"),
         ("llama", {"attn": "uniform", "attn_keys": "all", "attn_layers": "9"}, r"this model has layers 0-3"),
+        (
+            "gemma2",
+            {"attn": "gaussian", "attn_keys": "all", "attn_scale": "scores"},
+            r"attn_scale=scores .* gemma2 soft-caps them \(attn_logit_softcapping=",
+        ),
     ],
-    ids=["default-image-keys", "image-rows", "image-stats", "fused-qkv", "prior", "auto-batch", "typo", "layer"],
+    ids=["default-image-keys", "image-rows", "image-stats", "fused-qkv", "prior", "auto-batch", "typo", "layer",
+         "softcap"],
 )
 def test_bad_arguments_are_refused_before_the_weights_load(
     tiny_model: Callable[[str], pathlib.Path], monkeypatch: pytest.MonkeyPatch, variant: str, args: dict, message: str

@@ -376,6 +376,19 @@ def test_delta_d_rtol_override() -> None:
     assert module_stats(x, dx, kind="all", rtol=1e-2)["delta_d"] == pytest.approx(delta_d(x, x + dx, rtol=1e-2))
 
 
+@pytest.mark.parametrize(("dtype", "scales"), [(torch.float32, (1e-30, 1e19, 1e30)),
+                                              (torch.float64, (1e-300, 1e-200, 1e200, 1e300))])
+def test_statistics_do_not_depend_on_the_magnitude_of_the_stream(dtype: torch.dtype, scales: tuple[float, ...]) -> None:
+    """Every statistic is a ratio: X and X' scaled together (or X alone) give the values at scale 1, down to where
+    squares would underflow and up to where they would overflow."""
+    x, dx = _rand((6, 9), 60, rank=4, dtype=dtype), _rand((6, 9), 61, dtype=dtype)
+    expected = module_stats(x, dx, kind="all")
+    for scale in scales:
+        got = module_stats(x * scale, dx * scale, kind="all")
+        assert got == pytest.approx(expected, rel=1e-4, abs=1e-6), scale
+        assert rid(x * scale, x + dx) == pytest.approx(rid(x, x + dx), rel=1e-4, abs=1e-6)
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_rid_within_bounds_on_random_matrices(seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)

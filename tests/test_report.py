@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import itertools
 import json
+import math
 import pathlib
 import shutil
 import xml.etree.ElementTree as ET
@@ -16,7 +18,7 @@ from PIL import Image
 from lmms_lostattn.cli import main
 from lmms_lostattn.reporting.plots import ALL_TASKS, layer_curve
 from lmms_lostattn.reporting.runs import load_run
-from lmms_lostattn.reporting.significance import mcnemar, paired_bootstrap
+from lmms_lostattn.reporting.significance import EXACT_UP_TO, mcnemar, paired_permutation
 
 RUNS = pathlib.Path(__file__).parent / "data" / "runs"
 TASKS = ("lostattn_pope", "lostattn_shapes_color")
@@ -152,12 +154,32 @@ def test_mcnemar_is_exact_on_closed_forms() -> None:
     assert mcnemar([1] * 10, [0] * 10) == pytest.approx(2 * 0.5**10)
 
 
-def test_paired_bootstrap_is_seeded_and_two_sided() -> None:
-    base = np.linspace(0, 1, 30)
-    assert paired_bootstrap(base, base + 0.1) == 0.0  # every resampled mean difference is positive
-    assert paired_bootstrap(base, base) == 1.0
-    noisy = base + np.where(np.arange(30) % 2, 0.05, -0.05)
-    assert paired_bootstrap(base, noisy) == paired_bootstrap(base, noisy) > 0.5
+def _sign_flip_p(diff: list[float]) -> float:
+    """The exact two-sided sign-flip p-value by brute force over every sign pattern."""
+    sums = [abs(sum(s * d for s, d in zip(signs, diff, strict=True))) for signs in itertools.product((1, -1),
+                                                                                                     repeat=len(diff))]
+    return sum(total >= abs(sum(diff)) - 1e-12 for total in sums) / len(sums)
+
+
+def test_paired_permutation_is_exact_on_closed_forms() -> None:
+    assert paired_permutation([0.4], [0.5]) == 1.0  # one document: either sign reaches |d|
+    assert paired_permutation([0.0] * 3, [1.0, 2.0, 3.0]) == pytest.approx(2 / 8)  # only ±(1, 2, 3) reach 6
+    assert paired_permutation([0.0] * 4, [1.0, 1.0, 1.0, -1.0]) == pytest.approx(10 / 16)  # |sum| >= 2: 1+4+4+1
+    assert paired_permutation([0.0] * 8, [0.1] * 8) == pytest.approx(2 / 2**8)
+    base = np.linspace(0, 1, 12)
+    assert paired_permutation(base, base) == 1.0
+    assert paired_permutation(base, base + 0.3) == paired_permutation(base + 0.3, base)  # two-sided
+
+
+def test_paired_permutation_samples_sign_flips_beyond_the_exact_range() -> None:
+    rng = np.random.default_rng(1)
+    diff = list(rng.normal(0.3, 1.0, EXACT_UP_TO + 1))
+    exact = _sign_flip_p(diff)
+    sampled = paired_permutation([0.0] * len(diff), diff)
+    assert sampled == paired_permutation([0.0] * len(diff), diff)  # seeded
+    assert abs(sampled - exact) < 4 * math.sqrt(exact * (1 - exact) / 10_000) and 0.01 < exact < 0.5
+    many = 200
+    assert paired_permutation([0.0] * many, [0.01] * many) == pytest.approx(1 / 10_001)  # no flip reaches it
 
 
 # --- compare -----------------------------------------------------------------------------------------------------
@@ -176,7 +198,7 @@ def test_leaderboard_deltas_are_against_the_vanilla_baseline(compare_dir: pathli
                 assert float(row[column]) == raw[task][f"{metric},none"]
                 assert float(row[f"{column} delta"]) == pytest.approx(
                     raw[task][f"{metric},none"] - base[task][f"{metric},none"], abs=1e-15)
-                assert row[f"{column} test"] == "bootstrap"
+                assert row[f"{column} test"] == "permutation"
         assert row["lostattn_pope/pope_accuracy test"] == "McNemar"
         assert row["lostattn_pope/pope_yes_ratio test"] == "aggregate is not a per-sample mean"
     noise = rows[3]
@@ -309,6 +331,26 @@ def test_check_ignores_a_drop_within_noise(
     assert code == 0 and "McNemar p=1" in out
 
 
+def test_statistics_rows_defined_differently_get_no_delta_and_cannot_be_checked(
+    capsys: pytest.CaptureFixture[str], tmp_path: pathlib.Path
+) -> None:
+    """A run whose rows measured image tokens only, at a smaller token cap, has rows of the same names: compared with
+    the baseline they get no delta and ``check`` cannot judge them; the task's own metrics are still compared."""
+    other = copy_run("none", tmp_path, "image_tokens")
+    edit_json(next(other.glob("*_results.json")),
+              lambda r: r["lostattn"]["stats"].update({"table_group": "image", "stats_max_tokens": 64}))
+    code, _, err = lostattn(capsys, "compare", RUNS / "none", other, "-o", tmp_path / "board")
+    assert code == 0, err
+    (row,) = [r for r in read_csv(tmp_path / "board" / "leaderboard.csv") if r["run"] == "image_tokens"]
+    assert row["lostattn_pope/lostattn_rid_attn delta"] == "" and row["lostattn_pope/pope_accuracy delta"] == "0.0"
+    assert ("† image_tokens: statistics defined differently (table_group all vs image; stats_max_tokens 1024 vs 64)"
+            in (tmp_path / "board" / "leaderboard.md").read_text())
+    code, _, err = lostattn(capsys, "check", other, "--baseline", RUNS / "none", "--metrics", "lostattn_rid_attn")
+    assert code == 2 and "statistics defined differently (table_group all vs image" in err
+    code, out, _ = lostattn(capsys, "check", other, "--baseline", RUNS / "none")
+    assert code == 0 and "no regression" in out
+
+
 def test_check_refuses_different_documents_or_missing_logs(
     capsys: pytest.CaptureFixture[str], tmp_path: pathlib.Path
 ) -> None:
@@ -361,7 +403,25 @@ def _foreign_sidecar(folder: pathlib.Path) -> str:
 def _stray_file(folder: pathlib.Path) -> str:
     (foreign,) = (RUNS / "gaussian").glob("*_samples_lostattn_pope.jsonl")
     shutil.copy(foreign, folder)
-    return f"{folder / foreign.name}: belongs to another run"
+    return f"{folder / foreign.name}: belongs to no results file in {folder}"
+
+
+def _counts_as_a_list(folder: pathlib.Path) -> str:
+    (path,) = folder.glob("*_results.json")
+    edit_json(path, lambda r: r.update({"n-samples": [8, 8]}))
+    return f"{path}: 'n-samples' is not an object of objects"
+
+
+def _task_results_as_text(folder: pathlib.Path) -> str:
+    (path,) = folder.glob("*_results.json")
+    edit_json(path, lambda r: r["results"].update({"lostattn_pope": "0.97"}))
+    return f"{path}: 'results' is not an object of objects"
+
+
+def _one_layer_short(folder: pathlib.Path) -> str:
+    (path,) = folder.glob("*_lostattn.json")
+    edit_json(path, lambda s: s["tasks"]["lostattn_pope"]["per_layer"]["attn"]["all"]["rid"]["layers"]["mean"].pop())
+    return f"{path}: per-layer statistics of different lengths (3, 4)"
 
 
 def _two_results(folder: pathlib.Path) -> str:
@@ -381,8 +441,28 @@ def _empty(folder: pathlib.Path) -> str:
     return f"{folder}: no *_results.json"
 
 
+def test_runs_sharing_a_folder_are_read_by_their_results_file(
+    capsys: pytest.CaptureFixture[str], tmp_path: pathlib.Path
+) -> None:
+    """Either harness writes every run of one model into the same folder: each results file reads its own sidecar and
+    samples logs beside the other runs' files; the folder itself names them."""
+    shared = tmp_path / "model"
+    for name in ("none", "gaussian"):
+        shutil.copytree(RUNS / name, shared, dirs_exist_ok=True)
+    (base,), (run,) = ((RUNS / name).glob("*_results.json") for name in ("none", "gaussian"))
+    for name, path in (("none", base), ("gaussian", run)):
+        loaded = load_run(shared / path.name)
+        alone = load_run(RUNS / name)
+        assert loaded.sidecar == alone.sidecar and loaded.samples == alone.samples
+    code, out, err = lostattn(capsys, "check", shared / run.name, "--baseline", shared / base.name, "--max-drop", "1")
+    assert code == 0 and "no regression" in out, err
+    code, _, err = lostattn(capsys, "check", shared, "--baseline", shared / base.name)
+    assert code == 2 and f"{shared}: several results files" in err
+
+
 @pytest.mark.parametrize("damage", [_truncate_results, _truncate_samples, _drop_last_sample, _foreign_sidecar,
-                                    _stray_file, _two_results, _not_lostattn, _empty])
+                                    _stray_file, _counts_as_a_list, _task_results_as_text, _one_layer_short,
+                                    _two_results, _not_lostattn, _empty])
 def test_damaged_folders_give_a_clear_error_naming_the_file(
     damage: Callable[[pathlib.Path], str], capsys: pytest.CaptureFixture[str], tmp_path: pathlib.Path
 ) -> None:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
-from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
 
 from lmms_lostattn.config.spec import InterventionSpec
 from lmms_lostattn.families import adapter_for
@@ -334,9 +334,51 @@ def test_noise_delta_keeps_the_per_token_rms(model, batch) -> None:
     assert (noise - base).abs()[real].max() > 1e-3
 
 
+@pytest.mark.parametrize("variant", ["llama", "olmo2", "gemma3_text"])
+def test_noise_delta_keeps_the_rms_of_the_update_added_to_the_residual_stream(tiny_model, variant: str) -> None:
+    """Sandwich-norm layers (OLMo-2, Gemma) add their post-attention norm's output: the noise replaces that, so the
+    norm's weights (random here, as trained ones are not all equal) cannot rescale it."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model(variant), dtype=torch.float32).eval()
+    adapter = adapter_for(model.config)
+    layer = adapter.decoder_layers(model)[1]
+    with torch.no_grad():
+        for name, weight in layer.named_parameters():
+            if "norm" in name:
+                weight.copy_(torch.rand(weight.shape, generator=torch.Generator().manual_seed(0)) * 2)
+    added = adapter.update_modules(layer)[0]
+    inputs = {"input_ids": torch.randint(5, 100, (2, 9), generator=torch.Generator().manual_seed(1))}
+    inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+    base = _original_update(model, inputs, added)
+    seen: list[torch.Tensor] = []
+    with intervene(model, resolve(model, attn="noise_delta", attn_layers="1", attn_rows="all"), adapter):
+        handle = added.register_forward_hook(lambda m, a, out: seen.append(out[0] if isinstance(out, tuple) else out))
+        try:
+            logits(model, inputs)
+        finally:
+            handle.remove()
+    rms = [update.pow(2).mean(-1).sqrt() for update in (seen[0], base)]
+    torch.testing.assert_close(rms[0], rms[1])
+    assert (seen[0] - base).abs().max() > 1e-3
+
+
+def test_a_prepared_attention_mask_is_refused_by_name(tiny_model) -> None:
+    """generate() with a static cache hands the model a 4-D mask instead of the padding mask: refused, naming it."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model("llama"), dtype=torch.float32).eval()
+    inputs = {"input_ids": torch.randint(5, 100, (2, 6), generator=torch.Generator().manual_seed(2))}
+    inputs["attention_mask"] = torch.tensor([[1] * 6, [0, 0] + [1] * 4])
+    inter = resolve(model, attn="uniform", attn_keys="all")
+    with torch.no_grad(), intervene(model, inter, adapter_for(model.config)) as scope:
+        scope.set_samples(["a", "b"])
+        with pytest.raises(InterventionError, match=r"prepared attention mask \(a 4-D tensor\).*'static'"):
+            model.generate(**inputs, max_new_tokens=2, do_sample=False, pad_token_id=0,
+                           cache_implementation="static")
+
+
 def _original_update(model, batch, attention) -> torch.Tensor:
     seen = []
-    handle = attention.register_forward_hook(lambda m, a, out: seen.append(out[0]), prepend=True)
+    handle = attention.register_forward_hook(
+        lambda m, a, out: seen.append(out[0] if isinstance(out, tuple) else out), prepend=True
+    )
     try:
         with torch.no_grad():
             model(**batch)

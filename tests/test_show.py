@@ -224,6 +224,17 @@ def test_documents_that_cannot_be_drawn_are_refused(
     assert not list(tmp_path.glob("*.png"))
 
 
+def test_a_checkpoint_of_a_model_type_transformers_does_not_know_is_refused(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "config.json").write_text('{"model_type": "no_such_model"}')
+    Image.new("RGB", (32, 32)).save(tmp_path / "scene.png")
+    code, _, err = _show(capsys, "--pretrained", str(tmp_path / "ckpt"), "--image", str(tmp_path / "scene.png"),
+                         "--question", "q", "-o", str(tmp_path / "out"))
+    assert code == 2 and "Traceback" not in err and "no_such_model" in err.strip().splitlines()[-1], err
+
+
 def test_only_the_command_line_imports_the_inspection_folder() -> None:
     """It runs a model for a picture; no run, host glue or report depends on it."""
     package = pathlib.Path(attention_maps.__file__).resolve().parents[1]

@@ -88,7 +88,8 @@ class FamilyAdapter:
 
     def check_intervention(self, config: PretrainedConfig, intervention: Intervention, stats: StatsConfig) -> None:
         """Refuse, before the weights load, what this family cannot run: :meth:`check_mode`, image tokens a text
-        model does not have, and ``noise_qkv`` on a fused q/k/v projection."""
+        model does not have, ``noise_qkv`` on a fused q/k/v projection, and ``attn_scale=scores`` on soft-capped
+        scores."""
         self.check_mode(config, intervention.mode)
         if not self.images:
             asked = []
@@ -105,6 +106,12 @@ class FamilyAdapter:
                     "without them; use attn_keys=text|all, attn_rows=last|text|all and stats_groups=all|text "
                     "(every attention-weight mode but identity edits image keys unless attn_keys is given)"
                 )
+        softcap = getattr(config.get_text_config(), "attn_logit_softcapping", None)
+        if intervention.edits_weights and intervention.scale == "scores" and softcap:
+            raise SpecError(
+                "lostattn: attn_scale=scores is defined on plain scaled q.k scores; "
+                f"{config.model_type} soft-caps them (attn_logit_softcapping={softcap}). Use attn_scale=none."
+            )
         if intervention.mode == "noise_qkv" and len(self.qkv) != 3:
             raise SpecError(
                 "lostattn: attn=noise_qkv redraws the query, key and value projections separately; "

@@ -21,7 +21,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, PretrainedConfig
 
 from lmms_lostattn.config.spec import Intervention, InterventionSpec, SpecError
-from lmms_lostattn.families import FamilyAdapter, adapter_for, adapters
+from lmms_lostattn.families import FamilyAdapter, UnsupportedFamilyError, adapter_for, adapters
 from lmms_lostattn.intervention.attention import EditedAttention
 from lmms_lostattn.intervention.scope import Scope, intervene
 
@@ -130,7 +130,10 @@ def check_one_token_per_patch(config: PretrainedConfig) -> FamilyAdapter:
 def load(pretrained: str | Path, model_args: Mapping[str, object]) -> Inspector:
     """Resolve ``model_args`` (the plugin's ``attn*`` arguments) and refuse what cannot be shown, before the weights
     load; then the model (float32, eager attention) and its processor."""
-    config = AutoConfig.from_pretrained(pretrained)
+    try:
+        config = AutoConfig.from_pretrained(pretrained)
+    except ValueError as error:  # transformers knows no such model type
+        raise UnsupportedFamilyError(f"lostattn show: {pretrained}: {str(error).splitlines()[0]}") from None
     adapter = check_one_token_per_patch(config)
     spec = InterventionSpec.from_model_args(model_args)
     text = config.get_text_config()

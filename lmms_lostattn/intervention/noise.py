@@ -1,5 +1,6 @@
 """The two noise modes of the paper's Table 1: ``noise_delta`` replaces the attention update of the edited rows by
-Gaussian noise of the same per-token RMS (a forward hook on the attention module); ``noise_qkv`` redraws the q/k/v
+Gaussian noise of the same per-token RMS (a forward hook on the module whose output the layer adds to the residual
+stream: the attention module, or a sandwich-norm layer's post-attention norm); ``noise_qkv`` redraws the q/k/v
 projection weights as N(mean(W), (sigma*std(W))^2), restored bit for bit on exit."""
 
 from __future__ import annotations

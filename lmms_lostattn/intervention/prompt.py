@@ -194,6 +194,14 @@ class PromptTracker:
         if attention_mask is None:
             first_real = torch.zeros(batch, dtype=torch.long, device=device)
         else:
+            if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
+                given = (f"a {attention_mask.dim()}-D tensor" if isinstance(attention_mask, torch.Tensor)
+                         else f"a {type(attention_mask).__name__}")
+                raise InterventionError(
+                    f"lostattn: the model was given a prepared attention mask ({given}), as generate() does for "
+                    "cache_implementation='static'; lostattn finds each sample's padding in the 2-D (batch, "
+                    "positions) padding mask. Generate with the default dynamic cache (or 'hybrid')."
+                )
             if not bool(attention_mask[:, -1].all()):
                 raise InterventionError(
                     "lostattn needs left padding (padding_side='left'); the batch is right-padded. Generation with a "

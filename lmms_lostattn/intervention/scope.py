@@ -132,9 +132,10 @@ def intervene(
         if intervention.edits_weights:
             stack.enter_context(route_attention(model))
             stack.enter_context(editing(edited, scope.attend))
-        elif intervention.mode == "noise_delta":
-            for index, module in edited.items():
-                stack.callback(module.register_forward_hook(scope.noise_delta_hook(index)).remove)
+        elif intervention.mode == "noise_delta":  # on what the layer adds: a sandwich layer's post-attention norm
+            for index in intervention.layers:
+                update = adapter.update_modules(layers[index])[0]
+                stack.callback(update.register_forward_hook(scope.noise_delta_hook(index)).remove)
         elif intervention.mode == "noise_qkv":
             stack.enter_context(noise_qkv(layers, adapter, intervention))
         if on_layer is not None:

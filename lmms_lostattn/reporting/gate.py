@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from lmms_lostattn.reporting.runs import LoadedRun, RunError, comparability
-from lmms_lostattn.reporting.significance import BOOTSTRAP_ITERATIONS, STATISTICS_PREFIX, Difference, difference
+from lmms_lostattn.reporting.runs import STATISTICS_PREFIX, LoadedRun, RunError, comparability
+from lmms_lostattn.reporting.significance import difference
 
 
 def check_max_drop(value: float) -> float:
@@ -22,11 +22,6 @@ def _tasks_of(groups: dict[str, list[str]], name: str) -> list[str]:
     return [task for sub in groups[name] for task in _tasks_of(groups, sub)] if name in groups else [name]
 
 
-def _p_value(diff: Difference) -> str:
-    """``p=…``; a bootstrap's 0 is only below its resolution."""
-    return f"p<{1 / BOOTSTRAP_ITERATIONS:g}" if diff.p == 0 else f"p={diff.p:.4g}"
-
-
 def regressions(base: LoadedRun, run: LoadedRun, max_drop: float, metrics: Sequence[str] = ()) -> list[tuple[str, str]]:
     """Regression gate: ``(status, line)`` per metric, status ``FAILED``, ``ok`` or ``skipped``, and a ``note`` per
     group.
@@ -40,6 +35,9 @@ def regressions(base: LoadedRun, run: LoadedRun, max_drop: float, metrics: Seque
       values, as the task declares it (:func:`lmms_lostattn.reporting.significance.per_sample_mean`: aggregation
       ``mean``, POPE's accuracy, the statistics rows); any other (POPE's precision, recall, F1, yes-ratio, lm-eval's
       perplexities) is skipped whatever its values, and is an error when named in ``metrics``.
+    * Cannot judge (:class:`RunError`): a baseline metric that the run lacks or does not report as a number, a
+      per-sample mean whose logged values are missing or do not average to the aggregate, and a selection in which
+      nothing could be tested (no results, or only metrics that are not per-sample means).
     * Groups (``group_subtasks``) have no samples log of their own: their tasks are checked instead, and a ``note``
       line says so; ``group/metric`` in ``metrics`` is that metric in each of the group's tasks.
 
@@ -55,6 +53,8 @@ def regressions(base: LoadedRun, run: LoadedRun, max_drop: float, metrics: Seque
         raise RunError(f"baseline {base.path} vs {run.path}: {'; '.join(problems)}")
     groups = {**base.groups, **run.groups}
     checked = [task for task in tasks if task not in groups]
+    if not checked:
+        raise RunError(f"{base.path} and {run.path}: no task results; nothing to check")
     missing = [(r.path, task) for task in checked for r in (base, run) if task not in r.samples]
     if missing:
         raise RunError(f"{missing[0][0]}: no samples log for {missing[0][1]}; run the harness with --log_samples")
@@ -74,18 +74,21 @@ def regressions(base: LoadedRun, run: LoadedRun, max_drop: float, metrics: Seque
     for task, metric in selected:
         diff = difference(base, run, task, metric)
         if diff.p is None:
-            if wanted:
+            if wanted or not diff.by_design:
                 raise RunError(f"{task}/{metric}: cannot be tested per sample ({diff.test})")
             lines.append(("skipped", f"{task}/{metric}: {diff.test}"))
             continue
-        directions = base.results.get("higher_is_better", {}).get(task, {})
-        higher = None if metric.startswith(STATISTICS_PREFIX) else directions.get(metric)
+        higher = None if metric.startswith(STATISTICS_PREFIX) else base.higher_is_better(task, metric)
         if higher is None:
             beyond, change = abs(diff.delta) > max_drop, f"changed {diff.delta:+.4f}, band ±{max_drop}"
         else:
             drop = 0.0 - diff.delta if higher else diff.delta  # 0.0 - 0.0 is 0.0, not -0.0
             beyond, change = drop > max_drop, f"drop {drop:+.4f}, bound {max_drop}"
         line = (f"{task}/{metric}: {base.metric(task, metric):.4f} -> {run.metric(task, metric):.4f} "
-                f"({change}, {diff.test} {_p_value(diff)})")
+                f"({change}, {diff.test} p={diff.p:.4g})")
         lines.append(("FAILED" if beyond and diff.significant else "ok", line))
+    if not any(status in ("ok", "FAILED") for status, _ in lines):
+        raise RunError(f"baseline {base.path}: no metric of {', '.join(checked)} can be tested per sample; name "
+                       f"statistics rows (e.g. --metrics {STATISTICS_PREFIX}rid_attn) or run tasks whose metrics are "
+                       "per-sample means")
     return lines

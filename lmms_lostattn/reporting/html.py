@@ -10,7 +10,7 @@ import re
 from collections.abc import Mapping
 
 from lmms_lostattn.reporting.runs import LoadedRun
-from lmms_lostattn.reporting.significance import ALPHA, BOOTSTRAP_ITERATIONS, Difference
+from lmms_lostattn.reporting.significance import ALPHA, Difference
 from lmms_lostattn.reporting.tables import Cell, Table
 
 RUN_COLUMNS = 3  # the leaderboard's first columns: model, intervention, run
@@ -80,8 +80,7 @@ def _hover(diff: Difference, value: float | None) -> str:
     change = f"{diff.delta:+.6g} vs the baseline"
     if diff.p is None:
         return f"{change}; no test ({diff.test})"
-    p = f"< {2 / BOOTSTRAP_ITERATIONS:g}" if diff.p == 0 and diff.test == "bootstrap" else f"= {diff.p:.3g}"
-    return f"{change}; {diff.test} p {p}, {'' if diff.significant else 'not '}significant at α = {ALPHA}"
+    return f"{change}; {diff.test} p = {diff.p:.3g}, {'' if diff.significant else 'not '}significant at α = {ALPHA}"
 
 
 def _metric_cell(cell: Cell, higher_is_better: bool | None, stat: bool) -> str:
@@ -109,7 +108,6 @@ def _view(task: str, columns: list[int], board: Table, base: LoadedRun, image: b
     metrics = {index: board.header[index].partition("/")[2] for index in columns}
     stats = [index for index, metric in metrics.items() if metric.startswith("lostattn_")]
     first_stat = next(iter(stats), None)
-    directions = base.results.get("higher_is_better", {}).get(task, {})
     groups = "".join(f'<th class="group{extra}" colspan="{span}">{name}</th>' for name, span, extra in
                      (("task metrics", len(columns) - len(stats), ""), ("statistics: RID / MixIG", len(stats), " stat"))
                      if span)
@@ -118,7 +116,8 @@ def _view(task: str, columns: list[int], board: Table, base: LoadedRun, image: b
         f"{_heading(metric)}</th>" for index, metric in metrics.items())
     rows = "".join(  # the leaderboard puts the baseline first
         f'<tr{" class=base" if number == 0 else ""}>{_run_cells(row, number == 0)}'
-        + "".join(_metric_cell(row[index], None if index in stats else directions.get(metric), index == first_stat)
+        + "".join(_metric_cell(row[index], None if index in stats else base.higher_is_better(task, metric),
+                               index == first_stat)
                   for index, metric in metrics.items()) + "</tr>"
         for number, row in enumerate(board.rows))
     figure = _image(image, f"per-layer RID and MixIG on {task}") if image else ""

@@ -6,8 +6,9 @@ A run is given as a results JSON or a folder holding exactly one (searched recur
 ``<date>_results.json``, a ``<date>_lostattn.json`` sidecar with the per-layer statistics and
 ``<date>_samples_<task>.jsonl`` logs; lm-eval writes ``results_<date>.json``, whose ``lostattn`` block holds the
 per-layer statistics, and ``samples_<task>_<date>.jsonl``. Sidecar and samples logs are optional (no ``stats``, no
-``--log_samples``). Anything malformed, truncated or belonging to another run raises :class:`RunError` naming the
-file and the problem.
+``--log_samples``). Either harness writes every run of one model into the same folder: the other runs' files are
+left alone, but a samples log or sidecar whose date id matches no results file there, and anything malformed or
+truncated, raises :class:`RunError` naming the file and the problem.
 """
 
 from __future__ import annotations
@@ -51,6 +52,21 @@ LAYOUTS = (
 )
 
 
+STATISTICS_PREFIX = "lostattn_"  # the plugin's statistics rows: each a mean over documents of per-sample values
+
+
+def metric_id(metric: str, filter_: str) -> str:
+    """How a metric is named in tables, ``check`` lines and ``--metrics``: ``exact_match`` under the harnesses'
+    default filter ``none``, else as the results JSON keys it, ``exact_match,strict-match``."""
+    return metric if filter_ == "none" else f"{metric},{filter_}"
+
+
+def split_metric(name: str) -> tuple[str, str]:
+    """``(metric, filter)`` of a :func:`metric_id`."""
+    metric, _, filter_ = name.partition(",")
+    return metric, filter_ or "none"
+
+
 class RunError(ValueError):
     """A run folder that cannot be used; the message names the file and the problem."""
 
@@ -64,7 +80,8 @@ class LoadedRun:
     layout: Layout
     results: dict[str, Any]
     sidecar: dict[str, Any] | None  # the per-layer statistics: {"tasks": {task: {"samples", "per_layer"}}, ...}
-    samples: dict[str, dict[int, dict[str, Any]]]  # task -> doc_id -> logged sample
+    samples: dict[str, dict[int, dict[str, Any]]]  # task -> doc_id -> logged sample (the "none" filter's, or first)
+    filtered: dict[str, dict[str, dict[int, dict[str, Any]]]]  # task -> filter -> doc_id -> sample (lm-eval's lines)
 
     @property
     def model(self) -> str:
@@ -95,23 +112,43 @@ class LoadedRun:
         return sorted(self.results["results"])
 
     def metric(self, task: str, name: str) -> float | None:
-        """The aggregate ``name`` (filter ``none``) of ``task``, or None when absent or not a number."""
-        value = self.results["results"].get(task, {}).get(f"{name},none")
+        """The aggregate ``name`` of ``task`` (:func:`metric_id`), or None when absent or not a number."""
+        metric, filter_ = split_metric(name)
+        value = self.results["results"].get(task, {}).get(f"{metric},{filter_}")
         return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
     def stderr(self, task: str, name: str) -> float | None:
         """Bootstrap stderr of a metric when the harness computed one, else its CLT stderr (lmms-eval)."""
-        bootstrap = self.metric(task, f"{name}_stderr")
-        return bootstrap if bootstrap is not None else self.metric(task, f"{name}_stderr_clt")
+        metric, filter_ = split_metric(name)
+        for suffix in ("_stderr", "_stderr_clt"):
+            value = self.metric(task, metric_id(f"{metric}{suffix}", filter_))
+            if value is not None:
+                return value
+        return None
+
+    def higher_is_better(self, task: str, name: str) -> bool | None:
+        """The metric's recorded direction (None where the results do not record one)."""
+        return self.results.get("higher_is_better", {}).get(task, {}).get(split_metric(name)[0])
+
+    def sample_log(self, task: str, name: str) -> dict[int, dict[str, Any]] | None:
+        """The samples log lines that hold the per-sample values of metric ``name`` (None without a log): lm-eval
+        logs each filter's lines (the statistics rows' values are in every one); lmms-eval logs a line per document
+        with no filter, which serve the task's one filter (a second filter would repeat every doc_id)."""
+        metric, filter_ = split_metric(name)
+        by_filter = self.filtered.get(task)
+        if not by_filter or metric.startswith(STATISTICS_PREFIX):
+            return self.samples.get(task)
+        return by_filter.get(filter_)
 
     @property
     def groups(self) -> dict[str, list[str]]:
         """Each group of the run and its tasks (``group_subtasks``; a group has no samples log of its own)."""
         return {name: list(tasks) for name, tasks in self.results.get("group_subtasks", {}).items() if tasks}
 
-    def aggregation(self, task: str, metric: str) -> str | None:
-        """How the task's config declares ``metric`` aggregated: ``mean``, an aggregation function's name (as either
-        harness records it: its repr or its source), or None when the config does not say."""
+    def aggregation(self, task: str, name: str) -> str | None:
+        """How the task's config declares metric ``name`` aggregated: ``mean``, an aggregation function's name (as
+        either harness records it: its repr or its source), or None when the config does not say."""
+        metric = split_metric(name)[0]
         for entry in self.results.get("configs", {}).get(task, {}).get("metric_list") or ():
             declared = entry.get("aggregation") if isinstance(entry, dict) and entry.get("metric") == metric else None
             if isinstance(declared, str):
@@ -120,9 +157,43 @@ class LoadedRun:
         return None
 
     def metrics(self, task: str) -> list[str]:
-        """Metric names of ``task`` in the results JSON's order (no stderr rows, no ``lostattn_samples``)."""
-        names = [key.split(",")[0] for key in self.results["results"].get(task, {}) if "," in key]
-        return [n for n in names if "_stderr" not in n and n != "lostattn_samples" and self.metric(task, n) is not None]
+        """Metric ids (:func:`metric_id`) of ``task`` in the results JSON's order (no stderr rows, no
+        ``lostattn_samples``)."""
+        names = [metric_id(*key.split(",", 1)) for key in self.results["results"].get(task, {}) if "," in key]
+        return [name for name in names if "_stderr" not in split_metric(name)[0]
+                and name != "lostattn_samples" and self.metric(task, name) is not None]
+
+
+# The objects of a results JSON that are read, and the type of each of their values: per task (or group) an object,
+# a group's list of members; in the ``lostattn`` block (and lmms-eval's sidecar), the settings and the statistics of
+# each task.
+RESULTS_BLOCKS = {"results": dict, "n-samples": dict, "configs": dict, "higher_is_better": dict, "group_subtasks": list}
+STATISTICS_BLOCKS = {"intervention": object, "stats": object, "tasks": dict}
+_HOLDING = {dict: " of objects", list: " of lists", object: ""}
+
+
+def _check_blocks(data: dict[str, Any], blocks: dict[str, type], path: pathlib.Path, within: str = "") -> None:
+    """Each of ``blocks`` present in ``data`` is an object whose every value is of its type, else :class:`RunError`."""
+    for key, kind in blocks.items():
+        block = data.get(key, {})
+        if not isinstance(block, dict) or not all(isinstance(value, kind) for value in block.values()):
+            raise RunError(f"{path}: {within}{key!r} is not an object{_HOLDING[kind]}; edited, or not a harness's "
+                           "output?")
+
+
+def _check_layer_lengths(tasks: dict[str, Any], path: pathlib.Path) -> None:
+    """Every per-layer list of the per-task statistics (mean, stderr, n of each module, group and metric) has one
+    value per decoder layer: the same length throughout."""
+    try:
+        lengths = {len(values) for entry in tasks.values() for groups in entry.get("per_layer", {}).values()
+                   for metrics in groups.values() for metric in metrics.values()
+                   for values in metric.get("layers", {}).values()}
+    except (AttributeError, TypeError):
+        raise RunError(f"{path}: the per-layer statistics are not nested as a run writes them "
+                       "(task -> per_layer -> module -> group -> metric -> layers); edited?") from None
+    if len(lengths) > 1:
+        raise RunError(f"{path}: per-layer statistics of different lengths ({', '.join(map(str, sorted(lengths)))}); "
+                       "edited, or files of different models mixed up?")
 
 
 def _read_json(path: pathlib.Path) -> dict[str, Any]:
@@ -135,9 +206,10 @@ def _read_json(path: pathlib.Path) -> dict[str, Any]:
     return data
 
 
-def _read_samples(path: pathlib.Path) -> dict[int, dict[str, Any]]:
-    """A samples log by doc_id. lm-eval logs a document once per filter: the ``none`` filter's line is kept (the
-    statistics rows' filter), or the first filter's where the task has no ``none`` filter."""
+def _read_samples(path: pathlib.Path) -> tuple[dict[int, dict[str, Any]], dict[str, dict[int, dict[str, Any]]]]:
+    """A samples log by doc_id, and by filter and doc_id. lm-eval logs a document once per filter, naming it: the
+    ``none`` filter's line is the document's (the statistics rows' filter), or the first filter's where the task has
+    no ``none`` filter. lmms-eval names no filter (no lines by filter)."""
     lines: list[tuple[int, dict[str, Any]]] = []
     for number, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
@@ -149,16 +221,16 @@ def _read_samples(path: pathlib.Path) -> dict[int, dict[str, Any]]:
         if not isinstance(sample, dict) or not isinstance(sample.get("doc_id"), int):
             raise RunError(f"{path}: line {number} has no integer doc_id; not a samples log")
         lines.append((number, sample))
-    filters = [sample.get("filter") for _, sample in lines]
-    kept = "none" if "none" in filters else next(iter(filters), None)
-    samples: dict[int, dict[str, Any]] = {}
+    by_filter: dict[Any, dict[int, dict[str, Any]]] = {}
     for number, sample in lines:
-        if sample.get("filter") != kept:
-            continue
-        if sample["doc_id"] in samples:
-            raise RunError(f"{path}: doc_id {sample['doc_id']} appears twice (line {number}); files mixed up?")
-        samples[sample["doc_id"]] = sample
-    return samples
+        log = by_filter.setdefault(sample.get("filter"), {})
+        if sample["doc_id"] in log:
+            unnamed = "" if "filter" in sample else " (or a task with several filters, which lmms-eval logs unnamed)"
+            raise RunError(f"{path}: doc_id {sample['doc_id']} appears twice (line {number}); files mixed up"
+                           f"{unnamed}?")
+        log[sample["doc_id"]] = sample
+    kept = "none" if "none" in by_filter else next(iter(by_filter), None)
+    return by_filter.get(kept, {}), {name: log for name, log in by_filter.items() if isinstance(name, str)}
 
 
 def _layout_of(path: pathlib.Path) -> tuple[Layout, str] | None:
@@ -199,13 +271,17 @@ def load_run(path: pathlib.Path) -> LoadedRun:
     for key in ("results", "lostattn", "config"):
         if not isinstance(results.get(key), dict):
             raise RunError(f"{results_path}: no {key!r} block; not the results of a lostattn model run")
+    _check_blocks(results, RESULTS_BLOCKS, results_path)
+    _check_blocks(results["lostattn"], STATISTICS_BLOCKS, results_path, "lostattn.")
     if "spec_hash" not in results["lostattn"] or "mode" not in results["lostattn"].get("intervention", {}):
         raise RunError(f"{results_path}: the 'lostattn' block lacks spec_hash or intervention.mode")
     folder = results_path.parent
+    dates = {layout.match(layout.results, other.name)["date"] for other in folder.glob(layout.glob(layout.results))}
     for template in (layout.samples, layout.sidecar):
         for stray in sorted(folder.glob(layout.glob(template))) if template else ():
-            if layout.match(template, stray.name, date=date) is None:
-                raise RunError(f"{stray}: belongs to another run than {results_path.name} (date id differs); mixed up?")
+            if all(layout.match(template, stray.name, date=other) is None for other in dates):
+                raise RunError(f"{stray}: belongs to no results file in {folder} (its date id matches none); "
+                               "a results file missing, or files mixed up?")
     sidecar = results["lostattn"] if "tasks" in results["lostattn"] else None
     if layout.sidecar is not None:
         sidecar_path = folder / layout.sidecar.format(date=date)
@@ -214,17 +290,22 @@ def load_run(path: pathlib.Path) -> LoadedRun:
         if sidecar is not None and sidecar.get("spec_hash") != spec_hash:
             raise RunError(f"{sidecar_path}: spec_hash {sidecar.get('spec_hash')} differs from the results file's "
                            f"{spec_hash}; files from different runs mixed up?")
-    samples = {}
+        if sidecar is not None:
+            _check_blocks(sidecar, STATISTICS_BLOCKS, sidecar_path)
+    if sidecar is not None:
+        _check_layer_lengths(sidecar.get("tasks", {}), sidecar_path if layout.sidecar else results_path)
+    samples, filtered = {}, {}
     for path_ in sorted(folder.glob(layout.glob(layout.samples, date=date))):
         task = layout.match(layout.samples, path_.name, date=date)["task"]
         if task not in results["results"]:
             raise RunError(f"{path_}: task {task!r} is not in {results_path.name}; files mixed up?")
-        samples[task] = _read_samples(path_)
+        samples[task], filtered[task] = _read_samples(path_)
         expected = results.get("n-samples", {}).get(task, {}).get("effective")
         if expected is not None and len(samples[task]) != expected:
             raise RunError(f"{path_}: {len(samples[task])} samples, but {results_path.name} says {expected}; "
                            "truncated?")
-    return LoadedRun(path.name if path.is_dir() else folder.name, results_path, layout, results, sidecar, samples)
+    name = path.name if path.is_dir() else folder.name
+    return LoadedRun(name, results_path, layout, results, sidecar, samples, filtered)
 
 
 def load_runs(paths: list[pathlib.Path]) -> list[LoadedRun]:
@@ -294,6 +375,21 @@ def _document_difference(task: str, base: dict[int, dict[str, Any]], other: dict
     if changed:
         return f"different documents in {task} (doc_id {_doc_ids(changed)}: {'/'.join(fields)} differ)"
     return None
+
+
+# The statistics settings that change what a statistics row holds without changing its name (the reference and the
+# ΔD combination are in the name): the token group in the table, the token cap and its rule, MixIG's α, the rank
+# tolerance, and the pass measured.
+STATISTICS_DEFINITIONS = ("table_group", "stats_max_tokens", "token_cap_rule", "mixig", "rank_tolerance", "computed_on")
+
+
+def statistics_difference(base: LoadedRun, other: LoadedRun) -> str | None:
+    """Why the statistics rows of ``other`` measure something else than ``base``'s (None when they do not): the
+    :data:`STATISTICS_DEFINITIONS` both runs record, where they differ."""
+    old, new = (run.block.get("stats", {}) for run in (base, other))
+    differ = [f"{key} {old[key]} vs {new[key]}" for key in STATISTICS_DEFINITIONS
+              if key in old and key in new and old[key] != new[key]]
+    return f"statistics defined differently ({'; '.join(differ)})" if differ else None
 
 
 def comparability(base: LoadedRun, other: LoadedRun, task: str) -> str | None:

@@ -2,7 +2,8 @@
 
 A difference is significant when its paired test gives p < ``ALPHA`` (0.05). The test runs on the per-sample values
 of the ``--log_samples`` logs, and only when the task's aggregate is the mean of those values, as declared, never
-judged from the values (:func:`per_sample_mean`): exact McNemar when every value is 0 or 1, else a paired bootstrap.
+judged from the values (:func:`per_sample_mean`): exact McNemar when every value is 0 or 1, else a paired
+permutation test.
 """
 
 from __future__ import annotations
@@ -13,12 +14,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lmms_lostattn.reporting.runs import LoadedRun, comparability
+from lmms_lostattn.reporting.runs import (
+    STATISTICS_PREFIX,
+    LoadedRun,
+    comparability,
+    split_metric,
+    statistics_difference,
+)
 
 ALPHA = 0.05
-BOOTSTRAP_ITERATIONS = 10_000
-BOOTSTRAP_SEED = 0
-STATISTICS_PREFIX = "lostattn_"  # the plugin's statistics rows: each a mean over documents of per-sample values
+PERMUTATION_ITERATIONS = 10_000
+PERMUTATION_SEED = 0
+EXACT_UP_TO = 16  # documents: up to here the permutation test enumerates every sign pattern
 # Aggregations that are the mean of the logged per-sample values: either harness's ``mean``, and the functions known
 # to compute it (lmms-eval's POPE accuracy averages each sample's ``score``; its precision, recall, F1 and yes-ratio
 # do not).
@@ -37,26 +44,41 @@ def mcnemar(base: Sequence[float], other: Sequence[float]) -> float:
     return min(1.0, 2 * tail)
 
 
-def paired_bootstrap(base: Sequence[float], other: Sequence[float], iterations: int = BOOTSTRAP_ITERATIONS,
-                     seed: int = BOOTSTRAP_SEED) -> float:
-    """Two-sided paired bootstrap test of mean(other − base) = 0.
+def paired_permutation(base: Sequence[float], other: Sequence[float], iterations: int = PERMUTATION_ITERATIONS,
+                       seed: int = PERMUTATION_SEED) -> float:
+    """Two-sided paired permutation (sign-flip) test of mean(other − base) = 0.
 
-    Documents are resampled with replacement ``iterations`` times (``numpy.random.default_rng(seed)``); with d̄* the
-    resampled mean differences, p = min(1, 2·min(P(d̄* ≤ 0), P(d̄* ≥ 0))).
+    Under the null each difference d_i = other_i − base_i is as likely to carry either sign. With T = |Σ d_i|, p is
+    the share of sign patterns s ∈ {±1}^n with |Σ s_i d_i| ≥ T: all 2^n of them for n ≤ :data:`EXACT_UP_TO` (exact),
+    else ``iterations`` random ones (``numpy.random.default_rng(seed)``) with the observed pattern counted in,
+    p = (1 + #{|Σ s_i d_i| ≥ T}) / (1 + iterations). Either way p ≥ 2 / 2^n: a handful of documents that all moved
+    the same way is not significant, however far they moved.
     """
     diff = np.asarray(other, dtype=float) - np.asarray(base, dtype=float)
+    n = len(diff)
+    reach = abs(diff.sum()) - 1e-9 * max(1.0, float(np.abs(diff).sum()))  # |Σ s·d| ≥ T up to rounding
+    if n <= EXACT_UP_TO:
+        signs = 1.0 - 2.0 * ((np.arange(2**n)[:, None] >> np.arange(n)) & 1)
+        return float(np.mean(np.abs(signs @ diff) >= reach))
     rng = np.random.default_rng(seed)
-    means = diff[rng.integers(0, len(diff), size=(iterations, len(diff)))].mean(axis=1)
-    return float(min(1.0, 2 * min(np.mean(means <= 0), np.mean(means >= 0))))
+    chunk = max(1, 2**22 // n)  # sign patterns per draw: about 32 MiB at a time, whatever the number of documents
+    hits = 0
+    for start in range(0, iterations, chunk):
+        signs = rng.choice((-1.0, 1.0), size=(min(chunk, iterations - start), n))
+        hits += int(np.count_nonzero(np.abs(signs @ diff) >= reach))
+    return (1 + hits) / (1 + iterations)
 
 
 def sample_scores(run: LoadedRun, task: str, metric: str) -> dict[int, float] | None:
-    """Per-document values of ``metric`` from the samples log (a number, or a dict's ``score`` as POPE logs)."""
-    if task not in run.samples:
+    """Per-document values of metric ``metric`` (a metric id: under its filter) from the samples log (a number, or a
+    dict's ``score`` as POPE logs)."""
+    log = run.sample_log(task, metric)
+    if log is None:
         return None
+    name = split_metric(metric)[0]
     scores = {}
-    for doc, sample in run.samples[task].items():
-        value = sample.get(metric)
+    for doc, sample in log.items():
+        value = sample.get(name)
         value = value.get("score") if isinstance(value, dict) else value
         if not isinstance(value, int | float) or isinstance(value, bool):
             return None
@@ -77,7 +99,8 @@ class Difference:
 
     delta: float | None
     p: float | None = None
-    test: str = ""  # "McNemar", "bootstrap", or why there is no test
+    test: str = ""  # "McNemar", "permutation", or why there is no test
+    by_design: bool = False  # no test because the aggregate is not a per-sample mean (not a fault of the runs)
 
     @property
     def significant(self) -> bool:
@@ -87,14 +110,17 @@ class Difference:
 def difference(base: LoadedRun, other: LoadedRun, task: str, metric: str) -> Difference:
     """Aggregate difference of ``metric`` on ``task`` and its paired test (see the module docstring)."""
     problem = comparability(base, other, task)
+    if problem is None and metric.startswith(STATISTICS_PREFIX):
+        problem = statistics_difference(base, other)
     if problem:
         return Difference(None, test=f"not comparable: {problem}")
     values = base.metric(task, metric), other.metric(task, metric)
-    if values[0] is None or values[1] is None:
-        return Difference(None, test=f"{metric} missing from a run")
+    if None in values:
+        lacking = " and ".join(str(run.path) for run, value in zip((base, other), values, strict=True) if value is None)
+        return Difference(None, test=f"{metric} missing from {lacking}, or not a number there")
     delta = values[1] - values[0]
     if not (per_sample_mean(base, task, metric) and per_sample_mean(other, task, metric)):
-        return Difference(delta, test="aggregate is not a per-sample mean")
+        return Difference(delta, test="aggregate is not a per-sample mean", by_design=True)
     scores = [sample_scores(run, task, metric) for run in (base, other)]
     if scores[0] is None or scores[1] is None:
         return Difference(delta, test="no per-sample values")
@@ -105,4 +131,4 @@ def difference(base: LoadedRun, other: LoadedRun, task: str, metric: str) -> Dif
     pairs = [scores[0][d] for d in docs], [scores[1][d] for d in docs]
     if all(v in (0.0, 1.0) for v in (*pairs[0], *pairs[1])):
         return Difference(delta, mcnemar(*pairs), "McNemar")
-    return Difference(delta, paired_bootstrap(*pairs), "bootstrap")
+    return Difference(delta, paired_permutation(*pairs), "permutation")

@@ -1,8 +1,8 @@
 """Tables over loaded runs (pure functions; formatting in :func:`markdown` and :func:`csv_text`).
 
 A difference is marked ``*`` when its paired test (:mod:`lmms_lostattn.reporting.significance`) gives p < 0.05; a
-pair of runs that cannot be compared on a task (:func:`lmms_lostattn.reporting.runs.comparability`) gets no delta,
-only ``†``.
+pair of runs that cannot be compared on a task (:func:`lmms_lostattn.reporting.runs.comparability`), or on its
+statistics rows (:func:`lmms_lostattn.reporting.runs.statistics_difference`), gets no delta, only ``†``.
 """
 
 from __future__ import annotations
@@ -13,8 +13,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from lmms_lostattn.reporting.runs import LoadedRun, comparability, version_changes
-from lmms_lostattn.reporting.significance import ALPHA, BOOTSTRAP_ITERATIONS, BOOTSTRAP_SEED, difference
+from lmms_lostattn.reporting.runs import LoadedRun, comparability, statistics_difference, version_changes
+from lmms_lostattn.reporting.significance import (
+    ALPHA,
+    EXACT_UP_TO,
+    PERMUTATION_ITERATIONS,
+    PERMUTATION_SEED,
+    difference,
+)
 
 MODULE_ROWS = {"none": (("attention", "attn"), ("FFN", "ffn")), "noise_delta": (("Noise Δ", "attn"),),
                "noise_qkv": (("Noise QKV", "attn"),)}
@@ -122,12 +128,15 @@ def leaderboard(runs: Sequence[LoadedRun], base: LoadedRun) -> Table:
         for r in ordered
     ]
     notes = [f"baseline: {base.name} ({base.label}); cells: value (delta vs baseline)",
-             f"* paired test p < {ALPHA} (exact McNemar for 0/1 per-sample scores, else paired bootstrap, "
-             f"{BOOTSTRAP_ITERATIONS} resamples, seed {BOOTSTRAP_SEED}); no mark: not significant, or no "
-             "per-sample test",
-             "† not comparable with the baseline (different tasks, documents or --limit): no delta"]
+             f"* paired test p < {ALPHA} (exact McNemar for 0/1 per-sample scores, else paired permutation "
+             f"test, exact to {EXACT_UP_TO} documents, else {PERMUTATION_ITERATIONS} sign flips, seed "
+             f"{PERMUTATION_SEED}); no mark: not significant, or no per-sample test",
+             "† not comparable with the baseline (different tasks, documents or --limit, or statistics rows defined "
+             "differently): no delta"]
     notes += sorted({f"† {r.name}: {problem}" for r in runs for task in _tasks(runs)
                      if r is not base and (problem := comparability(base, r, task))})
+    notes += [f"† {r.name}: {problem}" for r in ordered[1:]
+              if (problem := statistics_difference(base, r))]
     notes += [f"{r.name}: versions differ from the baseline ({', '.join(changes)})" for r in ordered[1:]
               if (changes := version_changes(base, r))]
     return Table(header, rows, notes)

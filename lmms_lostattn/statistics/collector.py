@@ -19,9 +19,9 @@ from typing import Any, Protocol
 import torch
 
 from lmms_lostattn.config.spec import StatsConfig
+from lmms_lostattn.statistics.inputs import NonFiniteError
 from lmms_lostattn.statistics.metrics import (
     Decomposition,
-    NonFiniteError,
     decompose,
     innovation,
     select_tokens,

@@ -20,6 +20,9 @@ Conventions shared by all functions:
 * Numerical rank tolerance: ``r = #{sigma_i > tol * sigma_max}`` with ``tol = max(S, H) * eps_float32`` (what
   ``torch.linalg.matrix_rank`` uses for float32), whatever the input dtype, so float32 and float64 inputs give the
   same rank; ``rtol`` overrides ``tol``.
+* Every statistic is invariant to the scale of each matrix: norms, Gram matrices and row normalisations work on
+  the matrix times a power of two that brings its largest entry near 1 (exact), so no magnitude a float holds
+  overflows or underflows them.
 * Singular values come from the float64 eigenvalues of the smaller Gram matrix, projections from its Cholesky
   factor (X of full rank) or its eigenvectors (see :class:`Decomposition`, which also lets several statistics
   share one matrix's decomposition).
@@ -32,13 +35,20 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import numbers
-import operator
 from collections.abc import Iterator
 
 import torch
 
 from lmms_lostattn.config.spec import STATS_COMBINES as COMBINES
+from lmms_lostattn.statistics.inputs import (
+    AGGS,
+    check_agg,
+    check_alpha,
+    check_int,
+    check_rtol,
+    prepare,
+    prepare_pair,
+)
 
 __all__ = [
     "AGGS",
@@ -59,81 +69,12 @@ __all__ = [
     "update_stats",
 ]
 
-AGGS = ("last", "mean")
 KINDS = ("paper", "all")
 RANK_EPS = float(torch.finfo(torch.float32).eps)
 """Machine epsilon of float32; the default rank tolerance is ``max(S, H) * RANK_EPS`` relative to ``sigma_max``."""
 
 _EPS64 = float(torch.finfo(torch.float64).eps)
 _NORM_EPS = 1e-12  # clamp on row norms in TME: an all-zero row stays a zero vector instead of dividing by zero
-
-
-# --------------------------------------------------------------------------------------------------- validation
-
-
-class NonFiniteError(ValueError):
-    """An input holds NaN or inf: the statistics are undefined, and no number is returned."""
-
-
-def _prepare(name: str, x: torch.Tensor) -> torch.Tensor:
-    """Validate one (S, H) input and return it detached, in float32 or float64."""
-    if not isinstance(x, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor of shape (S, H); got {type(x).__name__}")
-    if x.dim() != 2:
-        raise ValueError(f"{name} must be 2-D (S tokens, H hidden units); got shape {tuple(x.shape)}")
-    if x.shape[0] < 1 or x.shape[1] < 1:
-        raise ValueError(f"{name} must have at least one row and one column; got shape {tuple(x.shape)}")
-    if x.is_complex() or x.dtype == torch.bool:
-        raise ValueError(f"{name} must be a real floating or integer tensor; got dtype {x.dtype}")
-    x = x.detach()
-    if x.dtype != torch.float64:
-        x = x.to(torch.float32)
-    if not bool(torch.isfinite(x).all()):
-        bad = int((~torch.isfinite(x)).sum())
-        raise NonFiniteError(f"{name} must contain only finite values; got {bad} NaN/inf entries")
-    return x
-
-
-def _prepare_pair(x: torch.Tensor, x_new: torch.Tensor, new_name: str = "x_new") -> tuple[torch.Tensor, torch.Tensor]:
-    """Validate X and X' (or X and dX) together: same shape, common dtype (float64 if either is)."""
-    x = _prepare("x", x)
-    x_new = _prepare(new_name, x_new)
-    if x.shape != x_new.shape:
-        raise ValueError(f"{new_name} must have the same shape as x {tuple(x.shape)}; got {tuple(x_new.shape)}")
-    dtype = torch.promote_types(x.dtype, x_new.dtype)
-    return x.to(dtype), x_new.to(device=x.device, dtype=dtype)
-
-
-def _check_alpha(alpha: float) -> float:
-    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha) or alpha <= 0:
-        raise ValueError(f"alpha must be a finite number > 0; got {alpha!r}")
-    return float(alpha)
-
-
-def _check_agg(agg: str) -> str:
-    if agg not in AGGS:
-        raise ValueError(f"agg must be one of {AGGS}; got {agg!r}")
-    return agg
-
-
-def _check_rtol(rtol: float | None) -> float | None:
-    if rtol is None:
-        return None
-    if isinstance(rtol, bool) or not isinstance(rtol, numbers.Real) or not math.isfinite(rtol) or rtol < 0:
-        raise ValueError(f"rtol must be None (default max(S, H) * eps_float32) or a finite number >= 0; got {rtol!r}")
-    return float(rtol)
-
-
-def _check_int(name: str, value: int, minimum: int) -> int:
-    try:
-        if isinstance(value, bool):
-            raise TypeError
-        out = operator.index(value)
-    except TypeError:
-        raise ValueError(f"{name} must be an integer >= {minimum}; got {value!r}") from None
-    if out < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}; got {value!r}")
-    return out
 
 
 # --------------------------------------------------------------------------------------------------- internals
@@ -152,7 +93,23 @@ def _delta_s_from_eranks(e_x: float, e_new: float, shape: torch.Size) -> float:
     return min(1.0, abs(e_new - e_x) / min(shape))
 
 
+def _unit_factor(t: torch.Tensor) -> torch.Tensor:
+    """The power of two 2^-e that brings max|t| into [1/2, 1), a 0-dim tensor on t's device (no host sync; 1 for a
+    zero ``t``; ``e`` clamped so that 2^-e stays a normal number of t's dtype). Scaling by it is exact, and every
+    statistic here is invariant to a common scale of one matrix: scaled, norms and Gram matrices neither overflow nor
+    underflow at any magnitude the dtype holds."""
+    limit = -math.frexp(torch.finfo(t.dtype).tiny)[1]
+    exponent = torch.frexp(t.abs().amax())[1].clamp(-limit, limit)
+    return torch.tensor(2.0, dtype=t.dtype, device=t.device).pow(-exponent)
+
+
+def _unit_scale(t: torch.Tensor) -> torch.Tensor:
+    """``t`` scaled by :func:`_unit_factor`."""
+    return t * _unit_factor(t)
+
+
 def _unit_rows(x: torch.Tensor) -> torch.Tensor:
+    x = _unit_scale(x)
     return x / torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min(_NORM_EPS)
 
 
@@ -217,13 +174,28 @@ class Decomposition:
         self._tme: dict[tuple[float, str], float] = {}
 
     @functools.cached_property
+    def _factor(self) -> torch.Tensor:
+        return _unit_factor(self.x)
+
+    @functools.cached_property
+    def _scaled(self) -> torch.Tensor:
+        """X in float64 times :attr:`_factor`, a power of two (:func:`_unit_factor`): what the Gram matrix and the
+        bases are built from (eRank, ranks and bases do not depend on the scale)."""
+        return self.x.to(torch.float64) * self._factor
+
+    @functools.cached_property
     def _gram(self) -> torch.Tensor:
-        x = self.x.to(torch.float64)
+        x = self._scaled
         return x @ x.T if self.x.shape[0] <= self.x.shape[1] else x.T @ x
 
     @functools.cached_property
     def singular_values(self) -> torch.Tensor:
         """The ``min(S, H)`` singular values of X in descending order (float64)."""
+        return self._sigma / self._factor
+
+    @functools.cached_property
+    def _sigma(self) -> torch.Tensor:
+        """The singular values of the scaled X (:attr:`_scaled`), descending."""
         with _one_cpu_thread(self._gram):
             lam = torch.linalg.eigvalsh(self._gram).flip(0)
         floor = max(self.x.shape) * _EPS64 * lam[0]
@@ -232,11 +204,11 @@ class Decomposition:
     @functools.cached_property
     def erank(self) -> float:
         """``eRank(X)``, see :func:`erank`."""
-        return _erank_from_sv(self.singular_values)
+        return _erank_from_sv(self._sigma)
 
     def rank(self, rtol: float | None = None) -> int:
         """Numerical rank ``#{sigma_i > tol * sigma_max}``, ``tol = max(S, H) * eps_float32`` unless ``rtol``."""
-        s = self.singular_values
+        s = self._sigma
         tol = max(self.x.shape) * RANK_EPS if rtol is None else rtol
         return int((s > tol * s[0]).sum())
 
@@ -252,12 +224,12 @@ class Decomposition:
         gram_side = "col" if self.x.shape[0] <= self.x.shape[1] else "row"  # the side G's eigenvectors span
         if side == gram_side:
             return self._eigenvectors[:, :r].to(self.x.dtype)
-        x = self.x.to(torch.float64)
+        x = self._scaled
         if r == min(self.x.shape) and self._cholesky is not None:  # CholeskyQR: rows of L^-1 X, or columns of X L^-T
             q = torch.linalg.solve_triangular(self._cholesky, x if gram_side == "col" else x.T, upper=False)
             return q.T.to(self.x.dtype)
         vec = self._eigenvectors[:, :r]
-        return ((x.T @ vec if side == "row" else x @ vec) / self.singular_values[:r]).to(self.x.dtype)
+        return ((x.T @ vec if side == "row" else x @ vec) / self._sigma[:r]).to(self.x.dtype)
 
     @functools.cached_property
     def _cholesky(self) -> torch.Tensor | None:
@@ -298,6 +270,7 @@ class Decomposition:
 
 def _delta_d(dec: Decomposition, x_new: torch.Tensor, rtol: float | None, combine: str = "mean") -> float:
     """ΔD of X' against X's subspaces, from X's decomposition (see :meth:`Decomposition.outside`)."""
+    x_new = _unit_scale(x_new)  # the residuals and the norm scale alike: their ratios do not change
     norm_new = float(torch.linalg.matrix_norm(x_new))
     if norm_new == 0.0:
         return 0.0
@@ -319,7 +292,7 @@ def _check_combine(combine: str) -> str:
 
 def decompose(x: torch.Tensor) -> Decomposition:
     """Validate ``x`` (see the module's conventions) and wrap it in a lazily evaluated :class:`Decomposition`."""
-    return Decomposition(_prepare("x", x))
+    return Decomposition(prepare("x", x))
 
 
 def erank(x: torch.Tensor) -> float:
@@ -333,7 +306,7 @@ def erank(x: torch.Tensor) -> float:
 
 def delta_s(x: torch.Tensor, x_new: torch.Tensor) -> float:
     """Spectral innovation ``ΔS = |eRank(X') - eRank(X)| / min(S, H)``, in ``[0, 1]``."""
-    x, x_new = _prepare_pair(x, x_new)
+    x, x_new = prepare_pair(x, x_new)
     e_x, e_new = Decomposition(x).erank, Decomposition(x_new).erank
     return _delta_s_from_eranks(e_x, e_new, x.shape)
 
@@ -350,15 +323,15 @@ def delta_d(x: torch.Tensor, x_new: torch.Tensor, rtol: float | None = None, com
 
     Conventions: ``||X'||_F = 0`` gives 0 (no energy, nothing new); ``X = 0`` has rank 0, so a non-zero X' gives 1.
     """
-    x, x_new = _prepare_pair(x, x_new)
-    return _delta_d(Decomposition(x), x_new, _check_rtol(rtol), _check_combine(combine))
+    x, x_new = prepare_pair(x, x_new)
+    return _delta_d(Decomposition(x), x_new, check_rtol(rtol), _check_combine(combine))
 
 
 def rid(x: torch.Tensor, x_new: torch.Tensor, rtol: float | None = None, combine: str = "mean") -> float:
     """Relative innovation degree ``RID = ΔS + ΔD`` (see :func:`delta_s`, :func:`delta_d`), in ``[0, 2]`` for the
     paper's ``combine="mean"``."""
-    x, x_new = _prepare_pair(x, x_new)
-    rtol, combine = _check_rtol(rtol), _check_combine(combine)
+    x, x_new = prepare_pair(x, x_new)
+    rtol, combine = check_rtol(rtol), _check_combine(combine)
     dec = Decomposition(x)
     d_s = _delta_s_from_eranks(dec.erank, Decomposition(x_new).erank, x.shape)
     return d_s + _delta_d(dec, x_new, rtol, combine)
@@ -372,16 +345,16 @@ def tme(x: torch.Tensor, alpha: float = 8.0, agg: str = "last") -> float:
     ``H(P_t) = -sum_j P_tj log P_tj`` (natural log). ``agg="last"``: ``TME = H(P_S) / log S`` (final token's row);
     ``agg="mean"``: ``TME = mean_t H(P_t) / log S``. Identical rows give 1. Needs ``S >= 2`` (ValueError otherwise).
     """
-    x = _prepare("x", x)
+    x = prepare("x", x)
     _check_tokens(x)
-    return _tme_from_unit(_unit_rows(x), _check_alpha(alpha), _check_agg(agg))
+    return _tme_from_unit(_unit_rows(x), check_alpha(alpha), check_agg(agg))
 
 
 def mixig(x: torch.Tensor, x_new: torch.Tensor, alpha: float = 8.0, agg: str = "last") -> float:
     """Mixing information gain ``MixIG = TME(X') - TME(X)`` (see :func:`tme`), in ``[-1, 1]``."""
-    x, x_new = _prepare_pair(x, x_new)
+    x, x_new = prepare_pair(x, x_new)
     _check_tokens(x)
-    alpha, agg = _check_alpha(alpha), _check_agg(agg)
+    alpha, agg = check_alpha(alpha), check_agg(agg)
     return _tme_from_unit(_unit_rows(x_new), alpha, agg) - _tme_from_unit(_unit_rows(x), alpha, agg)
 
 
@@ -393,8 +366,8 @@ def select_tokens(n_tokens: int, max_tokens: int) -> torch.Tensor:
     rounded, in exact integer arithmetic), which always keeps the first and the last token; the indices are
     distinct because the spacing exceeds 1.
     """
-    n_tokens = _check_int("n_tokens", n_tokens, 1)
-    max_tokens = _check_int("max_tokens", max_tokens, 2)
+    n_tokens = check_int("n_tokens", n_tokens, 1)
+    max_tokens = check_int("max_tokens", max_tokens, 2)
     if n_tokens <= max_tokens:
         return torch.arange(n_tokens, dtype=torch.long)
     steps = max_tokens - 1
@@ -418,7 +391,7 @@ def module_stats(
     (which it matches): X and X' are decomposed once each and shared by eRank, ΔD and TME (see
     :func:`update_stats`). ``max(S, H)`` in the rank tolerance and ``log S`` in TME use the capped S.
     """
-    x, dx = _prepare_pair(x, dx, new_name="dx")
+    x, dx = prepare_pair(x, dx, new_name="dx")
     idx = select_tokens(x.shape[0], max_tokens)
     if idx.numel() < x.shape[0]:
         idx = idx.to(x.device)
@@ -438,7 +411,7 @@ def innovation(
     if reference.x.shape != x_new.shape:
         raise ValueError(f"after must match the reference's shape {tuple(reference.x.shape)}; got {tuple(x_new.shape)}")
     d_s = _delta_s_from_eranks(reference.erank, after.erank, x_new.shape)
-    d_d = _delta_d(reference, x_new, _check_rtol(rtol), _check_combine(combine))
+    d_d = _delta_d(reference, x_new, check_rtol(rtol), _check_combine(combine))
     return d_s + d_d, d_s, d_d
 
 

@@ -29,6 +29,9 @@ from lmms_lostattn.statistics.collector import StatsCollector, table_group
 from lmms_lostattn.statistics.metrics import RANK_EPS
 
 _PLUGIN_PREFIXES = ("attn", "stats")
+# transformers' loading arguments that share our prefixes: a host that forwards ``**kwargs`` to ``from_pretrained``
+# (lm-eval's HFLM) takes them without naming them in its signature
+LOADING_ARGS = frozenset({"attn_implementation"})
 NEAR_MISS = 0.8  # difflib's similarity from which a name the base class does not take is a misspelt plugin argument
 
 
@@ -57,10 +60,10 @@ def bracket_list_values(arg_string: str, split: Callable[[str], list[str]]) -> s
 def is_plugin_arg(key: str, base_args: Mapping[str, Any]) -> bool:
     """The plugin's own arguments, and names the base class does not take that look like ours: ``attn*``/``stats*``
     names and near misses (``attn_layer``, ``atn``, ``stat``), which the spec then refuses by name with the closest
-    argument; the base class keeps its own (``attn_implementation``)."""
+    argument; the base class keeps its own and transformers' :data:`LOADING_ARGS` (``attn_implementation``)."""
     if key in InterventionSpec.ARGS:
         return True
-    if key in base_args:
+    if key in base_args or key in LOADING_ARGS:
         return False
     return key.startswith(_PLUGIN_PREFIXES) or bool(get_close_matches(key, InterventionSpec.ARGS, 1, NEAR_MISS))
 
