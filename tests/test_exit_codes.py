@@ -5,6 +5,7 @@ through the installed command lines on tiny models; the launcher's status passed
 
 from __future__ import annotations
 
+import argparse
 import os
 import pathlib
 import subprocess
@@ -19,7 +20,9 @@ from cli_helpers import OFFLINE
 from lmms_lostattn.cli import main
 from lmms_lostattn.config.spec import SpecError
 from lmms_lostattn.model_wrappers.common.exits import HostRuns
+from lmms_lostattn.model_wrappers.lm_eval import launcher as lm_eval_launcher
 from lmms_lostattn.model_wrappers.lmms_eval import base
+from lmms_lostattn.model_wrappers.lmms_eval import launcher as lmms_eval_launcher
 from lmms_lostattn.model_wrappers.lmms_eval import reproduce as reproduce_runs
 from lmms_lostattn.model_wrappers.lmms_eval.launch import LaunchError, run_lmms_eval
 from lmms_lostattn.models import SHAPES_LLAVA_DIR
@@ -215,6 +218,47 @@ def test_host_runs_exit_status(
         assert exit_info.value.code == status
     assert capsys.readouterr().err == says
     assert _evaluate.__name__ == "_evaluate" and not hasattr(_evaluate, "__wrapped__")  # restored
+
+
+@pytest.mark.parametrize("written", [True, False])
+def test_a_run_whose_results_file_was_not_written_exits_2(
+    written: bool, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The harnesses log a failed save (a file where the output folder should be, a full disk) and go on: a run with
+    results but no results file where it saves one ends with status 2."""
+    for name in ("RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    (tmp_path / "model").mkdir()
+    earlier = tmp_path / "model" / "20261201_000000_results.json"  # an earlier run's file
+    earlier.write_text("{}")
+    os.utime(earlier, (earlier.stat().st_atime - 3600,) * 2)
+
+    def command_line() -> None:
+        _evaluate({"results": {}})
+        if written:
+            (tmp_path / "model" / "20261205_000000_results.json").write_text("{}")
+
+    runs = HostRuns("lostattn-x", has_results=lambda value: value is not None,
+                    saved_under=lambda *args: (tmp_path, "*/*_results.json"))
+    if written:
+        runs.run(command_line, __name__, "_evaluate")
+    else:
+        with pytest.raises(SystemExit) as exit_info:
+            runs.run(command_line, __name__, "_evaluate")
+        assert exit_info.value.code == 2
+        assert capsys.readouterr().err.startswith(f"lostattn-x: the run wrote no results file (*/*_results.json under "
+                                                  f"{tmp_path})")
+
+
+def test_where_each_harness_saves_its_results_file() -> None:
+    tracker = type("Tracker", (), {})
+    for output, expected in (("out", (pathlib.Path("out"), "*/results_*.json")),
+                             ("out/run.json", (pathlib.Path("out"), "run_*.json")), (None, None)):
+        tracker.output_path = output
+        assert lm_eval_launcher.saved_under(evaluation_tracker=tracker()) == expected
+    assert lmms_eval_launcher.saved_under(argparse.Namespace(output_path="out")) == (pathlib.Path("out"),
+                                                                                     "*/*_results.json")
+    assert lmms_eval_launcher.saved_under(argparse.Namespace(output_path=None)) is None
 
 
 def test_refusals_end_the_process_only_under_lmms_eval_s_command_lines(monkeypatch: pytest.MonkeyPatch) -> None:

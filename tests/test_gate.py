@@ -369,6 +369,27 @@ def test_demo_with_a_relative_output_writes_no_nested_folder(
     assert f"Outputs: {tmp_path / 'out' / 'demo'}" in out
 
 
+def test_demo_again_into_the_same_output_redoes_its_runs(
+    capsys: pytest.CaptureFixture[str], tmp_path: pathlib.Path, fake_lmms_eval: list[tuple[list[str], pathlib.Path]],
+) -> None:
+    """An earlier demo's run folders are replaced, not added to: the report reads one run per folder."""
+    earlier = tmp_path / "demo" / "learned" / "model"
+    shutil.copytree(RUNS / "gaussian", earlier)  # an earlier run, another date id
+    code, _, err = lostattn(capsys, "demo", "--output", tmp_path / "demo", "--limit", "2")
+    assert code == 0, err
+    assert [path.name for path in (tmp_path / "demo" / "learned").rglob("*_results.json")] == [
+        next((RUNS / "none").glob("*_results.json")).name]
+
+
+@pytest.mark.parametrize("command", ["report", "compare"])
+def test_an_output_path_that_is_a_file_exits_2_naming_it(
+    capsys: pytest.CaptureFixture[str], tmp_path: pathlib.Path, command: str
+) -> None:
+    (tmp_path / "afile").write_text("")
+    code, _, err = lostattn(capsys, command, RUNS / "none", "-o", tmp_path / "afile")
+    assert code == 2 and "Traceback" not in err and str(tmp_path / "afile") in err, err
+
+
 def test_reproduce_with_relative_paths_writes_no_nested_folder(
     capsys: pytest.CaptureFixture[str], tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch,
     fake_lmms_eval: list[tuple[list[str], pathlib.Path]],

@@ -217,6 +217,7 @@ def test_hf_multimodal_generates_like_lm_eval_and_each_row_as_alone(
         ("llama", {"attn": "uniform", "attn_keys": "all", "batch_size": "auto"}, r"batch_size=auto probes memory"),
         ("llama", {"attn_layer": "1"}, r"attn_layer"),
         ("llama", {"attn": "uniform", "attn_keys": "all", "attn_layers": "9"}, r"this model has layers 0-3"),
+        ("llama", {"attn": "noise_delta", "attn_rows": "image"}, r"attn_rows=image ask for image tokens"),
         (
             "gemma2",
             {"attn": "gaussian", "attn_keys": "all", "attn_scale": "scores"},
@@ -224,7 +225,7 @@ def test_hf_multimodal_generates_like_lm_eval_and_each_row_as_alone(
         ),
     ],
     ids=["default-image-keys", "image-rows", "image-stats", "fused-qkv", "prior", "auto-batch", "typo", "layer",
-         "softcap"],
+         "noise-image-rows", "softcap"],
 )
 def test_bad_arguments_are_refused_before_the_weights_load(
     tiny_model: Callable[[str], pathlib.Path], monkeypatch: pytest.MonkeyPatch, variant: str, args: dict, message: str

@@ -58,6 +58,8 @@ def _argv(
     [
         ({"model": "llava_hf"}, r"--model 'llava_hf' is not a lostattn model; accepted: .*lostattn_llava"),
         ({"seeds": "0,one"}, r"--seeds '0,one': expected integers"),
+        ({"seeds": "0,--1"}, r"--seeds '0,--1': expected integers"),
+        ({"model_args": "pretrained=/no/such/checkpoint"}, r"pretrained=/no/such/checkpoint: "),
         ({"tasks": "lostattn_pope,no_such_task"}, r"--tasks: lmms-eval knows no task no_such_task"),
         ({"model_args": f"{BASE},attn=uniform"}, r"--model_args sets attn, which the runs set themselves"),
         ({"sap": "attn_layers=1:,attn_seed=3"}, r"--sap-args: attn_seed cannot be given; accepted: attn_space"),

@@ -361,6 +361,16 @@ def test_noise_delta_keeps_the_rms_of_the_update_added_to_the_residual_stream(ti
     assert (seen[0] - base).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("args", [{"attn": "uniform"}, {"attn": "noise_delta", "attn_rows": "image"}],
+                         ids=["image-keys", "noise-image-rows"])
+def test_a_prompt_without_image_tokens_is_refused_where_the_edit_needs_them(model, processor, args) -> None:
+    """Nothing to edit in a text-only prompt: refused, never a run that silently changed nothing."""
+    text_only = processor(text=[prompt(processor, QUESTIONS[0], image=False)], return_tensors="pt")
+    refused = pytest.raises(InterventionError, match=r"image tokens, but sample\(s\) \[0\] of this batch have none")
+    with torch.no_grad(), intervene(model, resolve(model, **args), adapter_for(model.config)), refused:
+        model(**text_only)
+
+
 def test_a_prepared_attention_mask_is_refused_by_name(tiny_model) -> None:
     """generate() with a static cache hands the model a 4-D mask instead of the padding mask: refused, naming it."""
     model = AutoModelForCausalLM.from_pretrained(tiny_model("llama"), dtype=torch.float32).eval()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
@@ -217,6 +219,29 @@ def test_hash_is_stable_and_tracks_every_choice() -> None:
     assert len({_hash(first), *(_hash(v.resolve(4, 4)) for v in variants)}) == 9
     # A known value pins the canonical form: changing it silently would orphan earlier results.
     assert _hash(spec(attn="none").resolve(4, 4)) == _hash(spec().resolve(32, 32))
+
+
+def test_head_bands_are_recorded_exactly() -> None:
+    """Bands that keep different heads never share a record (and hash); every record reads back as its band."""
+    close = [spec(attn="gaussian", attn_heads=band).resolve(4, 4) for band in ("p0.3333333-1", "p0.3333334-1")]
+    assert close[0].heads.describe() != close[1].heads.describe() and _hash(close[0]) != _hash(close[1])
+    for band in ("p0.3-0.9", "p0-1", "p0.00001-0.9", "p0.3333333-1"):
+        recorded = parse_heads(band).describe()
+        assert parse_heads(recorded) == parse_heads(band) and "e" not in recorded
+    assert parse_heads("p0.3-0.6").describe() == "p0.3-0.6" and parse_heads("p0-1").describe() == "p0-1"
+    assert _hash(spec(attn="gaussian", attn_lambda="-0").resolve(4, 4)) == _hash(
+        spec(attn="gaussian", attn_lambda=0).resolve(4, 4))
+
+
+@pytest.mark.parametrize("host", ["lmms_eval", "lm_eval"])
+def test_model_args_read_by_either_hosts_parser_resolve_alike(host: str) -> None:
+    """Each host types ``model_args`` values its own way (lmms-eval reads ``-1`` as a float, lm-eval ``none`` as
+    None): the spec is the same, and an explicit ``attn_scale=none`` overrides the paper preset's."""
+    parse = importlib.import_module(f"{host}.utils").simple_parse_args_string
+    args = parse("attn=gaussian,attn_preset=paper,attn_scale=none,attn_layers=-1,attn_lambda=0.5")
+    resolved = InterventionSpec.from_model_args(args).resolve(32, 32, adapter_for(_config("llava")).preset(
+        _config("llava")))
+    assert resolved.scale == "none" and resolved.layers == (31,) and resolved.lam == 0.5
 
 
 def test_stats_definitions_default_per_kind_and_enter_the_spec_hash() -> None:

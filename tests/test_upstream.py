@@ -155,6 +155,16 @@ def test_a_version_outside_its_range_names_package_and_range(monkeypatch: pytest
         versions.require_tested_versions.cache_clear()
 
 
+def test_the_lm_eval_pin_holds_where_lm_eval_is_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """lm-eval comes with an extra: another release installed is refused like any upstream; none installed is fine."""
+    real = versions.installed
+    for found, expected in (("0.4.14", ["lm-eval 0.4.14 is installed; lmms-lostattn is tested with lm-eval==0.4.13"]),
+                            (None, [])):
+        monkeypatch.setattr(versions, "installed", lambda name, found=found: found if name == "lm-eval" else real(name))
+        assert versions.version_problems() == expected
+        assert ("'lm-eval==0.4.13'" in versions.install_command()) is (found is not None)
+
+
 def _declared(name: str) -> str:
     return str(next(req.specifier for req in versions.tested_requirements() if Requirement(str(req)).name == name))
 

@@ -140,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 compare(args.runs, args.baseline, args.output, args.force)
             else:
                 sys.exit(check(args.run, args.baseline, args.max_drop, args.metrics))
-        except RunError as error:
+        except (RunError, OSError) as error:  # OSError: an output path that cannot be written (a file, no space)
             print(f"lostattn {args.command}: {error}", file=sys.stderr)
             sys.exit(2)
     elif args.command == "tasks-path":
@@ -165,6 +165,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         except LaunchError as error:  # a failed lmms-eval run: its exit status and one line naming its log
             print(f"lostattn {args.command}: {error}", file=sys.stderr)
             sys.exit(error.status)
+        except OSError as error:  # an output folder that cannot be made or written (a file there, no space)
+            print(f"lostattn {args.command}: {error}", file=sys.stderr)
+            sys.exit(2)
     elif args.command == "doctor":
         from lmms_lostattn.cli.doctor import doctor
         from lmms_lostattn.model_wrappers.lmms_eval.contacts import CONTACT_POINTS

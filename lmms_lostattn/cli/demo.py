@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import shutil
 from collections.abc import Sequence
 
 from lmms_lostattn.cli.compare import compare
@@ -50,7 +51,8 @@ def demo(output: pathlib.Path, limit: int | None) -> None:
     results = {}
     for step, (name, args) in enumerate(DEMO_RUNS.items(), start=1):
         folder = output / name
-        folder.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(folder, ignore_errors=True)  # a demo run again into the same --output redoes its runs
+        folder.mkdir(parents=True)
         print(f"\n=== run {step}/{len(DEMO_RUNS)}: {name} ({args}) ===", flush=True)
         results[name] = _run_lmms_eval(f"{base},{args}", DEMO_TASKS, limit, folder)
     print("\n| task | metric | " + " | ".join(results) + " |\n|---|---|" + "---:|" * len(results))

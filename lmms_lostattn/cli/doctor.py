@@ -25,7 +25,7 @@ from lmms_lostattn.compat.kernels import (
     kernels_record,
     require_reachable_kernels,
 )
-from lmms_lostattn.compat.versions import installed, tested_requirements, version_problems
+from lmms_lostattn.compat.versions import install_command, installed, optional, tested_requirements, version_problems
 from lmms_lostattn.intervention.contacts import CONTACT_POINTS
 
 # Interventions run end to end: image keys on the last rows (the paper's edit), and every key (positions matter).
@@ -209,6 +209,8 @@ def doctor(host_points: Sequence[ContactPoint] = (), echo: Callable[[str], None]
     echo(f"lmms-lostattn {installed('lmms-lostattn')}: versions installed against the tested ranges")
     outside = version_problems()
     for req in tested_requirements():
+        if optional(req) and installed(req.name) is None:
+            continue  # a host extra not installed
         line = next((p for p in outside if p.startswith(f"{req.name} ")), None)
         echo(_status(line, f"{req.name} {installed(req.name)} ({req.specifier or 'any'})"))
     problems += len(outside)
@@ -226,9 +228,8 @@ def doctor(host_points: Sequence[ContactPoint] = (), echo: Callable[[str], None]
     else:
         problems += _model_parts(model, processor, echo)
     if problems:
-        ranges = " ".join(f"'{req}'" for req in tested_requirements() if req.specifier)
         echo(
-            f"NOT supported: {problems} problem(s) above. Install the tested versions: pip install {ranges} "
+            f"NOT supported: {problems} problem(s) above. Install the tested versions: {install_command()} "
             "(or, from a checkout, pip install . -c constraints.txt)"
         )
         return 1

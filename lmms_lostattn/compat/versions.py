@@ -19,6 +19,7 @@ from packaging.requirements import Requirement
 
 DISTRIBUTION = "lmms-lostattn"
 ALLOW_UNTESTED = "LOSTATTN_ALLOW_UNTESTED"  # set to 1 to run outside the tested ranges (a warning instead)
+HOST_EXTRAS = ("lm-eval",)  # the extras that add a second host: their pins hold whenever the host is installed
 
 class UpstreamError(RuntimeError):
     """An upstream package is outside the tested range or moved an internal the package relies on."""
@@ -32,16 +33,24 @@ def installed(package: str) -> str | None:
         return None
 
 
+def optional(req: Requirement) -> bool:
+    """Whether ``req`` comes with an extra (:data:`HOST_EXTRAS`): its range holds only where it is installed."""
+    return req.marker is not None and "extra" in str(req.marker)
+
+
 @functools.cache
 def tested_requirements() -> tuple[Requirement, ...]:
-    """The package's own runtime requirements (the bounds in ``pyproject.toml``), extras left out."""
+    """The package's own runtime requirements and those of :data:`HOST_EXTRAS` (the bounds in ``pyproject.toml``)."""
     try:
         lines = requires(DISTRIBUTION) or []
     except PackageNotFoundError as error:
         raise UpstreamError(
             f"{DISTRIBUTION} is not installed (pip install .), so its tested ranges are unknown"
         ) from error
-    return tuple(req for req in map(Requirement, lines) if req.marker is None or "extra" not in str(req.marker))
+    return tuple(
+        req for req in map(Requirement, lines)
+        if not optional(req) or any(req.marker.evaluate({"extra": extra}) for extra in HOST_EXTRAS)
+    )
 
 
 def tested_range(package: str) -> str:
@@ -62,15 +71,23 @@ def drift(package: str, contact: str, expected: str) -> UpstreamError:
 
 
 def version_problems() -> list[str]:
-    """One line per declared dependency whose installed version is missing or outside its declared range."""
+    """One line per declared dependency whose installed version is missing (a host extra's may be) or outside its
+    declared range."""
     problems = []
     for req in tested_requirements():
         found = installed(req.name)
         if found is None:
-            problems.append(f"{req.name} is not installed (need {req.specifier or 'any version'})")
+            if not optional(req):
+                problems.append(f"{req.name} is not installed (need {req.specifier or 'any version'})")
         elif not req.specifier.contains(found, prereleases=True):
             problems.append(f"{req.name} {found} is installed; lmms-lostattn is tested with {req.name}{req.specifier}")
     return problems
+
+
+def install_command() -> str:
+    """``pip install`` of the tested ranges (a host extra's only where that host is installed)."""
+    wanted = [req for req in tested_requirements() if req.specifier and (not optional(req) or installed(req.name))]
+    return "pip install " + " ".join(f"'{req.name}{req.specifier}'" for req in wanted)
 
 
 @functools.cache
@@ -80,7 +97,7 @@ def require_tested_versions() -> None:
     problems = version_problems()
     if not problems:
         return
-    fix = "pip install " + " ".join(f"'{req}'" for req in tested_requirements() if req.specifier)
+    fix = install_command()
     message = "; ".join(problems) + f". Install the tested versions ({fix}), or run `lostattn doctor`."
     if os.environ.get(ALLOW_UNTESTED) == "1":
         warnings.warn(f"lmms-lostattn: running outside the tested versions: {message}", stacklevel=2)

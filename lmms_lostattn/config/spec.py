@@ -14,6 +14,7 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from decimal import Decimal
 from difflib import get_close_matches
 from typing import Any
 
@@ -101,7 +102,10 @@ def _number(arg: str, value: object, kind: type, accepted: str) -> Any:
 
 
 def _list_text(value: object) -> str:
-    """Normalise a list-valued argument: ``[1,2]``, ``"1,2"``, ``1;2`` and ``1 2`` all become ``1,2``."""
+    """Normalise a list-valued argument: ``[1,2]``, ``"1,2"``, ``1;2`` and ``1 2`` all become ``1,2`` (and a whole
+    float, as lmms-eval's argument parser reads ``-1``, its integer)."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
     text = str(value).strip().strip("'\"").strip("[]()")
     return ",".join(part for part in re.split(r"[,;\s]+", text) if part)
 
@@ -117,8 +121,8 @@ class HeadSelection:
     def describe(self) -> str:
         if self.kind == "indices":
             return ",".join(map(str, self.indices))
-        if self.kind == "band":
-            return f"p{self.band[0]:g}-{self.band[1]:g}"
+        if self.kind == "band":  # each bound exactly, positional, as parse_heads reads it back
+            return "p" + "-".join(f"{Decimal(repr(bound)).normalize():f}" for bound in self.band)
         return "all"
 
 
@@ -215,6 +219,11 @@ class Intervention:
     @property
     def edits_weights(self) -> bool:
         return self.mode in WEIGHT_MODES
+
+    @property
+    def edits_rows(self) -> bool:
+        """Whether the mode edits the query rows ``attn_rows`` picks (the attention-weight modes and noise_delta)."""
+        return "attn_rows" in _USES[self.mode]
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -318,7 +327,7 @@ class InterventionSpec:
                 for key in unknown
             )
             raise SpecError(f"lostattn: unknown argument(s) {named}; accepted: {', '.join(cls.ARGS)}")
-        given = {key: value for key, value in args.items() if value is not None}
+        given = {key: "none" if value is None else value for key, value in args.items()}  # lm-eval reads none as None
         mode = _choice("attn", given.get("attn", "none"), ATTN_MODES)
         fields: dict[str, Any] = {"attn": mode}
         if "attn_space" in given:
@@ -335,7 +344,7 @@ class InterventionSpec:
             lam = _number("attn_lambda", given["attn_lambda"], float, "a number in [0, 1]")
             if not 0.0 <= lam <= 1.0:
                 raise _fail("attn_lambda", given["attn_lambda"], "a number in [0, 1]")
-            fields["attn_lambda"] = lam
+            fields["attn_lambda"] = lam + 0.0  # -0.0 is 0
         if "attn_dist" in given:
             fields["attn_dist"] = _choice("attn_dist", given["attn_dist"], DISTS)
         if "attn_sigma" in given:

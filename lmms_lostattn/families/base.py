@@ -92,13 +92,8 @@ class FamilyAdapter:
         scores."""
         self.check_mode(config, intervention.mode)
         if not self.images:
-            asked = []
-            if intervention.edits_weights:
-                asked += [
-                    f"{arg}=image"
-                    for arg, value in (("attn_keys", intervention.keys), ("attn_rows", intervention.rows))
-                    if value == "image"
-                ]
+            asked = ["attn_keys=image"] if intervention.edits_weights and intervention.keys == "image" else []
+            asked += ["attn_rows=image"] if intervention.edits_rows and intervention.rows == "image" else []
             asked += [f"stats_groups={','.join(stats.groups)}"] if "image" in stats.groups else []
             if asked:
                 raise SpecError(

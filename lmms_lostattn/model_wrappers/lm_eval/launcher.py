@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 _MODEL_ARGS = ("--model_args", "-a")
 
@@ -37,6 +39,16 @@ def bracket_model_args(argv: list[str], split: Callable[[str], list[str]]) -> li
     return out
 
 
+def saved_under(*args: Any, evaluation_tracker: Any = None, **kwargs: Any) -> tuple[Path, str] | None:
+    """Where lm-eval saves the run's results file: ``<output_path>/<model>/results_<date>.json``, or
+    ``<stem>_<date>.json`` beside an ``--output_path`` that names a ``.json`` file."""
+    output = getattr(evaluation_tracker, "output_path", None)
+    if not output:
+        return None
+    path = Path(output)
+    return (path.parent, f"{path.stem}_*.json") if path.suffix == ".json" else (path, "*/results_*.json")
+
+
 def main() -> None:
     try:
         import lm_eval  # noqa: F401
@@ -49,7 +61,7 @@ def main() -> None:
 
     sys.argv = [sys.argv[0], *bracket_model_args(sys.argv[1:], internal("lm_eval._cli.utils", "split_top_level"))]
     install()
-    runs = HostRuns("lostattn-lm-eval", has_results=lambda results: results is not None)
+    runs = HostRuns("lostattn-lm-eval", has_results=lambda results: results is not None, saved_under=saved_under)
     runs.run(internal("lm_eval.__main__", "cli_evaluate"), "lm_eval.evaluator", "simple_evaluate")
 
 

@@ -7,6 +7,7 @@ where lmms-eval failed otherwise, with one line saying why.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 
@@ -18,11 +19,17 @@ def no_tasks(args: Any, *rest: Any, **kwargs: Any) -> str | None:
     return None
 
 
+def saved_under(args: Any, *rest: Any, **kwargs: Any) -> tuple[Path, str] | None:
+    """Where lmms-eval saves the run's results file: ``<output_path>/<model>/<date>_results.json``."""
+    return (Path(args.output_path), "*/*_results.json") if getattr(args, "output_path", None) else None
+
+
 def main() -> None:
     from lmms_lostattn.compat.internals import internal
     from lmms_lostattn.model_wrappers.common.exits import HostRuns
 
-    runs = HostRuns("lostattn-lmms-eval", has_results=lambda returned: returned[0] is not None, usage_error=no_tasks)
+    runs = HostRuns("lostattn-lmms-eval", has_results=lambda returned: returned[0] is not None, usage_error=no_tasks,
+                    saved_under=saved_under)
     runs.run(internal("lmms_eval.cli.dispatch", "main"), "lmms_eval.__main__", "cli_evaluate_single")
 
 

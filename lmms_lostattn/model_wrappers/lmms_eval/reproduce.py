@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import re
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -71,7 +72,7 @@ class Plan:
 
 def parse_seeds(text: str) -> tuple[int, ...]:
     pieces = [piece.strip() for piece in text.split(",") if piece.strip()]
-    if not pieces or not all(piece.lstrip("-").isdigit() for piece in pieces):
+    if not pieces or not all(re.fullmatch(r"-?\d+", piece) for piece in pieces):
         raise ReproduceError(f"--seeds {text!r}: expected integers separated by commas (e.g. 0,1,2)")
     return tuple(dict.fromkeys(int(piece) for piece in pieces))
 
@@ -153,8 +154,11 @@ def _check_preset(given: dict[str, str], sap: dict[str, str]) -> None:
     """Resolve the SAP runs' arguments against the model's config (no weights), so a preset that does not fit the
     model fails now, not in the fourth run."""
     remote = given.get("trust_remote_code", "").lower() == "true"
-    config = AutoConfig.from_pretrained(given["pretrained"], trust_remote_code=remote)
-    adapter = adapter_for(config)
+    try:
+        config = AutoConfig.from_pretrained(given["pretrained"], trust_remote_code=remote)
+        adapter = adapter_for(config)
+    except (OSError, ValueError) as error:  # no such checkpoint; a model type transformers or the plugin lacks
+        raise ReproduceError(f"pretrained={given['pretrained']}: {str(error).splitlines()[0]}") from None
     text = config.get_text_config()
     try:
         InterventionSpec.from_model_args({"attn": "gaussian", "attn_preset": "paper", **sap}).resolve(
