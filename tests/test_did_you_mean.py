@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from lmms_lostattn.config.spec import InterventionSpec, SpecError
-from lmms_lostattn.model_wrappers.common.plugin import is_plugin_arg
+from lmms_lostattn.model_wrappers.common.plugin import bracket_list_values, is_plugin_arg
 
 BASE_ARGS = {"pretrained": None, "device": None, "attn_implementation": None, "kwargs": None}
 
@@ -41,3 +41,14 @@ def test_unknown_arguments_name_the_closest_one(args: dict[str, str], message: s
 )
 def test_near_misses_go_to_the_plugin(key: str, ours: bool) -> None:
     assert is_plugin_arg(key, BASE_ARGS) is ours
+
+
+def test_a_plugin_argument_given_twice_is_refused() -> None:
+    """Both hosts' parsers would keep the last value without a word; the base class's own arguments are its own."""
+    def split(text: str) -> list[str]:
+        return text.split(",")
+
+    with pytest.raises(SpecError, match=r"^lostattn: attn_layers given more than once in model_args"):
+        bracket_list_values("attn_layers=1,attn=uniform,attn_layers=all", split)
+    bracketed = bracket_list_values("device=cpu,attn_layers=1,2,device=cpu", split)
+    assert bracketed == "device=cpu,attn_layers=[1,2],device=cpu"

@@ -22,7 +22,7 @@ from transformers import AutoConfig, AutoImageProcessor
 
 from lmms_lostattn.compat.kernels import kernels_record, require_reachable_kernels
 from lmms_lostattn.compat.versions import require_tested_versions
-from lmms_lostattn.config.spec import Intervention, InterventionSpec, StatsConfig, spec_hash
+from lmms_lostattn.config.spec import Intervention, InterventionSpec, SpecError, StatsConfig, spec_hash
 from lmms_lostattn.families import FamilyAdapter, adapter_for
 from lmms_lostattn.intervention.scope import Scope, intervene
 from lmms_lostattn.statistics.collector import StatsCollector, table_group
@@ -40,7 +40,7 @@ def bracket_list_values(arg_string: str, split: Callable[[str], list[str]]) -> s
 
     Both harnesses split ``model_args`` at commas outside brackets and quotes (``split``: the host's own splitter),
     so a bare ``18,19,20`` would otherwise arrive as stray ``19`` and ``20`` pieces without ``=`` and crash the
-    host's parser.
+    host's parser. A plugin argument given twice is a :class:`SpecError` (the hosts' parsers keep the last one).
     """
     pieces: list[str] = []
     for piece in split(arg_string.strip()):
@@ -54,6 +54,10 @@ def bracket_list_values(arg_string: str, split: Callable[[str], list[str]]) -> s
         if "," in value and value[:1] not in "[{\"'":
             value = f"[{value}]"
         bracketed.append(f"{name}={value}" if _ else piece)
+    names = [piece.partition("=")[0].strip() for piece in pieces]
+    twice = sorted({name for name in names if names.count(name) > 1 and name in InterventionSpec.ARGS})
+    if twice:
+        raise SpecError(f"lostattn: {', '.join(twice)} given more than once in model_args; give each once")
     return ",".join(bracketed)
 
 

@@ -55,11 +55,15 @@ def main() -> None:
     except ImportError:
         sys.exit("lostattn-lm-eval needs lm-evaluation-harness: pip install 'lmms-lostattn[lm-eval]'")
     from lmms_lostattn.compat.internals import internal
-    from lmms_lostattn.model_wrappers.common.exits import HostRuns
+    from lmms_lostattn.model_wrappers.common.exits import REFUSALS, HostRuns, exit_refused
     from lmms_lostattn.model_wrappers.lm_eval import models  # noqa: F401  (registers lostattn-hf*)
     from lmms_lostattn.model_wrappers.lm_eval.reporting import install
 
-    sys.argv = [sys.argv[0], *bracket_model_args(sys.argv[1:], internal("lm_eval._cli.utils", "split_top_level"))]
+    try:
+        argv = bracket_model_args(sys.argv[1:], internal("lm_eval._cli.utils", "split_top_level"))
+    except REFUSALS as error:
+        exit_refused(error)
+    sys.argv = [sys.argv[0], *argv]
     install()
     runs = HostRuns("lostattn-lm-eval", has_results=lambda results: results is not None, saved_under=saved_under)
     runs.run(internal("lm_eval.__main__", "cli_evaluate"), "lm_eval.evaluator", "simple_evaluate")

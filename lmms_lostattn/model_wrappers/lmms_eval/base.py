@@ -84,7 +84,13 @@ class LostAttnMixin:
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> Any:
-        return super().create_from_arg_string(bracket_list_values(arg_string), additional_config)
+        try:
+            arg_string = bracket_list_values(arg_string)
+        except REFUSALS as error:
+            if running_cli():
+                exit_refused(error)
+            raise
+        return super().create_from_arg_string(arg_string, additional_config)
 
     def __init__(self, **kwargs: Any) -> None:
         """Resolve the plugin's arguments before the base class loads the model. A refusal (:data:`REFUSALS`) ends

@@ -80,7 +80,10 @@ def parse_seeds(text: str) -> tuple[int, ...]:
 def _pieces(text: str) -> list[tuple[str, str, str]]:
     """``key=value,...`` as lmms-eval splits ``--model_args`` (list values may be written plainly), each piece
     partitioned at its first ``=``."""
-    pieces = internal("lmms_eval.utils", "_smart_comma_split")(bracket_list_values(text)) if text else []
+    try:
+        pieces = internal("lmms_eval.utils", "_smart_comma_split")(bracket_list_values(text)) if text else []
+    except SpecError as error:
+        raise ReproduceError(str(error)) from None
     return [piece.partition("=") for piece in pieces if piece]
 
 
