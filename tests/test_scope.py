@@ -351,7 +351,7 @@ def test_noise_delta_keeps_the_rms_of_the_update_added_to_the_residual_stream(ti
     base = _original_update(model, inputs, added)
     seen: list[torch.Tensor] = []
     with intervene(model, resolve(model, attn="noise_delta", attn_layers="1", attn_rows="all"), adapter):
-        handle = added.register_forward_hook(lambda m, a, out: seen.append(out[0] if isinstance(out, tuple) else out))
+        handle = added.register_forward_hook(lambda m, a, out: seen.append(_update(out)))
         try:
             logits(model, inputs)
         finally:
@@ -384,11 +384,14 @@ def test_a_prepared_attention_mask_is_refused_by_name(tiny_model) -> None:
                            cache_implementation="static")
 
 
+def _update(output) -> torch.Tensor:
+    """What a module hooked as the attention update returns: an attention module's first output, a norm's tensor."""
+    return output[0] if isinstance(output, tuple) else output
+
+
 def _original_update(model, batch, attention) -> torch.Tensor:
     seen = []
-    handle = attention.register_forward_hook(
-        lambda m, a, out: seen.append(out[0] if isinstance(out, tuple) else out), prepend=True
-    )
+    handle = attention.register_forward_hook(lambda m, a, out: seen.append(_update(out)), prepend=True)
     try:
         with torch.no_grad():
             model(**batch)

@@ -225,6 +225,13 @@ class Intervention:
         """Whether the mode edits the query rows ``attn_rows`` picks (the attention-weight modes and noise_delta)."""
         return "attn_rows" in _USES[self.mode]
 
+    def image_args(self) -> list[str]:
+        """The arguments by which this intervention edits image tokens (``attn_keys=image``, ``attn_rows=image``):
+        a prompt without image tokens leaves it nothing to edit."""
+        return [f"{arg}=image" for arg, applies, value in (("attn_keys", self.edits_weights, self.keys),
+                                                          ("attn_rows", self.edits_rows, self.rows))
+                if applies and value == "image"]
+
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["layers"] = list(self.layers)

@@ -92,8 +92,7 @@ class FamilyAdapter:
         scores."""
         self.check_mode(config, intervention.mode)
         if not self.images:
-            asked = ["attn_keys=image"] if intervention.edits_weights and intervention.keys == "image" else []
-            asked += ["attn_rows=image"] if intervention.edits_rows and intervention.rows == "image" else []
+            asked = intervention.image_args()
             asked += [f"stats_groups={','.join(stats.groups)}"] if "image" in stats.groups else []
             if asked:
                 raise SpecError(

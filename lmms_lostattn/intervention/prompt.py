@@ -215,8 +215,7 @@ class PromptTracker:
         if rows is not None and rows.ends is not None:
             real_end = _per_row(rows.ends, batch, "row ends", device)
         inter = self.intervention
-        asks_images = (inter.edits_weights and inter.keys == "image") or (inter.edits_rows and inter.rows == "image")
-        if asks_images and not bool(is_visual.any(dim=1).all()):
+        if inter.image_args() and not bool(is_visual.any(dim=1).all()):
             missing = (~is_visual.any(dim=1)).nonzero().flatten().tolist()
             raise InterventionError(
                 f"lostattn: attn_keys={inter.keys}, attn_rows={inter.rows} edit image tokens, but sample(s) {missing} "

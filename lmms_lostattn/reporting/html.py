@@ -9,7 +9,7 @@ import pathlib
 import re
 from collections.abc import Mapping
 
-from lmms_lostattn.reporting.runs import LoadedRun
+from lmms_lostattn.reporting.runs import STATISTICS_PREFIX, LoadedRun
 from lmms_lostattn.reporting.significance import ALPHA, Difference
 from lmms_lostattn.reporting.tables import Cell, Table
 
@@ -54,7 +54,7 @@ def short_name(model: str) -> str:
 
 def _heading(metric: str) -> str:
     """A metric column's header: the metric without ``lostattn_``, breakable after underscores."""
-    return html.escape(metric.removeprefix("lostattn_")).replace("_", "_<wbr>")
+    return html.escape(metric.removeprefix(STATISTICS_PREFIX)).replace("_", "_<wbr>")
 
 
 def _image(png: bytes, alt: str) -> str:
@@ -106,7 +106,7 @@ def _run_cells(row: list[Cell], is_base: bool) -> str:
 def _view(task: str, columns: list[int], board: Table, base: LoadedRun, image: bytes | None) -> str:
     """One task's section: its table (rows = runs, the task's own metrics, then the statistics rows) and plot."""
     metrics = {index: board.header[index].partition("/")[2] for index in columns}
-    stats = [index for index, metric in metrics.items() if metric.startswith("lostattn_")]
+    stats = [index for index, metric in metrics.items() if metric.startswith(STATISTICS_PREFIX)]
     first_stat = next(iter(stats), None)
     groups = "".join(f'<th class="group{extra}" colspan="{span}">{name}</th>' for name, span, extra in
                      (("task metrics", len(columns) - len(stats), ""), ("statistics: RID / MixIG", len(stats), " stat"))

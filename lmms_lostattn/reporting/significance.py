@@ -26,6 +26,8 @@ ALPHA = 0.05
 PERMUTATION_ITERATIONS = 10_000
 PERMUTATION_SEED = 0
 EXACT_UP_TO = 16  # documents: up to here the permutation test enumerates every sign pattern
+TESTS = (f"exact McNemar for 0/1 per-sample scores, else paired permutation test, exact to {EXACT_UP_TO} documents, "
+         f"else {PERMUTATION_ITERATIONS} sign flips, seed {PERMUTATION_SEED}")  # as tables' notes describe them
 # Aggregations that are the mean of the logged per-sample values: either harness's ``mean``, and the functions known
 # to compute it (lmms-eval's POPE accuracy averages each sample's ``score``; its precision, recall, F1 and yes-ratio
 # do not).

@@ -13,14 +13,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from lmms_lostattn.reporting.runs import LoadedRun, comparability, statistics_difference, version_changes
-from lmms_lostattn.reporting.significance import (
-    ALPHA,
-    EXACT_UP_TO,
-    PERMUTATION_ITERATIONS,
-    PERMUTATION_SEED,
-    difference,
+from lmms_lostattn.reporting.runs import (
+    STATISTICS_PREFIX,
+    LoadedRun,
+    comparability,
+    statistics_difference,
+    version_changes,
 )
+from lmms_lostattn.reporting.significance import ALPHA, TESTS, difference
 
 MODULE_ROWS = {"none": (("attention", "attn"), ("FFN", "ffn")), "noise_delta": (("Noise Δ", "attn"),),
                "noise_qkv": (("Noise QKV", "attn"),)}
@@ -64,7 +64,7 @@ def _tasks(runs: Sequence[LoadedRun]) -> list[str]:
 def primary_metric(runs: Sequence[LoadedRun], task: str) -> str | None:
     """The task's own headline metric: the first non-lostattn metric in the first run that has the task."""
     for run in runs:
-        own = [m for m in run.metrics(task) if not m.startswith("lostattn_")]
+        own = [m for m in run.metrics(task) if not m.startswith(STATISTICS_PREFIX)]
         if own:
             return own[0]
     return None
@@ -120,7 +120,7 @@ def leaderboard(runs: Sequence[LoadedRun], base: LoadedRun) -> Table:
     """One row per run (model, intervention); one column per task metric and RID/MixIG row, with deltas vs ``base``."""
     columns = [(task, metric) for task in _tasks(runs)
                for metric in dict.fromkeys(m for r in runs for m in r.metrics(task))]
-    columns.sort(key=lambda c: (c[0], c[1].startswith("lostattn_")))
+    columns.sort(key=lambda c: (c[0], c[1].startswith(STATISTICS_PREFIX)))
     header = ["model", "intervention", "run"] + [f"{task}/{metric}" for task, metric in columns]
     ordered = [base] + [r for r in runs if r is not base]
     rows = [
@@ -128,9 +128,7 @@ def leaderboard(runs: Sequence[LoadedRun], base: LoadedRun) -> Table:
         for r in ordered
     ]
     notes = [f"baseline: {base.name} ({base.label}); cells: value (delta vs baseline)",
-             f"* paired test p < {ALPHA} (exact McNemar for 0/1 per-sample scores, else paired permutation "
-             f"test, exact to {EXACT_UP_TO} documents, else {PERMUTATION_ITERATIONS} sign flips, seed "
-             f"{PERMUTATION_SEED}); no mark: not significant, or no per-sample test",
+             f"* paired test p < {ALPHA} ({TESTS}); no mark: not significant, or no per-sample test",
              "† not comparable with the baseline (different tasks, documents or --limit, or statistics rows defined "
              "differently): no delta"]
     notes += sorted({f"† {r.name}: {problem}" for r in runs for task in _tasks(runs)

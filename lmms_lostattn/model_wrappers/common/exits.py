@@ -100,9 +100,11 @@ class HostRuns:
                 first_line = next(iter(str(error).strip().splitlines()), "")
                 self.failures.append(f"{type(error).__name__}: {first_line}")
                 raise
-            if _main_process() and not self.has_results(returned):
+            if not _main_process():
+                return returned
+            if not self.has_results(returned):
                 self.without_results = True
-            elif _main_process() and (saved := self.saved_under(*args, **kwargs)) is not None:
+            elif (saved := self.saved_under(*args, **kwargs)) is not None:
                 self.saves.append((*saved, started))
             return returned
 
