@@ -13,6 +13,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import pytest
 import torch
@@ -28,12 +29,14 @@ from lmms_lostattn.families import adapter_for
 from lmms_lostattn.intervention.scope import intervene
 from lmms_lostattn.model_wrappers.lm_eval.launcher import bracket_model_args
 from lmms_lostattn.model_wrappers.lm_eval.models import LostAttnHFLM, LostAttnHFMultimodalLM
+from lmms_lostattn.model_wrappers.lm_eval.reporting import FILTER
 from lmms_lostattn.models import SHAPES_LLAVA_DIR
 from lmms_lostattn.tasks import tasks_path
 from lmms_lostattn.testing import TEXT_VARIANTS
 
 MODES = ["none", "gaussian", "uniform", "identity", "sink", "shuffle", "knockout", "noise_delta", "noise_qkv"]
 _CPU = {"device": "cpu", "dtype": "float32"}
+GAUSSIAN = {"attn": "gaussian", "attn_keys": "all"}
 # (context, continuations): one-token choices share a row under lm-eval's logits cache; multi-token ones do not;
 # the contexts differ in length, so batches of 4 right-pad
 DOCS = [
@@ -251,6 +254,15 @@ def test_plain_lists_in_model_args_are_bracketed_as_lm_eval_splits_them() -> Non
     assert (
         bracket_model_args(["--model_args", '{"attn_layers": [1, 2]}'], split_top_level)[1] == '{"attn_layers": [1, 2]}'
     )
+    for twice in (  # lm-eval merges every --model_args value, the last one winning
+        ["--model_args", "attn=gaussian,attn=uniform"],
+        ["--model_args", "attn=gaussian", "attn=uniform"],
+        ["--model_args", "attn=gaussian", "--model_args=attn=uniform"],
+        ["-a", '{"attn": "gaussian"}', "-a", "attn=uniform"],
+    ):
+        with pytest.raises(SpecError, match="attn given more than once in model_args"):
+            bracket_model_args(twice, split_top_level)
+    assert bracket_model_args(["-a", "dtype=float32", "-a", "dtype=float16"], split_top_level)[-1] == "dtype=float16"
 
 
 # -- lostattn-lm-eval end to end -----------------------------------------------------------------------------------
@@ -478,14 +490,14 @@ def test_a_response_cache_of_another_intervention_is_refused(tmp_path: pathlib.P
     check_response_cache(cache("new.db"), run(**uniform))
     check_response_cache(cache("new.db"), run(**uniform))
     for other in ({"attn": "none"}, gaussian, {**uniform, "attn_layers": "1"}):
-        with pytest.raises(ValueError, match=r"new\.db holds responses computed under the intervention"):
+        with pytest.raises(SpecError, match=r"new\.db holds responses computed under the intervention"):
             check_response_cache(cache("new.db"), run(**other))
     plain = cache("plain.db")
     plain.dbdict["0" * 64] = (-1.5, True)  # a response plain hf cached
-    with pytest.raises(ValueError, match=r"1 responses written without lostattn .*attn=gaussian"):
+    with pytest.raises(SpecError, match=r"1 responses written without lostattn .*attn=gaussian"):
         check_response_cache(plain, run(**gaussian))
     check_response_cache(plain, run(attn="none"))
-    with pytest.raises(ValueError, match="computed under the intervention"):
+    with pytest.raises(SpecError, match="computed under the intervention"):
         check_response_cache(cache("plain.db"), run(**uniform))
 
 
@@ -571,3 +583,91 @@ def test_shapes_llava_answers_through_hf_multimodal_as_through_lmms_eval(tmp_pat
     assert learned["exact_match,none"] >= 0.9
     assert knockout_results["results"][task[0]]["exact_match,none"] <= 0.2 + 0.15
     assert learned["lostattn_samples,none"] == COLOR_LIMIT
+
+
+def test_documents_sharing_a_row_under_the_logits_cache_keep_their_own_draws(
+    tiny_model: Callable[[str], pathlib.Path],
+) -> None:
+    """lm-eval's logits cache runs one row for all requests sharing ``context + continuation[:-1]``, across
+    documents too. Under a random mode a document's scores are its own draws': equal alone and beside a twin with
+    the same context, and for a rolling text at batch size 1 and 2; a document's own options still share one row."""
+    path = str(tiny_model("llama"))
+    lm = LostAttnHFLM(pretrained=path, batch_size=1, **GAUSSIAN, **_CPU)
+    rows = []
+    lm.model.register_forward_pre_hook(lambda module, args, kwargs: rows.append(1), with_kwargs=True)
+
+    def options(doc_id: int) -> list[Instance]:
+        return [
+            Instance("loglikelihood", {}, ("The car is", option), index, ("toy", doc_id, 1))
+            for index, option in enumerate([" red", " blue"])
+        ]
+
+    alone = [value for value, _ in lm.loglikelihood(options(1))]
+    rows.clear()
+    together = [value for value, _ in lm.loglikelihood(options(0) + options(1))]
+    assert together[2:] == pytest.approx(alone, abs=1e-6)
+    assert abs(together[0] - together[2]) > 1e-4, "the two documents' draws should differ"
+    assert len(rows) == 2  # one row per document, shared by its options
+
+    text = "The car is red and the sky is blue. " * 3
+    rolling = [Instance("loglikelihood_rolling", {}, (text,), 0, ("toy", doc_id, 1)) for doc_id in range(2)]
+    scores = {}
+    for batch_size in (1, 2):
+        lm = LostAttnHFLM(pretrained=path, batch_size=batch_size, max_length=16, **GAUSSIAN, **_CPU)
+        scores[batch_size] = lm.loglikelihood_rolling(rolling)
+    assert scores[2] == pytest.approx(scores[1], abs=1e-5)
+    assert abs(scores[1][0] - scores[1][1]) > 1e-4
+
+
+def test_hf_multimodal_scores_text_rolling_requests_like_lm_eval(tiny_model: Callable[[str], pathlib.Path]) -> None:
+    """``hf-multimodal`` hands text ``loglikelihood_rolling`` to ``hf``; its signature (no ``disable_tqdm``) passes
+    through the plugin's override."""
+    path = str(tiny_model("llava"))
+    requests = [Instance("loglikelihood_rolling", {}, ("The car is red and the sky is blue.",), 0, ("t", 0, 1))]
+    expected = HFMultimodalLM(pretrained=path, batch_size=1, **_CPU).loglikelihood_rolling(requests)
+    ours = LostAttnHFMultimodalLM(pretrained=path, batch_size=1, stats="paper", **_CPU)
+    assert ours.loglikelihood_rolling(requests) == pytest.approx(expected, abs=1e-5)
+
+
+def test_a_model_evaluated_twice_reports_each_evaluations_documents_only(
+    tiny_model: Callable[[str], pathlib.Path],
+) -> None:
+    """lm-eval's Python API takes a model object, which may serve several ``simple_evaluate`` calls: the second
+    call's statistics rows are those of a fresh model on its documents, not pooled with the first call's."""
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=str(tasks_path(host="lm_eval")), include_defaults=False)
+    task, arguments = "lostattn_shapes_text_gen", {"pretrained": str(tiny_model("llama")), "stats": "paper", **_CPU}
+
+    def rows(model: LostAttnHFLM, limit: int) -> dict[str, Any]:
+        results = simple_evaluate(model=model, tasks=[task], limit=limit, task_manager=manager)["results"][task]
+        return {name: value for name, value in results.items() if name.startswith("lostattn")}
+
+    reused = LostAttnHFLM(**arguments)
+    rows(reused, 4)
+    second = rows(reused, 2)
+    assert second[f"lostattn_samples,{FILTER}"] == 2
+    assert second == pytest.approx(rows(LostAttnHFLM(**arguments), 2))
+
+
+def test_a_loaded_model_and_a_checkpoint_in_a_subfolder_are_taken_as_hf_takes_them(
+    tiny_model: Callable[[str], pathlib.Path], tmp_path: pathlib.Path
+) -> None:
+    """``hf`` takes ``pretrained=`` as a loaded model (with ``tokenizer=``) and a checkpoint in a ``subfolder=`` of
+    the repository; the plugin resolves its arguments against that model's config (layer 3 exists, layer 4 not)."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = tiny_model("llama")
+    edit = {"attn": "uniform", "attn_keys": "all", "attn_layers": "3", **_CPU}
+    model = AutoModelForCausalLM.from_pretrained(path)
+    loaded = LostAttnHFLM(pretrained=model, tokenizer=AutoTokenizer.from_pretrained(path), batch_size=1, **edit)
+    assert loaded.lostattn.run.model == str(path)
+    shutil.copytree(path, tmp_path / "sub")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 1}))  # another model's config
+    in_subfolder = LostAttnHFLM(pretrained=str(tmp_path), subfolder="sub", batch_size=1, **edit)
+    assert in_subfolder.lostattn.intervention.layers == loaded.lostattn.intervention.layers == (3,)
+    with pytest.raises(SpecError, match="this model has layers 0-3"):
+        LostAttnHFLM(pretrained=str(tmp_path), subfolder="sub", batch_size=1, **{**edit, "attn_layers": "4"})

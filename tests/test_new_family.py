@@ -153,3 +153,14 @@ def test_an_adapter_file_is_found_without_a_list(tmp_path: pathlib.Path, monkeyp
 def test_an_adapter_with_an_unknown_layer_style_is_refused() -> None:
     with pytest.raises(ValueError, match=r"layer_style='serial'; accepted: \('pre_norm', 'sandwich', 'parallel'\)"):
         FamilyAdapter(family="vipllava", model_types=("vipllava",), layer_style="serial")
+
+
+def test_a_backbone_whose_layers_add_their_updates_otherwise_is_refused() -> None:
+    """A LLaVA built on Gemma 2 has sandwich-norm layers the LLaVA adapter maps as pre-norm: refused by name."""
+    from transformers import Gemma2Config
+
+    config = LlavaConfig(text_config=Gemma2Config(num_hidden_layers=2).to_dict())
+    with pytest.raises(ValueError, match=r"llava with a gemma2 language model is not supported: family 'llava' maps "
+                       r"pre_norm decoder layers, and gemma2's layers are sandwich \(family 'gemma-text'\)"):
+        FAMILIES.adapter_for(config)
+    assert FAMILIES.adapter_for(LlavaConfig()).family == "llava"

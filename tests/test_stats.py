@@ -188,6 +188,17 @@ def test_layer_mean_and_mean_records() -> None:
     assert mean_records([a, b])["values"]["attn"]["all"]["rid"] == pytest.approx([0.3, 0.6])
 
 
+@pytest.mark.parametrize("unmeasured_first", [True, False])
+def test_mean_records_skips_a_request_that_measured_nothing(unmeasured_first: bool) -> None:
+    """A multiple-choice option whose row has one real token (an empty context and a one-token continuation) has no
+    value in any group; the document's values are the other options'."""
+    measured, unmeasured = _record({"rid": [0.4, 0.6], "mixig": [0.1, None]}), _record({})
+    records = [unmeasured, measured] if unmeasured_first else [measured, unmeasured]
+    merged = mean_records(records)["values"]["attn"]["all"]
+    assert merged == {"rid": pytest.approx([0.4, 0.6]), "mixig": [pytest.approx(0.1), None]}
+    assert mean_records([unmeasured, unmeasured])["values"]["attn"]["all"] == {}
+
+
 @pytest.mark.parametrize("chained", [True, False], ids=["chained", "deepstack_like"])
 def test_collector_decomposes_each_stream_once(monkeypatch, chained: bool) -> None:
     calls: list[tuple[int, ...]] = []
@@ -251,3 +262,30 @@ def test_a_non_finite_stream_names_the_layer_and_sample_and_padding_is_ignored()
     message = r"after the FFN update of decoder layer 2 is not finite \(sample 1 .*bfloat16"
     with pytest.raises(ValueError, match=message):
         StatsCollector(StatsConfig(kind="paper"), num_layers=4)(2, x, d_attn, d_ffn, state)
+
+
+def test_recorded_input_is_on_the_device_of_its_layers_updates() -> None:
+    """With ``device_map=auto`` accelerate moves a layer's input to the layer's device inside its forward, after the
+    recorder's pre-hook; the input handed on must sit with the updates (here "meta" plays the layer's device)."""
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+
+    from lmms_lostattn.families.base import FamilyAdapter
+    from lmms_lostattn.statistics.recorder import record_residuals
+
+    class Layer(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.self_attn, self.mlp = torch.nn.Identity(), torch.nn.Identity()
+
+        def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+            mid = hidden_states + self.self_attn(hidden_states)
+            return mid + self.mlp(mid)
+
+    layers = torch.nn.ModuleList([Layer()])
+    add_hook_to_module(layers[0], AlignDevicesHook(execution_device=torch.device("meta")))
+    seen: list[tuple[torch.device, ...]] = []
+    adapter = FamilyAdapter(family="toy", model_types=("toy",))
+    on_layer = lambda i, x, a, f: seen.append((x.device, a.device, f.device))  # noqa: E731
+    with record_residuals(layers, adapter, on_layer, lambda: True):
+        layers[0](torch.zeros(1, 3, 4))
+    assert seen == [(torch.device("meta"),) * 3]

@@ -65,6 +65,7 @@ class FamilyRegistry:
         """The adapter for a model config, or a clear error listing what is supported and how to add a family."""
         for adapter in self.adapters():
             if config.model_type in adapter.model_types:
+                self._check_backbone(adapter, config)
                 return adapter
         listed = sorted(self.adapters(), key=lambda adapter: not adapter.images)  # vision-language families first
         supported = ", ".join(f"{a.family} ({'/'.join(a.model_types)})" for a in listed)
@@ -75,6 +76,20 @@ class FamilyRegistry:
             "with lostattn_hf, or add one row to lmms_lostattn/model_wrappers/lmms_eval/wrappers.py for a "
             "dedicated model id (README: 'Adding a family')."
         )
+
+    def _check_backbone(self, adapter: FamilyAdapter, config: PretrainedConfig) -> None:
+        """Refuse a language model whose decoder layers add their updates otherwise than the family's adapter says
+        (e.g. a LLaVA built on Gemma 2's sandwich-norm layers): the statistics and ``noise_delta`` would read the
+        wrong module's output as the update."""
+        text_type = config.get_text_config().model_type
+        backbone = next((other for other in self.adapters() if text_type in other.model_types), None)
+        if backbone is not None and backbone.layer_style != adapter.layer_style:
+            raise UnsupportedFamilyError(
+                f"lostattn: {config.model_type} with a {text_type} language model is not supported: family "
+                f"{adapter.family!r} maps {adapter.layer_style} decoder layers, and {text_type}'s layers are "
+                f"{backbone.layer_style} (family {backbone.family!r}). Write an adapter for this combination "
+                "(README: 'Adding a family')."
+            )
 
 
 FAMILIES = FamilyRegistry(__name__)

@@ -30,12 +30,16 @@ def prior_hook(
     tower, last_attention = adapter.vision_modules(model)
 
     if mode == "vision_attention":
+        patches = (tower.config.image_size // tower.config.patch_size) ** 2
 
         def attention_prior(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
             with recording_errors():
                 hidden = forward_input(module, args, kwargs, "hidden_states")
                 weights = priors.eager_attention_weights(module, hidden)
-                prompts.pending_priors.append(priors.vision_attention_prior(weights))
+                try:
+                    prompts.pending_priors.append(priors.vision_attention_prior(weights, patches))
+                except ValueError as error:
+                    raise InterventionError(f"lostattn: attn={mode}: {type(tower).__name__}'s {error}") from error
 
         return last_attention.register_forward_pre_hook(attention_prior, with_kwargs=True)
     if image_mean_std is None:

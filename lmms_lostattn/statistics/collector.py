@@ -85,7 +85,7 @@ class StatsCollector:
     ) -> dict[str, dict[str, float]]:
         """Statistics of both updates of one layer on one sample's rows: X -> mid (attn), mid -> out (ffn)."""
         carried = self._carry.pop(key, None)
-        if carried is not None and carried[0] == layer - 1 and torch.equal(carried[1], x):
+        if carried is not None and carried[0] == layer - 1 and _same(carried[1], x):
             before = carried[2]
         else:
             before = _decompose_stream(x, "entering", layer, key)
@@ -110,6 +110,11 @@ class StatsCollector:
         records, self._records = self._records, []
         self._carry = {}
         return records
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit-identical tensors on one device (a model split over devices hands the next layer a copy)."""
+    return a.device == b.device and torch.equal(a, b)
 
 
 def _decompose_stream(stream: torch.Tensor, where: str, layer: int, key: tuple[int, str]) -> Decomposition:
@@ -161,18 +166,28 @@ def layer_mean(record: dict[str, Any], module: str, group: str, metric: str) -> 
 
 
 def mean_records(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Element-wise mean of the records of one document's requests (e.g. the options of a multiple-choice doc)."""
+    """Element-wise mean of the records of one document's requests (e.g. the options of a multiple-choice doc), over
+    the records that measured each value: a request whose group had fewer than two tokens has no value there."""
     if len(records) == 1:
         return records[0]
-    merged = {"layers": records[0]["layers"], "values": {}}
-    for module, groups in records[0]["values"].items():
-        merged["values"][module] = {}
-        for group, metrics in groups.items():
-            merged["values"][module][group] = {
-                metric: [_mean([r["values"][module][group][metric][i] for r in records]) for i in range(len(per))]
-                for metric, per in metrics.items()
-            }
-    return merged
+    values = {module: {group: {} for group in groups} for module, groups in records[0]["values"].items()}
+    for module, group, metric in _measured(records):
+        columns = zip(*(_series(r, module, group, metric) or [None] * r["layers"] for r in records), strict=True)
+        values[module][group][metric] = [_mean(column) for column in columns]
+    return {"layers": records[0]["layers"], "values": values}
+
+
+def _measured(records: Sequence[dict[str, Any]]) -> list[tuple[str, str, str]]:
+    """Every ``(module, group, metric)`` that at least one record has values for, sorted."""
+    return sorted(
+        {
+            (module, group, metric)
+            for r in records
+            for module, groups in r["values"].items()
+            for group, metrics in groups.items()
+            for metric in metrics
+        }
+    )
 
 
 def _mean(values: Sequence[float | None]) -> float | None:
@@ -201,17 +216,8 @@ def aggregate(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     if not records:
         return {}
     num_layers = max(r["layers"] for r in records)
-    keys = sorted(
-        {
-            (module, group, metric)
-            for r in records
-            for module, groups in r["values"].items()
-            for group, metrics in groups.items()
-            for metric in metrics
-        }
-    )
     out: dict[str, Any] = {}
-    for module, group, metric in keys:
+    for module, group, metric in _measured(records):
         columns = [
             [v for r in records if (v := _value(r, module, group, metric, layer)) is not None]
             for layer in range(num_layers)

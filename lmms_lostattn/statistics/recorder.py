@@ -2,8 +2,8 @@
 
 For layer l the recorder hands ``on_layer(l, x, d_attn, d_ffn)`` to a callback, where ``x`` is the stream entering
 the layer (recorded there, never derived from the previous layer, since e.g. Qwen3-VL's DeepStack adds visual
-features between layers), ``d_attn`` the attention update and ``d_ffn`` the FFN update as the family's adapter
-defines them (post-module norms included for sandwich-norm families). The stream entering the FFN is
+features between layers; on the layer's device), ``d_attn`` the attention update and ``d_ffn`` the FFN update as the
+family's adapter defines them (post-module norms included for sandwich-norm families). The stream entering the FFN is
 ``x + d_attn``. Tensors are passed on as soon as the FFN has run and are not kept, so at most one layer's
 activations are alive at a time beyond what the forward pass holds anyway.
 """
@@ -47,7 +47,10 @@ def record_residuals(
 
             def after_ffn(module: nn.Module, args: tuple, output: Any, seen: dict = seen, index: int = index) -> None:
                 if active():
-                    on_layer(index, seen.pop("x"), seen.pop("attn"), _tensor(output))
+                    update = seen.pop("attn")
+                    # accelerate (device_map=auto) moves a layer's input to the layer's device inside its forward,
+                    # after the pre-hook: on a layer that starts a new device the recorded input is still elsewhere
+                    on_layer(index, seen.pop("x").to(update.device), update, _tensor(output))
 
             stack.callback(layer.register_forward_pre_hook(before_layer, with_kwargs=True).remove)
             stack.callback(attn_update.register_forward_hook(after_attention).remove)

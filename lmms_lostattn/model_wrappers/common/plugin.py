@@ -32,6 +32,8 @@ _PLUGIN_PREFIXES = ("attn", "stats")
 # transformers' loading arguments that share our prefixes: a host that forwards ``**kwargs`` to ``from_pretrained``
 # (lm-eval's HFLM) takes them without naming them in its signature
 LOADING_ARGS = frozenset({"attn_implementation"})
+# where in a checkpoint its config is (lm-eval's HFLM arguments, passed on to ``from_pretrained``)
+CHECKPOINT_ARGS = ("subfolder", "gguf_file")
 NEAR_MISS = 0.8  # difflib's similarity from which a name the base class does not take is a misspelt plugin argument
 
 
@@ -54,11 +56,15 @@ def bracket_list_values(arg_string: str, split: Callable[[str], list[str]]) -> s
         if "," in value and value[:1] not in "[{\"'":
             value = f"[{value}]"
         bracketed.append(f"{name}={value}" if _ else piece)
-    names = [piece.partition("=")[0].strip() for piece in pieces]
+    refuse_repeated([piece.partition("=")[0].strip() for piece in pieces])
+    return ",".join(bracketed)
+
+
+def refuse_repeated(names: list[str]) -> None:
+    """A :class:`SpecError` for a plugin argument among ``names`` more than once (the hosts keep the last value)."""
     twice = sorted({name for name in names if names.count(name) > 1 and name in InterventionSpec.ARGS})
     if twice:
         raise SpecError(f"lostattn: {', '.join(twice)} given more than once in model_args; give each once")
-    return ",".join(bracketed)
 
 
 def is_plugin_arg(key: str, base_args: Mapping[str, Any]) -> bool:
@@ -131,7 +137,11 @@ class Plugin:
         default = base_args["pretrained"].default if "pretrained" in base_args else None
         pretrained = kwargs.get("pretrained", default)
         hub = {"revision": kwargs.get("revision") or "main", "trust_remote_code": bool(kwargs.get("trust_remote_code"))}
-        config = AutoConfig.from_pretrained(pretrained, **hub)
+        hub |= {name: kwargs[name] for name in CHECKPOINT_ARGS if kwargs.get(name)}
+        if isinstance(pretrained, nn.Module):  # lm-eval takes a loaded model too
+            config, pretrained = pretrained.config, pretrained.name_or_path
+        else:
+            config = AutoConfig.from_pretrained(pretrained, **hub)
         adapter = adapter_for(config)
         text = config.get_text_config()
         intervention = spec.resolve(text.num_hidden_layers, text.num_attention_heads, adapter.preset(config))

@@ -12,8 +12,10 @@ the message alone, or where lm-eval produced no results; lm-eval's own errors en
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Callable
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -21,21 +23,33 @@ _MODEL_ARGS = ("--model_args", "-a")
 
 
 def bracket_model_args(argv: list[str], split: Callable[[str], list[str]]) -> list[str]:
-    """``argv`` with each ``--model_args`` value's plain lists bracketed (JSON values are left as they are)."""
-    from lmms_lostattn.model_wrappers.common.plugin import bracket_list_values
+    """``argv`` with each ``--model_args`` value's plain lists bracketed (JSON values are left as they are). A plugin
+    argument given twice, in one value or across them (lm-eval merges every ``--model_args`` value, the last one
+    winning), is a :class:`~lmms_lostattn.config.spec.SpecError`."""
+    from lmms_lostattn.model_wrappers.common.plugin import bracket_list_values, refuse_repeated
 
-    out, in_model_args = [], False
+    out, names, in_model_args = [], [], False
+
+    def bracketed(value: str) -> str:
+        if value.lstrip().startswith("{"):
+            with suppress(ValueError):  # lm-eval says what is wrong with a malformed one
+                names.extend(json.loads(value))
+            return value
+        names.extend(piece.partition("=")[0].strip() for piece in split(value.strip()) if "=" in piece)
+        return bracket_list_values(value, split)
+
     for arg in argv:
         flag, eq, value = arg.partition("=")
         if flag in _MODEL_ARGS and eq:
-            out.append(f"{flag}={value if value.lstrip().startswith('{') else bracket_list_values(value, split)}")
+            out.append(f"{flag}={bracketed(value)}")
             in_model_args = False
             continue
         if arg.startswith("-"):
             in_model_args = arg in _MODEL_ARGS
-        elif in_model_args and not arg.lstrip().startswith("{"):
-            arg = bracket_list_values(arg, split)
+        elif in_model_args:
+            arg = bracketed(arg)
         out.append(arg)
+    refuse_repeated(names)
     return out
 
 

@@ -7,7 +7,8 @@ Every request type runs in the base class's own batches, inside one intervention
   with ``logits_cache``, runs one row for every request sharing ``context + continuation[:-1]`` (multiple choice).
   The glue follows lm-eval's ``Collator`` batches and tells the scope each row's real length and where its
   continuation starts (``attn_rows=last`` edits the rows that predict the continuation; statistics cover real tokens
-  only); a shared row is run, edited and measured once, for its document;
+  only); a shared row is run, edited and measured once, for its document (requests of different documents never
+  share a row: its draws are its document's);
 * generation (``generate_until``): left-padded with a mask, as lmms-eval's batching classes.
 
 Rows are named ``task/doc_id`` for the draws. ``batch_size=auto`` is refused under an intervention or statistics: it
@@ -60,23 +61,24 @@ class LostAttnLMMixin:
         self.lostattn.loaded(self.model)
         install()
 
-    def loglikelihood(self, requests: list[Instance], disable_tqdm: bool = False) -> list[Any]:
+    # the base classes' own signatures pass through: hf-multimodal's loglikelihood_rolling takes no disable_tqdm
+    def loglikelihood(self, requests: list[Instance], *args: Any, **kwargs: Any) -> list[Any]:
         if not self.lostattn.active:
-            return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
+            return super().loglikelihood(requests, *args, **kwargs)
         with self._scoring(requests, _pairs_in_order):
-            return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
+            return super().loglikelihood(requests, *args, **kwargs)
 
-    def loglikelihood_rolling(self, requests: list[Instance], disable_tqdm: bool = False) -> list[Any]:
+    def loglikelihood_rolling(self, requests: list[Instance], *args: Any, **kwargs: Any) -> list[Any]:
         if not self.lostattn.active:
-            return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)
+            return super().loglikelihood_rolling(requests, *args, **kwargs)
         with self._scoring(requests, self._windows_by_tokens):
-            return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)
+            return super().loglikelihood_rolling(requests, *args, **kwargs)
 
-    def generate_until(self, requests: list[Instance], disable_tqdm: bool = False) -> list[Any]:
+    def generate_until(self, requests: list[Instance], *args: Any, **kwargs: Any) -> list[Any]:
         if not self.lostattn.active:
-            return super().generate_until(requests, disable_tqdm=disable_tqdm)
+            return super().generate_until(requests, *args, **kwargs)
         with self._scope([(request.args, request) for request in requests], scoring=False):
-            return super().generate_until(requests, disable_tqdm=disable_tqdm)
+            return super().generate_until(requests, *args, **kwargs)
 
     def _loglikelihood_tokens(self, requests: list[Window], *args: Any, **kwargs: Any) -> list[Any]:
         if self._keyed is None:  # not within a scoring call of ours (inactive)
@@ -99,7 +101,8 @@ class LostAttnLMMixin:
         """One intervention scope around one call of the base class, following its ``Collator`` batches."""
         with self.lostattn.scope(self.model) as (scope, collector):
             rows = HostBatches(keyed, type(self).__name__, self.lostattn.run, collector, None, name=request_name)
-            with _following_batches(rows, scope, self.max_length if scoring else None):
+            documents = {id(key): request_name(request) for key, request in reversed(keyed)}
+            with _following_batches(rows, scope, self.max_length if scoring else None, documents):
                 yield
             scope.raise_pending()
             rows.finish(ran_all=True)
@@ -154,23 +157,33 @@ _COLLATOR_MODULES = (lm_eval_huggingface, lm_eval_hf_vlms)  # where HFLM and HFM
 
 
 @contextmanager
-def _following_batches(rows: HostBatches, scope: Scope, max_length: int | None) -> Iterator[None]:
+def _following_batches(
+    rows: HostBatches, scope: Scope, max_length: int | None, documents: dict[int, str]
+) -> Iterator[None]:
     """Hand each batch lm-eval's ``Collator`` yields to ``rows`` (the requests each row serves, and for scoring rows,
     ``max_length`` given, their real lengths and continuation starts as ``HFLM._loglikelihood_tokens`` cuts them) and
-    start a new prompt in the scope just before the batch runs."""
+    start a new prompt in the scope just before the batch runs.
+
+    With ``logits_cache`` the Collator runs one row for all requests sharing ``context + continuation[:-1]``; here
+    only those of one document (``documents``: a request's document by the id of its scoring request) share a row,
+    since a row's draws are its document's: two documents with the same context (or the same rolling window) get
+    rows of their own, whatever else the run or the batch holds."""
 
     def followed(collator: type) -> type:
         class FollowedCollator(collator):
             def __init__(self, arr: Sequence, *args: Any, **kwargs: Any) -> None:
+                self._shared = kwargs.get("group_by") == "contexts"
+                if self._shared:
+                    group_fn = kwargs["group_fn"]
+                    kwargs["group_fn"] = lambda element: (documents[id(element)], *group_fn(element))
                 super().__init__(arr, *args, **kwargs)
-                shared = kwargs.get("group_by") == "contexts"  # one row per context + continuation[:-1]
-                group_fn = kwargs.get("group_fn")
                 self.served: dict[int, list] = {}
                 groups: dict[tuple, list] = {}
                 for element in arr:
-                    group = groups.setdefault(tuple(group_fn(element)), []) if shared else []
+                    group = groups.setdefault(tuple(kwargs["group_fn"](element)), []) if self._shared else []
                     group.append(element)
                     self.served[id(element)] = group
+                self._run: deque = deque()  # the rows yielded, whose results get_cache hands out in order
 
             def get_batched(self, *args: Any, **kwargs: Any) -> Iterator[list]:
                 for batch in super().get_batched(*args, **kwargs):
@@ -180,7 +193,21 @@ def _following_batches(rows: HostBatches, scope: Scope, max_length: int | None) 
                         starts = [end - len(cont) + 1 for end, (_, _, cont) in zip(ends, batch, strict=True)]
                     rows.batched([self.served[id(element)] for element in batch], ends, starts)
                     scope.set_samples(rows.next_prompt)
+                    if self._shared:
+                        self._run.extend(batch)
                     yield batch
+
+            def get_cache(self, req_str: Any, cxt_toks: list[int], cont_toks: list[int], logits: Any) -> Iterator:
+                if not self._shared:
+                    return super().get_cache(req_str, cxt_toks, cont_toks, logits)
+                element = self._run.popleft() if self._run else None
+                if element is None or element[1] is not cxt_toks:
+                    raise InterventionError(
+                        "lostattn: lm-eval's _loglikelihood_tokens no longer asks Collator.get_cache for the rows of "
+                        "its batches in order, with each row's own context tokens; the plugin keys the rows a "
+                        "document shares by that order (lm_eval.models.utils.Collator)"
+                    )
+                return super().get_cache(req_str, [documents[id(element)], *cxt_toks], cont_toks, logits)
 
         return FollowedCollator
 

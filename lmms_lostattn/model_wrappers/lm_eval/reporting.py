@@ -29,6 +29,7 @@ from lm_eval.api.metrics import mean, mean_stderr
 from lm_eval.api.model import CachingLM
 from loguru import logger
 
+from lmms_lostattn.config.spec import SpecError
 from lmms_lostattn.model_wrappers.common.patching import argument, wrap_once
 from lmms_lostattn.model_wrappers.common.plugin import RunRecords, run_of
 from lmms_lostattn.model_wrappers.common.results import (
@@ -115,20 +116,20 @@ def check_response_cache(lm: Any, run: RunRecords) -> None:
     lm-eval keys a cached response by its request alone (``hash_args(method, request.args)``), not by the model's
     arguments: responses cached under ``attn=none`` would silently answer an ``attn=gaussian`` run's requests. A cache
     that holds responses but no mark was written without lostattn (plain ``hf``, or an older lostattn): it is taken as
-    the unedited model's, which only ``attn=none`` may reuse."""
+    the unedited model's, which only ``attn=none`` may reuse. A refusal is a :class:`SpecError` (exit 2)."""
     if not isinstance(lm, CachingLM):
         return
     database, wanted = lm.dbdict, run.intervention.to_dict()
     marked = database.get(CACHE_MARK)
     if marked is None and len(database) and run.intervention.mode != "none":
-        raise ValueError(
+        raise SpecError(
             f"lostattn: --use_cache {lm.cache_db} holds {len(database)} responses written without lostattn (the "
             f"unedited model's), and this run edits attention (attn={run.intervention.mode}); lm-eval keys cached "
             "responses by request only, so they would answer this run's requests: give each intervention its own "
             "--use_cache path"
         )
     if marked is not None and marked != wanted:
-        raise ValueError(
+        raise SpecError(
             f"lostattn: --use_cache {lm.cache_db} holds responses computed under the intervention {marked}, and "
             f"this run's is {wanted}; lm-eval keys cached responses by request only, so they would answer this run's "
             "requests: give each intervention its own --use_cache path"
@@ -156,6 +157,7 @@ def _evaluate(original: Any, *args: Any, **kwargs: Any) -> Any:
     if run is None:
         return original(*args, **kwargs)
     check_response_cache(lm, run)
+    run.records.clear()  # a model object may serve several evaluations (lm-eval's Python API)
     results = original(*args, **kwargs)
     if run.stats.kind != "none":
         gather_records(run, lm.world_size)
