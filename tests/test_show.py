@@ -125,6 +125,45 @@ def test_knockout_leaves_no_attention_on_the_image(scenes: list[Scene]) -> None:
         assert not layer.edited.any() and layer.class_token[1] == 0.0, layer.layer
 
 
+def test_heads_are_named_edited_only_where_the_last_prompt_token_was_edited(scenes: list[Scene]) -> None:
+    """``attn_rows=image`` edits the image rows, not the last prompt token: no head is named edited on it (in the
+    first edited layer its map is the learned one; later ones see the edited image tokens); ``attn_rows=last`` with
+    the same band names the band's heads."""
+    obj = scenes[0].objects[0]
+    band = {"attn": "uniform", "attn_heads": "p0.3-0.6", "attn_layers": "1:"}
+    maps = load(SHAPES_LLAVA_DIR, {**band, "attn_rows": "image"}).maps(scenes[0].image, _question(obj), (1, 3))
+    np.testing.assert_allclose(maps[0].edited, maps[0].learned, rtol=1e-5, atol=1e-7)
+    assert all(layer.band_heads == () and layer.band_edited is None for layer in maps)
+    maps = load(SHAPES_LLAVA_DIR, {**band, "attn_rows": "last"}).maps(scenes[0].image, _question(obj), (1, 3))
+    assert all(layer.band_heads for layer in maps)
+
+
+def test_the_maps_lie_on_the_image_the_model_sees(learned: Inspector) -> None:
+    """The processor resizes and centre-crops: a wide image's left end, with a red square on it, never reaches the
+    model, and the figure's image is the crop (the patch grid's image), not the file."""
+    wide = Image.new("RGB", (3 * 96, 96), (255, 255, 255))
+    wide.paste((220, 20, 20), (8, 30, 40, 62))  # a red square in the left third, cropped away
+    wide.paste((20, 20, 220), (130, 30, 160, 62))  # a blue square in the middle third
+    seen = np.asarray(learned.seen_image(wide)).astype(int)
+    size = learned.model.config.vision_config.image_size
+    assert seen.shape == (size, size, 3)
+    red = (seen[..., 0] > 150) & (seen[..., 1] < 80) & (seen[..., 2] < 80)
+    blue = (seen[..., 2] > 150) & (seen[..., 0] < 80) & (seen[..., 1] < 80)
+    assert not red.any() and blue.any()
+    pixels = learned.processor.image_processor(images=[wide], return_tensors="pt")["pixel_values"]
+    again = learned.processor.image_processor(images=[Image.fromarray(seen.astype(np.uint8))], return_tensors="pt")
+    torch.testing.assert_close(again["pixel_values"], pixels, atol=0.02, rtol=0)  # the same view, to rounding
+
+
+def test_layers_outside_the_model_are_refused_by_name_before_loading(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_weights(*args: object, **kwargs: object) -> None:
+        raise AssertionError("weights loaded before the refusal")
+
+    monkeypatch.setattr(attention_maps.AutoModelForImageTextToText, "from_pretrained", no_weights)
+    with pytest.raises(SpecError, match=r"--layers='7' is not valid; .*this model has layers 0-3"):
+        load(SHAPES_LLAVA_DIR, {}, layers="7")
+
+
 def test_a_family_without_one_token_per_patch_is_refused_before_loading(
     tiny_llava_next, monkeypatch, capsys, tmp_path
 ) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from lmms_lostattn.config.spec import SpecError, parse_layers
+from lmms_lostattn.config.spec import SpecError
 from lmms_lostattn.families import UnsupportedFamilyError
 from lmms_lostattn.inspection.attention_maps import load
 from lmms_lostattn.inspection.figures import save_figure
@@ -97,20 +97,16 @@ def show(args: argparse.Namespace) -> int:
     """Write one PNG per document into ``args.output``; 2 with a message for what cannot be shown."""
     try:
         pretrained, attn_args, documents = _sources(args)
-        inspector = load(pretrained, attn_args)
+        inspector = load(pretrained, attn_args, args.layers)
     except (SpecError, UnsupportedFamilyError, OSError) as error:
         print(f"lostattn show: {error}" if isinstance(error, OSError) else error, file=sys.stderr)
         return 2
-    try:
-        layers = parse_layers(args.layers, inspector.num_layers)
-    except SpecError as error:
-        print(f"lostattn show: --layers {args.layers}: {error}", file=sys.stderr)
-        return 2
     for index, (stem, image, question) in enumerate(documents):
         try:
-            maps = inspector.maps(image, question, layers)
+            maps = inspector.maps(image, question, inspector.layers)
         except (SpecError, InterventionError) as error:
             print(f"{error} ({stem})", file=sys.stderr)
             return 2
-        print(save_figure(image, question, maps, args.output / f"{index:02d}_{stem}.png"))
+        path = args.output / f"{index:02d}_{stem}.png"
+        print(save_figure(inspector.seen_image(image), question, maps, path))
     return 0

@@ -160,17 +160,17 @@ def check_layers_syntax(value: object) -> str:
     return text
 
 
-def parse_layers(value: object, num_layers: int) -> tuple[int, ...]:
+def parse_layers(value: object, num_layers: int, arg: str = "attn_layers") -> tuple[int, ...]:
     """Parse ``all``, ``18``, ``1-31`` (inclusive), ``18,19,20``, ``-6:`` or ``2:10`` (Python slices) into indices.
 
     Every index and slice bound must lie inside the model (a slice bound may also be ``num_layers``): ``-40:`` on
-    a 32-layer model is an error, not ``all``.
+    a 32-layer model is an error, not ``all``. ``arg``: the argument the errors name.
     """
     accepted = f"{_LAYERS_SYNTAX}; this model has layers 0-{num_layers - 1}"
     try:
         text = check_layers_syntax(value)
     except SpecError:
-        raise _fail("attn_layers", value, accepted) from None
+        raise _fail(arg, value, accepted) from None
     if text == "all":
         return tuple(range(num_layers))
     chosen: set[int] = set()
@@ -179,20 +179,20 @@ def parse_layers(value: object, num_layers: int) -> tuple[int, ...]:
         if single is not None:
             index = int(single)
             if not -num_layers <= index < num_layers:
-                raise _fail("attn_layers", value, accepted)
+                raise _fail(arg, value, accepted)
             chosen.add(index % num_layers)
         elif first is not None:
             low, high = int(first), int(last)
             if low > high or high >= num_layers:
-                raise _fail("attn_layers", value, accepted)
+                raise _fail(arg, value, accepted)
             chosen.update(range(low, high + 1))
         else:
             begin, end = (int(bound) if bound else None for bound in (start, stop))
             if any(bound is not None and not -num_layers <= bound <= num_layers for bound in (begin, end)):
-                raise _fail("attn_layers", value, accepted)
+                raise _fail(arg, value, accepted)
             span = range(num_layers)[begin:end]
             if not span:
-                raise _fail("attn_layers", value, accepted)
+                raise _fail(arg, value, accepted)
             chosen.update(span)
     return tuple(sorted(chosen))
 

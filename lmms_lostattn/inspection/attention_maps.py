@@ -20,7 +20,7 @@ from PIL import Image
 from torch import nn
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, PretrainedConfig
 
-from lmms_lostattn.config.spec import Intervention, InterventionSpec, SpecError
+from lmms_lostattn.config.spec import Intervention, InterventionSpec, SpecError, parse_layers
 from lmms_lostattn.families import FamilyAdapter, UnsupportedFamilyError, adapter_for, adapters
 from lmms_lostattn.intervention.attention import EditedAttention
 from lmms_lostattn.intervention.scope import Scope, intervene
@@ -53,10 +53,16 @@ class Inspector:
     processor: Any
     adapter: FamilyAdapter
     intervention: Intervention
+    layers: tuple[int, ...]  # the decoder layers to show
 
-    @property
-    def num_layers(self) -> int:
-        return len(self.adapter.decoder_layers(self.model))
+    def seen_image(self, image: Image.Image) -> Image.Image:
+        """``image`` as the model sees it, the patch grid's image: the processor's resize and crop, its normalisation
+        undone (a wide photo loses its sides to the crop; the maps lie on what is left)."""
+        processor = self.processor.image_processor
+        pixels = processor(images=[image.convert("RGB")], return_tensors="pt")["pixel_values"][0].float()
+        mean, std = (torch.tensor(values).view(-1, 1, 1) for values in (processor.image_mean, processor.image_std))
+        unit = (pixels * std + mean).clamp(0, 1)  # the processor rescales to [0, 1] before it normalises
+        return Image.fromarray((unit * 255).round().byte().permute(1, 2, 0).numpy())
 
     def inputs(self, image: Image.Image, question: str) -> dict[str, torch.Tensor]:
         """The processor's tensors for one image followed by ``question``, through the chat template."""
@@ -127,9 +133,10 @@ def check_one_token_per_patch(config: PretrainedConfig) -> FamilyAdapter:
     return adapter
 
 
-def load(pretrained: str | Path, model_args: Mapping[str, object]) -> Inspector:
-    """Resolve ``model_args`` (the plugin's ``attn*`` arguments) and refuse what cannot be shown, before the weights
-    load; then the model (float32, eager attention) and its processor."""
+def load(pretrained: str | Path, model_args: Mapping[str, object], layers: object = "all") -> Inspector:
+    """Resolve ``model_args`` (the plugin's ``attn*`` arguments) and ``layers`` (``attn_layers`` syntax, the layers
+    to show) and refuse what cannot be shown, before the weights load; then the model (float32, eager attention) and
+    its processor."""
     try:
         config = AutoConfig.from_pretrained(pretrained)
     except ValueError as error:  # transformers knows no such model type
@@ -139,8 +146,9 @@ def load(pretrained: str | Path, model_args: Mapping[str, object]) -> Inspector:
     text = config.get_text_config()
     intervention = spec.resolve(text.num_hidden_layers, text.num_attention_heads, adapter.preset(config))
     adapter.check_intervention(config, intervention, spec.stats)
+    shown = parse_layers(layers, text.num_hidden_layers, arg="--layers")
     model = AutoModelForImageTextToText.from_pretrained(pretrained, dtype=torch.float32, attn_implementation="eager")
-    return Inspector(model.eval(), AutoProcessor.from_pretrained(pretrained), adapter, intervention)
+    return Inspector(model.eval(), AutoProcessor.from_pretrained(pretrained), adapter, intervention, shown)
 
 
 def last_row_attention(model: nn.Module, inputs: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
@@ -176,9 +184,15 @@ class _HeadRecorder(EditedAttention):
         self, scores: torch.Tensor, allowed: torch.Tensor, selection: Any, step: dict[str, Any]
     ) -> torch.Tensor | None:
         heads = super()._edited_heads(scores, allowed, selection, step)
-        edited = step["entries"][0, :, -1].any(dim=-1).expand(scores.shape[1])  # the last row has an edited key
-        if heads is not None:
-            edited = edited & heads[0, :, -1, 0]
+        # the last prompt token is the last key of a forward without cache; it may not be among the computed rows
+        # (attn_rows=image computes the image rows only), and then no head is edited on it
+        (found,) = (selection.query_abs[0] == selection.key_abs[-1]).nonzero(as_tuple=True)
+        edited = torch.zeros(scores.shape[1], dtype=torch.bool)
+        if found.numel():
+            row = int(found[0])
+            edited = step["entries"][0, :, row].any(dim=-1).expand(scores.shape[1])  # the row has an edited key
+            if heads is not None:
+                edited = edited & heads[0, :, row, 0]
         self.band[self.layer] = tuple(int(h) for h in edited.nonzero().flatten())
         return heads
 
