@@ -83,7 +83,8 @@ def run_cli_batch(runs: list[list[str]], cwd: pathlib.Path, host: str = "lmms_ev
     """Run several command lines of ``host`` in ``processes`` subprocesses at once, each of which imports the host
     once and calls its command's entry point for its share of the runs (every ``processes``-th), in order
     (``lmms_eval``: lmms-eval's ``cli_evaluate``; ``lm_eval``: ``lostattn-lm-eval``'s ``main``). A run that raises
-    leaves its traceback in ``<its --output_path>/error.txt`` and the others go on; check each run's outputs
+    leaves its traceback in ``<its --output_path>/error.txt`` (as does one that exits non-zero, its message on stderr)
+    and the others go on; check each run's outputs
     (:func:`run_error`, :func:`results_of`). Returns the processes' stderr (every run's log)."""
     cwd.mkdir(parents=True, exist_ok=True)  # the working directory: the checkout must not shadow the install
     shares = [runs[index::processes] for index in range(min(processes, len(runs)))]
@@ -154,7 +155,9 @@ if __name__ == "__main__":  # run_cli_batch's subprocess: each argv list through
         sys.argv = argv
         try:
             cli_evaluate()
-        except Exception:
+        except (Exception, SystemExit) as error:
+            if isinstance(error, SystemExit) and not error.code:
+                continue
             output = pathlib.Path(argv[argv.index("--output_path") + 1])
             output.mkdir(parents=True, exist_ok=True)
             (output / "error.txt").write_text(traceback.format_exc())

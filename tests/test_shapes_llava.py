@@ -93,6 +93,28 @@ def test_shipped_files_are_small_and_documented():
         assert heading in card
 
 
+def test_no_shipped_task_shows_a_training_or_validation_scene():
+    """The tasks' images are held out. numpy pads a seed list with zeros, so scene i of generator seed s,
+    ``default_rng([s, 0, i])``, is training scene 0 of vision-stage batch i, ``default_rng([TRAIN_SEED, 0, i, 0])``,
+    when s is TRAIN_SEED: every shipped parquet is made with another seed than training and validation (its
+    question ids name it), and none of its images is a vision-stage training scene."""
+    import io
+
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from lmms_lostattn.tasks import DATA_DIR
+
+    for name in ("lostattn_pope", "lostattn_shapes_color"):
+        rows = pq.read_table(DATA_DIR / f"{name}.parquet").to_pylist()
+        seeds = {int(re.search(r"_s(\d+)_", row["question_id"]).group(1)) for row in rows}
+        assert seeds.isdisjoint({shapes_llava.TRAIN_SEED, shapes_llava.VALIDATION_SEED}), (name, seeds)
+        shipped = {np.asarray(Image.open(io.BytesIO(row["image"]["bytes"])).convert("RGB")).tobytes() for row in rows}
+        for step in range(len(rows)):
+            scene = make_scene(np.random.default_rng([shapes_llava.TRAIN_SEED, shapes_llava._VISION_STAGE, step, 0]))
+            assert np.asarray(scene.image.convert("RGB")).tobytes() not in shipped, (name, step)
+
+
 def test_prompts_match_lmms_eval_tasks():
     import yaml
     from lmms_eval.tasks.pope import utils  # noqa: F401  (the task's module must import)

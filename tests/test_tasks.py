@@ -111,7 +111,7 @@ def test_pope_rows_balanced_and_consistent_with_objects() -> None:
 
 
 def test_color_rows_ask_about_a_unique_object() -> None:
-    rows, scenes = make_color_rows(100, 1), make_scenes(100, 1)
+    rows, scenes = make_color_rows(100, 0), make_scenes(100, 0)
     assert {row["answer"] for row in rows} == set(COLORS)
     for row, scene in zip(rows, scenes, strict=True):
         assert row["question"] == f"What colour is the {row['shape']}?"
@@ -122,7 +122,7 @@ def test_color_rows_ask_about_a_unique_object() -> None:
 
 def test_shipped_parquets_reproduce() -> None:
     assert POPE_PARQUET.stat().st_size < 2_000_000 and COLOR_PARQUET.stat().st_size < 2_000_000
-    for path, rows in ((POPE_PARQUET, make_pope_rows(200, 0)), (COLOR_PARQUET, make_color_rows(100, 1))):
+    for path, rows in ((POPE_PARQUET, make_pope_rows(200, 0)), (COLOR_PARQUET, make_color_rows(100, 0))):
         stored = _read(path)
         assert [{k: v for k, v in r.items() if k != "image"} for r in stored] == [
             {k: v for k, v in r.items() if k != "image"} for r in rows
