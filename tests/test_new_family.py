@@ -155,12 +155,40 @@ def test_an_adapter_with_an_unknown_layer_style_is_refused() -> None:
         FamilyAdapter(family="vipllava", model_types=("vipllava",), layer_style="serial")
 
 
-def test_a_backbone_whose_layers_add_their_updates_otherwise_is_refused() -> None:
-    """A LLaVA built on Gemma 2 has sandwich-norm layers the LLaVA adapter maps as pre-norm: refused by name."""
-    from transformers import Gemma2Config
+def test_a_language_model_of_another_family_brings_its_decoder_layers() -> None:
+    """A LLaVA built on Gemma 2 has sandwich-norm layers, one on Phi-3 a fused q/k/v projection: the LLaVA adapter
+    takes its language model's decoder-layer description, so the updates recorded are those the layers add to the
+    stream (x + dA + dF is the layer's output) and noise_qkv is refused before loading."""
+    from transformers import CLIPVisionConfig, Gemma2Config, LlavaForConditionalGeneration, Phi3Config
 
-    config = LlavaConfig(text_config=Gemma2Config(num_hidden_layers=2).to_dict())
-    with pytest.raises(ValueError, match=r"llava with a gemma2 language model is not supported: family 'llava' maps "
-                       r"pre_norm decoder layers, and gemma2's layers are sandwich \(family 'gemma-text'\)"):
-        FAMILIES.adapter_for(config)
-    assert FAMILIES.adapter_for(LlavaConfig()).family == "llava"
+    from lmms_lostattn.config.spec import InterventionSpec, SpecError
+    from lmms_lostattn.statistics.recorder import record_residuals
+
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                              image_size=32, patch_size=8)  # fmt: skip
+    text = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 100, "pad_token_id": 0}  # fmt: skip
+    gemma = LlavaConfig(vision_config=vision, text_config=Gemma2Config(**text), image_token_index=99)
+    adapter = FAMILIES.adapter_for(gemma)
+    assert (adapter.family, adapter.layer_style, adapter.preset(gemma)) == ("llava", "sandwich", FAMILIES.adapter_for(
+        LlavaConfig()).preset(LlavaConfig()))
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(gemma).eval()
+    for layer in adapter.decoder_layers(model):  # sandwich norms that are not the identity
+        torch.nn.init.normal_(layer.post_attention_layernorm.weight)
+        torch.nn.init.normal_(layer.post_feedforward_layernorm.weight)
+    sums, outputs = [], []
+    layers = adapter.decoder_layers(model)
+    handles = [layer.register_forward_hook(lambda m, a, out: outputs.append(out[0] if isinstance(out, tuple) else out))
+               for layer in layers]  # fmt: skip
+    with torch.no_grad(), record_residuals(layers, adapter, lambda i, x, a, f: sums.append(x + a + f), lambda: True):
+        model(input_ids=torch.tensor([[1, 2, 3, 4, 5]]))
+    for handle in handles:
+        handle.remove()
+    for total, output in zip(sums, outputs, strict=True):
+        torch.testing.assert_close(total, output)
+    phi = LlavaConfig(vision_config=vision, text_config=Phi3Config(**text), image_token_index=99)
+    spec = InterventionSpec.from_model_args({"attn": "noise_qkv"})
+    with pytest.raises(SpecError, match=r"llava fuses them in one \(qkv_proj\)"):
+        adapter = FAMILIES.adapter_for(phi)
+        adapter.check_intervention(phi, spec.resolve(2, 4, adapter.preset(phi)), spec.stats)

@@ -52,14 +52,12 @@ def test_vision_attention_of_a_constructed_map() -> None:
         ]
     )[None]
     received = torch.tensor([(0.6 + 0.4 + 0.1 + 0.2) / 4, (0.3 + 0.2 + 0.4 + 0.6) / 4])
-    torch.testing.assert_close(priors.vision_attention_prior(weights, patches=2)[0], received.softmax(0))
+    torch.testing.assert_close(priors.vision_attention_prior(weights, first=1)[0], received.softmax(0))
     # without a class token (SigLIP) every token is a patch: [p1, p2, p3]
     received = torch.tensor(
         [0.2 + 0.1 + 0.4 + 0.3 + 0.5 + 0.2, 0.3 + 0.6 + 0.4 + 0.3 + 0.1 + 0.2, 0.5 + 0.3 + 0.2 + 0.4 + 0.4 + 0.6]
     )
-    torch.testing.assert_close(priors.vision_attention_prior(weights, patches=3)[0], (received / 6).softmax(0))
-    with pytest.raises(ValueError, match="vision attention over 3 tokens for 4 patches"):
-        priors.vision_attention_prior(weights, patches=4)
+    torch.testing.assert_close(priors.vision_attention_prior(weights, first=0)[0], (received / 6).softmax(0))
 
 
 @pytest.fixture(scope="module")
@@ -128,9 +126,7 @@ def test_the_prior_lands_on_each_images_tokens(tiny, mode: str) -> None:
     finally:
         model.set_attn_implementation({"text_config": "sdpa", "vision_config": "sdpa"})
     if mode == "vision_attention":
-        vision_config = model.config.vision_config
-        patches = (vision_config.image_size // vision_config.patch_size) ** 2
-        expected = priors.vision_attention_prior(vision.attentions[-1], patches)
+        expected = priors.vision_attention_prior(vision.attentions[-1], first=1)  # CLIP: the class token first
     else:
         mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in _mean_std(processor))
         patch = model.config.vision_config.patch_size
@@ -176,10 +172,12 @@ def test_families_without_one_token_per_patch_are_refused(model_type: str) -> No
     adapter_for(config).check_mode(config, "gaussian")
 
 
-def test_a_tower_without_a_class_token_gives_every_patch_its_prior() -> None:
-    """LLaVA with a SigLIP tower (no class token; ``vision_feature_select_strategy=full``, as llava-interleave): the
-    prompt's P image tokens get softmax over all P patches of the attention each receives (mean over heads and
-    queries of HF's eager vision attention), the first patch included."""
+@pytest.mark.parametrize("strategy", ["full", "default"])
+def test_a_tower_without_a_class_token_gives_every_patch_the_model_sees_its_prior(strategy: str) -> None:
+    """LLaVA with a SigLIP tower (no class token): with ``vision_feature_select_strategy=full`` (llava-interleave)
+    the prompt's P image tokens get softmax over all P patches of the attention each receives (mean over heads and
+    queries of HF's eager vision attention), the first patch included; with ``default`` the model drops the first
+    patch, and the P - 1 tokens get the prior over the P - 1 patches it keeps."""
     from transformers import (
         LlamaConfig,
         LlavaConfig,
@@ -194,14 +192,15 @@ def test_a_tower_without_a_class_token_gives_every_patch_its_prior() -> None:
 
     tokenizer = build_tokenizer()
     patches = (VISION["image_size"] // VISION["patch_size"]) ** 2
+    first = 1 if strategy == "default" else 0  # the patches the model drops
     config = LlavaConfig(
         vision_config=SiglipVisionConfig(**VISION), text_config=LlamaConfig(**text_kwargs(tokenizer, 2)),
-        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), vision_feature_select_strategy="full",
-        vision_feature_layer=-1, image_seq_length=patches, pad_token_id=tokenizer.pad_token_id,
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), vision_feature_select_strategy=strategy,
+        vision_feature_layer=-1, image_seq_length=patches - first, pad_token_id=tokenizer.pad_token_id,
     )  # fmt: skip
     processor = LlavaProcessor(
         image_processor=SiglipImageProcessor(size={"height": VISION["image_size"], "width": VISION["image_size"]}),
-        tokenizer=tokenizer, patch_size=VISION["patch_size"], vision_feature_select_strategy="full",
+        tokenizer=tokenizer, patch_size=VISION["patch_size"], vision_feature_select_strategy=strategy,
         num_additional_image_tokens=0, image_token=IMAGE_TOKEN, chat_template=LLAVA_CHAT_TEMPLATE,
     )  # fmt: skip
     torch.manual_seed(0)
@@ -210,12 +209,12 @@ def test_a_tower_without_a_class_token_gives_every_patch_its_prior() -> None:
     prompt = f"USER: {IMAGE_TOKEN}\nIs it red? ASSISTANT:"
     inputs = processor(text=prompt, images=[Image.new("RGB", (32, 32), "red")], return_tensors="pt")
     image = inputs["input_ids"][0] == config.image_token_index
-    assert int(image.sum()) == patches
+    assert int(image.sum()) == patches - first
     edit = _resolve(model, attn="vision_attention", attn_space="probs", attn_layers="0")
     with torch.no_grad():
         vision = model.model.vision_tower(inputs["pixel_values"], output_attentions=True).attentions[-1][0]
         with intervene(model, edit, adapter_for(config)):
             weights = model(**inputs, output_attentions=True).attentions[0][0, :, -1]
     on_image = weights[:, image]
-    expected = vision.mean(dim=(0, 1)).softmax(-1)  # (H, P, P): mean over heads and queries per key
+    expected = vision[:, first:, first:].mean(dim=(0, 1)).softmax(-1)  # (H, P, P): mean over heads and queries
     torch.testing.assert_close(on_image / on_image.sum(-1, keepdim=True), expected.expand_as(on_image))

@@ -190,7 +190,7 @@ def test_image_priors_give_the_class_token_no_mass(shipped, pope_rows):
             weights = model(**batch, output_attentions=True).attentions[0][0, :, -1]
     on_image = weights[:, image]
     assert on_image.shape[1] == 37 and torch.equal(on_image[:, 0], torch.zeros(on_image.shape[0]))
-    prior = vision_attention_prior(vision, patches=36)[0]
+    prior = vision_attention_prior(vision, first=1)[0]
     torch.testing.assert_close(on_image[:, 1:] / on_image.sum(-1, keepdim=True), prior.expand(on_image.shape[0], -1))
 
 

@@ -6,6 +6,8 @@ is; the question names the scene's first object, as the POPE task asks it.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import io
 import json
 import os
@@ -125,6 +127,14 @@ def test_knockout_leaves_no_attention_on_the_image(scenes: list[Scene]) -> None:
         assert not layer.edited.any() and layer.class_token[1] == 0.0, layer.layer
 
 
+@pytest.mark.parametrize("rows", ["all", "text", "last"])
+def test_listed_heads_are_named_edited_whichever_rows_are_edited(scenes: list[Scene], rows: str) -> None:
+    obj = scenes[0].objects[0]
+    edit = {"attn": "uniform", "attn_heads": "0,1", "attn_layers": "1:", "attn_rows": rows}
+    maps = load(SHAPES_LLAVA_DIR, edit).maps(scenes[0].image, _question(obj), (1, 3))
+    assert [layer.band_heads for layer in maps] == [(0, 1), (0, 1)]
+
+
 def test_heads_are_named_edited_only_where_the_last_prompt_token_was_edited(scenes: list[Scene]) -> None:
     """``attn_rows=image`` edits the image rows, not the last prompt token: no head is named edited on it (in the
     first edited layer its map is the learned one; later ones see the edited image tokens); ``attn_rows=last`` with
@@ -138,21 +148,31 @@ def test_heads_are_named_edited_only_where_the_last_prompt_token_was_edited(scen
     assert all(layer.band_heads for layer in maps)
 
 
-def test_the_maps_lie_on_the_image_the_model_sees(learned: Inspector) -> None:
+@pytest.mark.parametrize(
+    "settings", [{}, {"do_normalize": False}, {"do_normalize": False, "do_rescale": False}],
+    ids=["normalised", "rescaled", "raw"],
+)
+def test_the_maps_lie_on_the_image_the_model_sees(learned: Inspector, settings: dict[str, bool]) -> None:
     """The processor resizes and centre-crops: a wide image's left end, with a red square on it, never reaches the
-    model, and the figure's image is the crop (the patch grid's image), not the file."""
+    model, and the figure's image is the crop (the patch grid's image), not the file; whether or not the processor
+    rescales and normalises."""
+    processor = copy.deepcopy(learned.processor)
+    for name, value in settings.items():
+        setattr(processor.image_processor, name, value)
+    inspector = dataclasses.replace(learned, processor=processor)
     wide = Image.new("RGB", (3 * 96, 96), (255, 255, 255))
     wide.paste((220, 20, 20), (8, 30, 40, 62))  # a red square in the left third, cropped away
     wide.paste((20, 20, 220), (130, 30, 160, 62))  # a blue square in the middle third
-    seen = np.asarray(learned.seen_image(wide)).astype(int)
+    seen = np.asarray(inspector.seen_image(wide)).astype(int)
     size = learned.model.config.vision_config.image_size
     assert seen.shape == (size, size, 3)
     red = (seen[..., 0] > 150) & (seen[..., 1] < 80) & (seen[..., 2] < 80)
     blue = (seen[..., 2] > 150) & (seen[..., 0] < 80) & (seen[..., 1] < 80)
-    assert not red.any() and blue.any()
-    pixels = learned.processor.image_processor(images=[wide], return_tensors="pt")["pixel_values"]
-    again = learned.processor.image_processor(images=[Image.fromarray(seen.astype(np.uint8))], return_tensors="pt")
-    torch.testing.assert_close(again["pixel_values"], pixels, atol=0.02, rtol=0)  # the same view, to rounding
+    assert not red.any() and blue.any() and (seen > 240).all(axis=-1).mean() > 0.5  # mostly the white canvas
+    pixels = processor.image_processor(images=[wide], return_tensors="pt")["pixel_values"]
+    again = processor.image_processor(images=[Image.fromarray(seen.astype(np.uint8))], return_tensors="pt")
+    level = 1.0 if settings.get("do_rescale") is False else 0.02  # one grey level, or a little more once normalised
+    torch.testing.assert_close(again["pixel_values"], pixels, atol=level, rtol=0)  # the same view, to rounding
 
 
 def test_layers_outside_the_model_are_refused_by_name_before_loading(monkeypatch: pytest.MonkeyPatch) -> None:

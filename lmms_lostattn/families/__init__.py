@@ -1,4 +1,5 @@
-"""Architecture adapters: one small declarative file per family, looked up by ``config.model_type``.
+"""Architecture adapters: one small declarative file per family, looked up by ``config.model_type`` (a
+vision-language model's decoder layers as its language model's family describes them).
 
 Every :class:`FamilyAdapter` defined at the top level of a module of this package is found on first use, so a new
 family is one file here (README: 'Adding a family'); :func:`register` adds one defined elsewhere (a third-party
@@ -9,10 +10,11 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+from dataclasses import replace
 
 from transformers import PretrainedConfig
 
-from lmms_lostattn.families.base import FamilyAdapter
+from lmms_lostattn.families.base import DECODER_FIELDS, FamilyAdapter
 
 # Families whose decoder layers the adapters do not map yet, and why.
 UNFIT: dict[str, str] = {
@@ -65,8 +67,7 @@ class FamilyRegistry:
         """The adapter for a model config, or a clear error listing what is supported and how to add a family."""
         for adapter in self.adapters():
             if config.model_type in adapter.model_types:
-                self._check_backbone(adapter, config)
-                return adapter
+                return self._on_backbone(adapter, config)
         listed = sorted(self.adapters(), key=lambda adapter: not adapter.images)  # vision-language families first
         supported = ", ".join(f"{a.family} ({'/'.join(a.model_types)})" for a in listed)
         why = f" ({UNFIT[config.model_type]})" if config.model_type in UNFIT else ""
@@ -77,19 +78,17 @@ class FamilyRegistry:
             "dedicated model id (README: 'Adding a family')."
         )
 
-    def _check_backbone(self, adapter: FamilyAdapter, config: PretrainedConfig) -> None:
-        """Refuse a language model whose decoder layers add their updates otherwise than the family's adapter says
-        (e.g. a LLaVA built on Gemma 2's sandwich-norm layers): the statistics and ``noise_delta`` would read the
-        wrong module's output as the update."""
+    def _on_backbone(self, adapter: FamilyAdapter, config: PretrainedConfig) -> FamilyAdapter:
+        """``adapter`` with the decoder-layer description (:data:`DECODER_FIELDS`) of the family that claims the
+        config's language model, where that differs (a LLaVA built on Gemma 2's sandwich-norm layers, or on Phi-3's
+        fused q/k/v projection): the statistics, ``noise_delta`` and ``noise_qkv`` read the layers the model has."""
         text_type = config.get_text_config().model_type
         backbone = next((other for other in self.adapters() if text_type in other.model_types), None)
-        if backbone is not None and backbone.layer_style != adapter.layer_style:
-            raise UnsupportedFamilyError(
-                f"lostattn: {config.model_type} with a {text_type} language model is not supported: family "
-                f"{adapter.family!r} maps {adapter.layer_style} decoder layers, and {text_type}'s layers are "
-                f"{backbone.layer_style} (family {backbone.family!r}). Write an adapter for this combination "
-                "(README: 'Adding a family')."
-            )
+        if backbone is None or backbone is adapter:
+            return adapter
+        described = {name: getattr(backbone, name) for name in DECODER_FIELDS}
+        differ = {name: value for name, value in described.items() if value != getattr(adapter, name)}
+        return replace(adapter, **differ) if differ else adapter
 
 
 FAMILIES = FamilyRegistry(__name__)

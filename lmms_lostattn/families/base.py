@@ -13,6 +13,8 @@ from lmms_lostattn.config.spec import PRIOR_MODES, FamilyPreset, Intervention, S
 
 _VISUAL_TOKEN_ATTRS = ("image_token_id", "image_token_index", "video_token_id", "video_token_index")
 LAYER_STYLES = ("pre_norm", "sandwich", "parallel")
+#: The fields that describe a decoder layer; a vision-language model takes them from its language model's family
+DECODER_FIELDS = ("layer_style", "layers", "attention", "mlp", "qkv")
 
 
 @dataclass(frozen=True)

@@ -60,9 +60,11 @@ class Inspector:
         undone (a wide photo loses its sides to the crop; the maps lie on what is left)."""
         processor = self.processor.image_processor
         pixels = processor(images=[image.convert("RGB")], return_tensors="pt")["pixel_values"][0].float()
-        mean, std = (torch.tensor(values).view(-1, 1, 1) for values in (processor.image_mean, processor.image_std))
-        unit = (pixels * std + mean).clamp(0, 1)  # the processor rescales to [0, 1] before it normalises
-        return Image.fromarray((unit * 255).round().byte().permute(1, 2, 0).numpy())
+        if getattr(processor, "do_normalize", False):
+            mean, std = (torch.tensor(values).view(-1, 1, 1) for values in (processor.image_mean, processor.image_std))
+            pixels = pixels * std + mean
+        scale = processor.rescale_factor if getattr(processor, "do_rescale", False) else 1.0  # pixels = value * scale
+        return Image.fromarray((pixels / scale).clamp(0, 255).round().byte().permute(1, 2, 0).numpy())
 
     def inputs(self, image: Image.Image, question: str) -> dict[str, torch.Tensor]:
         """The processor's tensors for one image followed by ``question``, through the chat template."""
@@ -191,8 +193,8 @@ class _HeadRecorder(EditedAttention):
         if found.numel():
             row = int(found[0])
             edited = step["entries"][0, :, row].any(dim=-1).expand(scores.shape[1])  # the row has an edited key
-            if heads is not None:
-                edited = edited & heads[0, :, row, 0]
+            if heads is not None:  # (B, H, Qs|1, 1): per row for head bands, one for every row for listed heads
+                edited = edited & heads[0, :, min(row, heads.shape[2] - 1), 0]
         self.band[self.layer] = tuple(int(h) for h in edited.nonzero().flatten())
         return heads
 

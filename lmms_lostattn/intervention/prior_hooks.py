@@ -31,15 +31,21 @@ def prior_hook(
 
     if mode == "vision_attention":
         patches = (tower.config.image_size // tower.config.patch_size) ** 2
+        # LLaVA's "default" feature selection drops the tower's first token: CLIP's class token, SigLIP's first patch
+        drops_first = getattr(model.config, "vision_feature_select_strategy", "default") == "default"
 
         def attention_prior(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
             with recording_errors():
                 hidden = forward_input(module, args, kwargs, "hidden_states")
+                tokens = hidden.shape[1]
+                if tokens not in (patches, patches + 1):
+                    raise InterventionError(
+                        f"lostattn: attn={mode}: {type(tower).__name__} ran over {tokens} tokens for {patches} "
+                        f"patches; the prior needs {patches}, or {patches + 1} with a class token first"
+                    )
+                first = 1 if tokens == patches + 1 or drops_first else 0
                 weights = priors.eager_attention_weights(module, hidden)
-                try:
-                    prompts.pending_priors.append(priors.vision_attention_prior(weights, patches))
-                except ValueError as error:
-                    raise InterventionError(f"lostattn: attn={mode}: {type(tower).__name__}'s {error}") from error
+                prompts.pending_priors.append(priors.vision_attention_prior(weights, first))
 
         return last_attention.register_forward_pre_hook(attention_prior, with_kwargs=True)
     if image_mean_std is None:

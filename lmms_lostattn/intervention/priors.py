@@ -4,8 +4,9 @@ Pure tensor functions. For an image of P patches (row-major over the patch grid)
 
 * ``vision_attention``: with A the attention weights ``(H, S, S)`` of the vision encoder's last layer (S = P + 1
   tokens with the class token first, as CLIP; S = P without one, as SigLIP), a_j = mean over heads h and patch
-  queries i of A[h, i, j] for each patch key j (a class token dropped from queries and keys, not renormalised),
-  prior = softmax(a);
+  queries i of A[h, i, j] for each patch key j, over the patches that reach the language model (a class token, and
+  the first patch where the model drops the tower's first token, are dropped from queries and keys, not
+  renormalised), prior = softmax(a);
 * ``complexity``: on the gray image g = 0.299 r + 0.587 g + 0.114 b (values in [0, 1]), each patch scores
   c = mean |g[y, x+1] - g[y, x]| + mean |g[y+1, x] - g[y, x]| + var(g) (population variance, within the patch);
   the scores are min-max normalised over the image's patches, c' = (c - min) / (max - min + 1e-8), and
@@ -30,16 +31,9 @@ def eager_attention_weights(module: torch.nn.Module, hidden_states: torch.Tensor
     return (query @ key.transpose(-1, -2) * module.scale).softmax(dim=-1)
 
 
-def vision_attention_prior(weights: torch.Tensor, patches: int) -> torch.Tensor:
-    """``(N, P)`` prior from last-layer vision attention weights ``(N, H, S, S)`` over ``patches`` = P patches:
-    S = P + 1 with a class token first, S = P without (module docstring)."""
-    tokens = weights.shape[-1]
-    if tokens not in (patches, patches + 1):
-        raise ValueError(
-            f"vision attention over {tokens} tokens for {patches} patches; expected {patches} tokens, or "
-            f"{patches + 1} with a class token first"
-        )
-    first = tokens - patches  # 1 drops the class token
+def vision_attention_prior(weights: torch.Tensor, first: int) -> torch.Tensor:
+    """``(N, S - first)`` prior from last-layer vision attention weights ``(N, H, S, S)`` over the tower's tokens
+    ``first``.. (``first`` = 1 drops a class token, or a first patch the model never sees; module docstring)."""
     received = weights[:, :, first:, first:].float().mean(dim=2).mean(dim=1)
     return received.softmax(dim=-1)
 

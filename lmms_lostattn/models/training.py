@@ -9,9 +9,9 @@ card (``README.md``) and load like any LLaVA checkpoint: ``lmms-eval --model los
 Data streams never overlap: the shipped tasks show scenes of generator seed 0, validation uses seed
 :data:`VALIDATION_SEED`, and batch ``b`` of training stage ``stage`` draws scene ``j`` from
 ``numpy.random.default_rng([TRAIN_SEED, stage, b, j])`` (numpy pads a seed list with zeros, so no task or validation
-set may use generator seed :data:`TRAIN_SEED`: its scene ``i`` is stage 0's batch ``i``, scene 0). ``python -m lmms_lostattn.models.training --out DIR``
-reproduces the shipped model bit for bit on the same machine and torch version (fixed seeds, one thread, under 30
-minutes on 2 CPU cores).
+set may use generator seed :data:`TRAIN_SEED`: its scene ``i`` is stage 0's batch ``i``, scene 0).
+``python -m lmms_lostattn.models.training --out DIR`` reproduces the shipped model bit for bit on the same machine
+and torch version (fixed seeds, one thread, under 30 minutes on 2 CPU cores).
 """
 
 from __future__ import annotations
