@@ -268,3 +268,24 @@ def test_refusals_end_the_process_only_under_lmms_eval_s_command_lines(monkeypat
         assert base.running_cli(), program
     monkeypatch.setattr(sys, "argv", ["lmms_eval"])
     assert not base.running_cli()
+
+
+@pytest.mark.parametrize(
+    ("launcher", "module", "name"),
+    [
+        (lmms_eval_launcher, "lmms_eval.__main__", "cli_evaluate_single"),
+        (lm_eval_launcher, "lm_eval.__main__", "cli_evaluate"),
+    ],
+    ids=["lmms-eval", "lm-eval"],
+)
+def test_a_moved_host_entry_point_is_a_refusal_that_names_it(
+    launcher: Any, module: str, name: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import importlib
+
+    monkeypatch.delattr(importlib.import_module(module), name)
+    monkeypatch.setattr(sys, "argv", ["launcher", "--tasks", "x"])
+    with pytest.raises(SystemExit) as stopped:
+        launcher.main()
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and name in err and "Traceback" not in err, err

@@ -64,8 +64,12 @@ def test_the_record_counts_each_kernel_layer(tiny_llava: pathlib.Path) -> None:
     for modules, layer in ((norms, "LigerRMSNorm"), (activations, "Silu")):
         for module in modules:
             module.__dict__["_kernel_repo"] = repository("kernels-community/x", layer_name=layer, version=1)
-    assert norms and activations
-    assert kernels.kernel_layers(model) == {"LigerRMSNorm": len(norms), "Silu": len(activations)}
+    functions = [func for module in model.modules() for func in getattr(module, "_kernel_funcs", {}).values()]
+    for func in functions:  # transformers 5.25 attaches the rotary embedding as a kernelized function
+        func.__dict__["_kernel_repo"] = repository("kernels-community/x", layer_name="rotary", version=1)
+    assert norms and activations and (functions or not DEFAULT_ON)
+    expected = {"LigerRMSNorm": len(norms), "Silu": len(activations)}
+    assert kernels.kernel_layers(model) == {**expected, **({"rotary": len(functions)} if functions else {})}
 
 
 def test_accelerator_load_reads_the_hosts_device_arguments(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -92,7 +96,11 @@ def test_a_gpu_load_needing_an_unreachable_hub_is_refused_before_the_weights(tin
 def test_kernels_off_or_the_offline_cache_need_no_hub(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(kernels.ENV, "0")
     kernels.require_reachable_kernels()
+    with pytest.raises(kernels.HubKernelsError, match="with use_kernels=True"):  # the argument over the variable
+        kernels.require_reachable_kernels(use_kernels=True)
     monkeypatch.delenv(kernels.ENV)
+    kernels.require_reachable_kernels(use_kernels=False)
+    kernels.require_reachable_kernels(use_kernels="False")  # as a command line's model_args may carry it
     monkeypatch.setattr(constants, "is_offline_mode", lambda: True)
     with pytest.warns(UserWarning, match="kernels missing from the local cache fall back to PyTorch's layers"):
         kernels.require_reachable_kernels()
@@ -105,3 +113,15 @@ def test_the_wrapper_records_what_its_base_class_loaded(tiny_llava: pathlib.Path
     base = LlavaHf(**args)
     assert lm.lostattn.run.describe()["kernels"] == kernels.kernels_record(base.model)
     assert lm.lostattn.run.describe()["kernels"]["use_kernels"] == base.model.use_kernels
+
+
+@pytest.mark.skipif(not DEFAULT_ON, reason="this transformers has no hub-kernels switch")
+@pytest.mark.parametrize("release", ["5.25.0rc1", "5.25.0.dev0", "5.25.1"])
+def test_pre_releases_of_the_first_kernelizing_transformers_kernelize(
+    monkeypatch: pytest.MonkeyPatch, release: str
+) -> None:
+    monkeypatch.delenv(kernels.ENV, raising=False)
+    monkeypatch.setattr(kernels, "installed", lambda name: release)
+    assert kernels.kernels_by_default()
+    monkeypatch.setattr(kernels, "installed", lambda name: "5.24.9")
+    assert not kernels.kernels_by_default()

@@ -124,7 +124,58 @@ def test_shapes_llava_end_to_end_then_nothing_re_run(tmp_path) -> None:
     assert all(f"{run} is done" in again for run in RUNS)
     assert {run: _results(output, run).stat().st_mtime_ns for run in RUNS} == written
 
-    _results(output, "noise_qkv").unlink()  # as if that run had been interrupted
+    _results(output, "noise_qkv").unlink()  # a finished run's results file lost
+    (output / "sap_seed1" / "command.json").unlink()  # a run interrupted while writing its samples log
+    (samples,) = (output / "sap_seed1").rglob("*_samples_lostattn_pope.jsonl")
+    samples.write_text(samples.read_text()[:50])
     third = _reproduce(output)
-    assert "noise_qkv is done" not in third and all(f"{run} is done" in third for run in RUNS if run != "noise_qkv")
-    assert _results(output, "noise_qkv").is_file()
+    redone = ("noise_qkv", "sap_seed1")
+    assert all(f"{run} is done" not in third for run in redone)
+    assert all(f"{run} is done" in third for run in RUNS if run not in redone)
+    (samples,) = (output / "sap_seed1").rglob("*_samples_lostattn_pope.jsonl")
+    assert _results(output, "noise_qkv").is_file() and len(samples.read_text().splitlines()) == 4
+
+
+def test_the_tables_note_a_run_kept_from_other_versions(tmp_path: pathlib.Path) -> None:
+    """A run kept from an earlier invocation may have run under other package versions (or hub kernels): both tables
+    say so. The golden runs of the tiny model stand in for the plan's runs."""
+    import shutil
+
+    from lmms_lostattn.model_wrappers.lmms_eval.reproduce import tables
+
+    golden = pathlib.Path(__file__).parent / "data" / "runs"
+    plan = {"vanilla": "none", "noise_delta": "noise_delta", "noise_qkv": "knockout", "sap_seed0": "gaussian"}
+    folders = {name: pathlib.Path(shutil.copytree(golden / run, tmp_path / name)) for name, run in plan.items()}
+    assert not any("versions differ" in text for text in tables(folders).values())
+    (results,) = folders["sap_seed0"].rglob("*_results.json")
+    raw = json.loads(results.read_text())
+    raw["lostattn"]["versions"]["transformers"] = "5.23.0"
+    results.write_text(json.dumps(raw))
+    written = tables(folders)
+    for name in ("table1.md", "table2.md"):
+        assert "sap_seed0: versions differ from vanilla (transformers 5.24.0 -> 5.23.0)" in written[name]
+
+
+def test_a_run_that_stops_midway_is_run_again(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run is done once lmms-eval returned: one stopped after writing its results file (before its samples logs)
+    is run again by the next invocation, and a finished one is not (golden runs stand in for lmms-eval's output)."""
+    import shutil
+
+    from lmms_lostattn.model_wrappers.lmms_eval import reproduce
+
+    golden = pathlib.Path(__file__).parent / "data" / "runs" / "none"
+    calls: list[str] = []
+
+    def lmms_eval(model: str, model_args: str, tasks: tuple, folder: pathlib.Path, *extra: str) -> None:
+        calls.append(folder.name)
+        shutil.copytree(golden, folder, dirs_exist_ok=True)
+        if len(calls) == 1:
+            raise KeyboardInterrupt  # stopped with the results file written
+
+    monkeypatch.setattr(reproduce, "run_lmms_eval", lmms_eval)
+    plan = reproduce.Plan("lostattn_llava", "pretrained=m", ("lostattn_pope",), (), {"vanilla": "attn=none"})
+    with pytest.raises(KeyboardInterrupt):
+        reproduce.run_plan(plan, tmp_path)
+    reproduce.run_plan(plan, tmp_path)
+    reproduce.run_plan(plan, tmp_path)
+    assert calls == ["vanilla", "vanilla"]

@@ -12,11 +12,12 @@ import pytest
 import torch
 import transformers.integrations.sdpa_attention as sdpa_attention
 from packaging.requirements import Requirement
+from packaging.version import Version
 from transformers import DynamicCache, LlavaForConditionalGeneration
 
 from lmms_lostattn.cli import main
 from lmms_lostattn.cli.doctor import doctor
-from lmms_lostattn.compat import contacts, internals, versions
+from lmms_lostattn.compat import contacts, internals, kernels, versions
 from lmms_lostattn.compat.versions import UpstreamError
 from lmms_lostattn.config.spec import InterventionSpec
 from lmms_lostattn.families import adapter_for
@@ -193,6 +194,19 @@ def test_doctor_fails_with_a_clear_line_when_a_contact_point_breaks(monkeypatch:
     failed = [line for line in lines if line.lstrip().startswith("FAILED")]
     assert failed and all("KV-cache" in line for line in failed), failed
     assert lines[-1].startswith("NOT supported") and "pip install" in lines[-1]
+
+
+@pytest.mark.skipif(not kernels.DEFAULT_ON_FROM.release <= Version(versions.installed("transformers")).release,
+                    reason="this transformers has no hub-kernels switch")
+def test_doctor_names_a_moved_kernels_internal_and_still_runs_the_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    import kernels as kernels_library
+
+    monkeypatch.delattr(kernels_library, "get_kernelized_layers")
+    lines: list[str] = []
+    assert doctor(echo=lines.append) == 1
+    failed = [line for line in lines if line.lstrip().startswith("FAILED")]
+    assert len(failed) == 2 and all("get_kernelized_layers" in line for line in failed), failed  # point and record
+    assert any(line.lstrip().startswith("ok       attn=") for line in lines), lines  # the end-to-end part ran
 
 
 def test_doctor_catches_a_tracker_that_takes_decoding_steps_for_prompts(monkeypatch: pytest.MonkeyPatch) -> None:

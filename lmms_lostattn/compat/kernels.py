@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 
 from packaging.version import Version
 
+from lmms_lostattn.compat.contacts import ContactPoint, expect
 from lmms_lostattn.compat.internals import internal
 from lmms_lostattn.compat.versions import UpstreamError, installed
 
@@ -35,10 +36,15 @@ class HubKernelsError(UpstreamError):
     """A load would fetch hub kernels, and the hub cannot be reached."""
 
 
+def _kernelizing_release() -> bool:
+    """Whether the installed transformers kernelizes by default (5.25.0rc1 and 5.25.0.dev0 count as 5.25)."""
+    return Version(installed("transformers") or "0").release >= DEFAULT_ON_FROM.release
+
+
 def kernels_by_default() -> bool:
     """Whether ``from_pretrained`` without ``use_kernels`` kernelizes: transformers >= 5.25 and ``USE_HUB_KERNELS``
     not false, as transformers itself reads the variable."""
-    if Version(installed("transformers") or "0") < DEFAULT_ON_FROM:
+    if not _kernelizing_release():
         return False
     enabled = internal("transformers.integrations.hub_kernels", "_kernels_enabled")
     return bool(enabled())
@@ -70,15 +76,19 @@ def hub_problem(timeout: float = PROBE_TIMEOUT_S) -> str | None:
     return None
 
 
-def require_reachable_kernels(device: Any = None, device_map: Any = None) -> None:
-    """Before a load on an accelerator that would kernelize: refuse when the hub cannot be reached; in the hub's
-    offline mode, warn that kernels missing from the local cache fall back to PyTorch's layers."""
+def require_reachable_kernels(device: Any = None, device_map: Any = None, use_kernels: Any = None) -> None:
+    """Before a load on an accelerator that would kernelize (``use_kernels`` as the host passes it to
+    ``from_pretrained``; None: transformers' default): refuse when the hub cannot be reached; in the hub's offline
+    mode, warn that kernels missing from the local cache fall back to PyTorch's layers."""
     accelerator = accelerator_load(device, device_map)
-    if accelerator is None or not kernels_by_default():
+    if isinstance(use_kernels, str):  # as a command line's model_args may carry it
+        use_kernels = use_kernels.strip().lower() not in ("false", "0", "no", "off")
+    if accelerator is None or not (kernels_by_default() if use_kernels is None else use_kernels):
         return
     from huggingface_hub import constants
 
-    default = f"transformers {installed('transformers')} loads hub kernels on {accelerator} by default"
+    how = "by default" if use_kernels is None else "with use_kernels=True"
+    default = f"transformers {installed('transformers')} loads hub kernels on {accelerator} {how}"
     if constants.is_offline_mode():
         warnings.warn(
             f"lmms-lostattn: {default}; in offline mode (HF_HUB_OFFLINE) kernels missing from the local cache fall "
@@ -96,13 +106,14 @@ def require_reachable_kernels(device: Any = None, device_map: Any = None) -> Non
 
 
 def kernel_layers(model: Any) -> dict[str, int]:
-    """How many of ``model``'s modules run each hub kernel layer (its ``layer_name``), as the ``kernels`` library
-    lists them; empty when nothing was kernelized."""
+    """How many of ``model``'s modules run each hub kernel (its ``layer_name``), as the ``kernels`` library lists
+    them: kernel layers (RMSNorm, activations) and kernelized functions (rotary embeddings); empty when nothing was
+    kernelized."""
     if not getattr(model, "use_kernels", False):
         return {}
-    get_kernelized_layers = internal("kernels", "get_kernelized_layers")
-    layers = get_kernelized_layers(model).layers.values()
-    return dict(sorted(Counter(str(layer.repo.layer_name) for layer in layers).items()))
+    kernelized = internal("kernels", "get_kernelized_layers")(model)
+    found = [*kernelized.layers.values(), *getattr(kernelized, "funcs", {}).values()]
+    return dict(sorted(Counter(str(kernel.repo.layer_name) for kernel in found).items()))
 
 
 def describe_layers(layers: dict[str, int]) -> str:
@@ -119,3 +130,26 @@ def kernels_record(model: Any) -> dict[str, Any]:
         ENV: os.environ.get(ENV),
         "layers": kernel_layers(model),
     }
+
+
+def _kernels_switch() -> None:
+    if _kernelizing_release():
+        found = internal("transformers.integrations.hub_kernels", "_kernels_enabled")()
+        expect(isinstance(found, bool), f"_kernels_enabled() returned {found!r}, not a bool")
+
+
+def _kernelized_listing() -> None:
+    if not _kernelizing_release():
+        return
+    import torch
+
+    listing = internal("kernels", "get_kernelized_layers")(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+    for part in ("layers", "funcs"):
+        expect(isinstance(getattr(listing, part, None), dict), f"get_kernelized_layers(...).{part} is not a dict")
+
+
+#: The upstream internals this module reads (transformers >= 5.25 only; nothing to check before)
+CONTACT_POINTS: tuple[ContactPoint, ...] = (
+    ContactPoint("transformers.integrations.hub_kernels._kernels_enabled", "transformers", _kernels_switch),
+    ContactPoint("kernels.get_kernelized_layers: .layers and .funcs", "kernels", _kernelized_listing),
+)

@@ -11,6 +11,7 @@ from torch import nn
 
 from lmms_lostattn.compat.contacts import ContactPoint, expect
 from lmms_lostattn.compat.internals import forward_cache, internal
+from lmms_lostattn.compat.kernels import CONTACT_POINTS as KERNELS_POINTS
 from lmms_lostattn.intervention.kernel import KERNELS, register_kernels, text_config_key
 
 
@@ -112,4 +113,5 @@ CONTACT_POINTS: tuple[ContactPoint, ...] = (
     ContactPoint("transformers.cache_utils.DynamicCache.get_seq_length", "transformers", _dynamic_cache),
     ContactPoint("PretrainedConfig.get_text_config / sub_configs", "transformers", _text_sub_config),
     ContactPoint("GenerationMixin.generate: prefill, then forwards with the KV cache", "transformers", _generate_calls),
+    *KERNELS_POINTS,
 )

@@ -57,14 +57,17 @@ class HostRuns:
     without_results: bool = False  # a call on the main process returned without results (and raised nothing)
     saves: list[tuple[Path, str, float]] = field(default_factory=list)  # (folder, glob, start) of calls with results
 
-    def run(self, cli: Callable[[], Any], module: str, name: str) -> None:
-        """Run the harness's command line ``cli``, recording every call of ``module.name`` (which the harness must
-        look up when it calls it); then end the process with status 2 where the plugin refused the run
-        (:data:`REFUSALS`) or the call's arguments (:attr:`usage_error`), 1 where a call failed, 2 where one returned
-        no results on the main process or wrote no results file where it saves one. Returns when every call produced
-        results, or there was none (a command that evaluates nothing, e.g. a listing)."""
-        internal(module, name)
+    def run(self, cli: Callable[[], Any] | str, module: str, name: str) -> None:
+        """Run the harness's command line ``cli`` (or the internal it names, ``module:function``), recording every
+        call of ``module.name`` (which the harness must look up when it calls it); then end the process with status
+        2 where the plugin refused the run (:data:`REFUSALS`, a moved internal included) or the call's arguments
+        (:attr:`usage_error`), 1 where a call failed, 2 where one returned no results on the main process or wrote
+        no results file where it saves one. Returns when every call produced results, or there was none (a command
+        that evaluates nothing, e.g. a listing)."""
         try:
+            internal(module, name)
+            if isinstance(cli, str):
+                cli = internal(*cli.split(":"))
             with swapped([importlib.import_module(module)], name, self._recording):
                 cli()
         except REFUSALS as error:

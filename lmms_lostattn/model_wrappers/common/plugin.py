@@ -150,7 +150,7 @@ class Plugin:
         if intervention.mode == "complexity":  # the normalisation it undoes, from the checkpoint's processor
             processor = AutoImageProcessor.from_pretrained(pretrained, **hub)
             image_mean_std = (processor.image_mean, processor.image_std)
-        require_reachable_kernels(kwargs.get("device"), kwargs.get("device_map"))
+        require_reachable_kernels(kwargs.get("device"), kwargs.get("device_map"), kwargs.get("use_kernels"))
         run = RunRecords(model=str(pretrained), host=host, intervention=intervention, stats=spec.stats)
         logger.info(
             f"lostattn: spec {spec_hash(intervention, spec.stats)}: intervention {intervention.to_dict()}, "

@@ -80,7 +80,7 @@ def main() -> None:
     sys.argv = [sys.argv[0], *argv]
     install()
     runs = HostRuns("lostattn-lm-eval", has_results=lambda results: results is not None, saved_under=saved_under)
-    runs.run(internal("lm_eval.__main__", "cli_evaluate"), "lm_eval.evaluator", "simple_evaluate")
+    runs.run("lm_eval.__main__:cli_evaluate", "lm_eval.evaluator", "simple_evaluate")
 
 
 if __name__ == "__main__":

@@ -25,12 +25,11 @@ def saved_under(args: Any, *rest: Any, **kwargs: Any) -> tuple[Path, str] | None
 
 
 def main() -> None:
-    from lmms_lostattn.compat.internals import internal
     from lmms_lostattn.model_wrappers.common.exits import HostRuns
 
     runs = HostRuns("lostattn-lmms-eval", has_results=lambda returned: returned[0] is not None, usage_error=no_tasks,
                     saved_under=saved_under)
-    runs.run(internal("lmms_eval.cli.dispatch", "main"), "lmms_eval.__main__", "cli_evaluate_single")
+    runs.run("lmms_eval.cli.dispatch:main", "lmms_eval.__main__", "cli_evaluate_single")
 
 
 if __name__ == "__main__":

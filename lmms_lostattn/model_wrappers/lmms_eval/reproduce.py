@@ -21,7 +21,7 @@ import pathlib
 import re
 import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from transformers import AutoConfig
 
@@ -31,7 +31,7 @@ from lmms_lostattn.families import adapter_for
 from lmms_lostattn.model_wrappers.lmms_eval.base import bracket_list_values
 from lmms_lostattn.model_wrappers.lmms_eval.launch import run_lmms_eval
 from lmms_lostattn.reporting.paper import reproduction_table1, reproduction_table2
-from lmms_lostattn.reporting.runs import RESULTS_SUFFIX, RunError, load_run
+from lmms_lostattn.reporting.runs import RunError, load_run, version_changes
 from lmms_lostattn.reporting.tables import csv_text, markdown
 
 COMMAND_FILE = "command.json"
@@ -172,10 +172,15 @@ def _check_preset(given: dict[str, str], sap: dict[str, str]) -> None:
 
 
 def _finished(folder: pathlib.Path, command: dict[str, object]) -> bool:
-    recorded = folder / COMMAND_FILE
-    return (
-        recorded.is_file() and json.loads(recorded.read_text()) == command and any(folder.rglob(f"*{RESULTS_SUFFIX}"))
-    )
+    """Whether ``folder`` holds a run of ``command`` that ended and still loads: its command file is written once
+    the run has written all its files, so an interrupted or failed run has none (or another command's)."""
+    try:
+        if json.loads((folder / COMMAND_FILE).read_text()) != command:
+            return False
+        load_run(folder)
+    except (OSError, ValueError, RunError):
+        return False
+    return True
 
 
 def run_plan(plan: Plan, output: pathlib.Path) -> dict[str, pathlib.Path]:
@@ -188,8 +193,8 @@ def run_plan(plan: Plan, output: pathlib.Path) -> dict[str, pathlib.Path]:
         else:
             shutil.rmtree(folder, ignore_errors=True)
             folder.mkdir(parents=True)
-            (folder / COMMAND_FILE).write_text(json.dumps(command))
             run_lmms_eval(plan.model, plan.model_args_of(name), plan.tasks, folder, *plan.extra)
+            (folder / COMMAND_FILE).write_text(json.dumps(command))
         folders[name] = folder
     return folders
 
@@ -201,8 +206,16 @@ def tables(folders: dict[str, pathlib.Path]) -> dict[str, str]:
     except RunError as error:
         raise ReproduceError(str(error)) from error
     saps = [run for name, run in runs.items() if name.startswith("sap_seed")]
-    table1 = reproduction_table1(runs["vanilla"], runs["noise_delta"], runs["noise_qkv"])
-    table2 = reproduction_table2(runs["vanilla"], saps)
+    # a run kept from an earlier invocation may have run under other versions or hub kernels
+    changed = [f"{name}: versions differ from vanilla ({', '.join(changes)})" for name, run in runs.items()
+               if (changes := version_changes(runs["vanilla"], run))]
+    table1, table2 = (
+        replace(table, notes=[*table.notes, *changed])
+        for table in (
+            reproduction_table1(runs["vanilla"], runs["noise_delta"], runs["noise_qkv"]),
+            reproduction_table2(runs["vanilla"], saps),
+        )
+    )
     return {
         "table1.md": markdown(table1),
         "table1.csv": csv_text(table1),
