@@ -263,6 +263,7 @@ def test_plain_lists_in_model_args_are_bracketed_as_lm_eval_splits_them() -> Non
         with pytest.raises(SpecError, match="attn given more than once in model_args"):
             bracket_model_args(twice, split_top_level)
     assert bracket_model_args(["-a", "dtype=float32", "-a", "dtype=float16"], split_top_level)[-1] == "dtype=float16"
+    assert bracket_model_args(["-a", '[{"attn": 1}]'], split_top_level) == ["-a", '[{"attn": 1}]']  # lm-eval's to judge
 
 
 # -- lostattn-lm-eval end to end -----------------------------------------------------------------------------------

@@ -33,7 +33,8 @@ def bracket_model_args(argv: list[str], split: Callable[[str], list[str]]) -> li
     def bracketed(value: str) -> str:
         if value.lstrip().startswith("{"):
             with suppress(ValueError):  # lm-eval says what is wrong with a malformed one
-                names.extend(json.loads(value))
+                parsed = json.loads(value)
+                names.extend(parsed if isinstance(parsed, dict) else ())
             return value
         names.extend(piece.partition("=")[0].strip() for piece in split(value.strip()) if "=" in piece)
         return bracket_list_values(value, split)
