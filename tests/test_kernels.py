@@ -10,6 +10,7 @@ import socket
 import pytest
 import torch
 from huggingface_hub import constants
+from lm_eval.models.huggingface import HFLM
 from lmms_eval.models.simple.llava_hf import LlavaHf
 from packaging.version import Version
 from transformers import AutoModelForImageTextToText
@@ -89,6 +90,11 @@ def test_a_gpu_load_needing_an_unreachable_hub_is_refused_before_the_weights(tin
     base_args = inspect.signature(LlavaHf.__init__).parameters
     with pytest.raises(kernels.HubKernelsError, match=r"127\.0\.0\.1.* is unreachable.*USE_HUB_KERNELS=0"):
         Plugin.from_model_kwargs({"pretrained": str(tiny_llava), "attn": "gaussian"}, base_args, "lmms_eval")
+    # lmms-eval's llava_hf does not pass use_kernels on: its load kernelizes by default whatever the argument says
+    with pytest.raises(kernels.HubKernelsError, match="by default"):
+        Plugin.from_model_kwargs({"pretrained": str(tiny_llava), "use_kernels": False}, base_args, "lmms_eval")
+    lm_eval_args = {"pretrained": str(tiny_llava), "use_kernels": False, "attn": "gaussian"}  # hf passes it on
+    Plugin.from_model_kwargs(lm_eval_args, inspect.signature(HFLM.__init__).parameters, "lm_eval")
 
 
 @pytest.mark.skipif(not DEFAULT_ON, reason="this transformers does not kernelize by default")
@@ -96,11 +102,12 @@ def test_a_gpu_load_needing_an_unreachable_hub_is_refused_before_the_weights(tin
 def test_kernels_off_or_the_offline_cache_need_no_hub(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(kernels.ENV, "0")
     kernels.require_reachable_kernels()
-    with pytest.raises(kernels.HubKernelsError, match="with use_kernels=True"):  # the argument over the variable
-        kernels.require_reachable_kernels(use_kernels=True)
+    kernels.require_reachable_kernels(use_kernels=True)  # transformers reads the variable first
     monkeypatch.delenv(kernels.ENV)
     kernels.require_reachable_kernels(use_kernels=False)
     kernels.require_reachable_kernels(use_kernels="False")  # as a command line's model_args may carry it
+    with pytest.raises(kernels.HubKernelsError, match="with use_kernels=True"):
+        kernels.require_reachable_kernels(use_kernels=True)
     monkeypatch.setattr(constants, "is_offline_mode", lambda: True)
     with pytest.warns(UserWarning, match="kernels missing from the local cache fall back to PyTorch's layers"):
         kernels.require_reachable_kernels()

@@ -144,16 +144,27 @@ def test_the_tables_note_a_run_kept_from_other_versions(tmp_path: pathlib.Path) 
     from lmms_lostattn.model_wrappers.lmms_eval.reproduce import tables
 
     golden = pathlib.Path(__file__).parent / "data" / "runs"
-    plan = {"vanilla": "none", "noise_delta": "noise_delta", "noise_qkv": "knockout", "sap_seed0": "gaussian"}
+    plan = {"vanilla": "none", "noise_delta": "noise_delta", "noise_qkv": "knockout", "sap_seed0": "gaussian",
+            "sap_seed1": "gaussian"}
     folders = {name: pathlib.Path(shutil.copytree(golden / run, tmp_path / name)) for name, run in plan.items()}
     assert not any("versions differ" in text for text in tables(folders).values())
-    (results,) = folders["sap_seed0"].rglob("*_results.json")
-    raw = json.loads(results.read_text())
-    raw["lostattn"]["versions"]["transformers"] = "5.23.0"
-    results.write_text(json.dumps(raw))
+
+    def recorded_under(run: str, release: str) -> None:
+        (results,) = folders[run].rglob("*_results.json")
+        raw = json.loads(results.read_text())
+        raw["lostattn"]["versions"]["transformers"] = release
+        results.write_text(json.dumps(raw))
+
+    recorded_under("sap_seed0", "5.23.0")
     written = tables(folders)
-    for name in ("table1.md", "table2.md"):
-        assert "sap_seed0: versions differ from vanilla (transformers 5.24.0 -> 5.23.0)" in written[name]
+    assert "sap_seed0: versions differ from vanilla (transformers 5.24.0 -> 5.23.0)" in written["table2.md"]
+    assert "versions differ" not in written["table1.md"]  # Table 1 holds no SAP run
+    recorded_under("sap_seed0", "5.24.0")
+    recorded_under("vanilla", "5.23.0")  # the odd one out is named, against a run the others agree with
+    written = tables(folders)
+    assert "vanilla: versions differ from noise_delta (transformers 5.24.0 -> 5.23.0)" in written["table1.md"]
+    assert "vanilla: versions differ from sap_seed0 (transformers 5.24.0 -> 5.23.0)" in written["table2.md"]
+    assert all(text.count("versions differ") == 1 for name, text in written.items() if name.endswith(".md"))
 
 
 def test_a_run_that_stops_midway_is_run_again(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -179,3 +190,16 @@ def test_a_run_that_stops_midway_is_run_again(tmp_path: pathlib.Path, monkeypatc
     reproduce.run_plan(plan, tmp_path)
     reproduce.run_plan(plan, tmp_path)
     assert calls == ["vanilla", "vanilla"]
+
+    def unreadable(model: str, model_args: str, tasks: tuple, folder: pathlib.Path, *extra: str) -> None:
+        calls.append(folder.name)
+        shutil.copytree(golden, folder, dirs_exist_ok=True)
+        for log in folder.rglob("*_samples_*.jsonl"):
+            log.write_text(log.read_text() * 2)  # every doc_id twice
+
+    monkeypatch.setattr(reproduce, "run_lmms_eval", unreadable)
+    plan = reproduce.Plan("lostattn_llava", "pretrained=m", ("lostattn_pope",), (), {"vanilla": "attn=gaussian"})
+    for _ in range(2):  # refused at once, each time, and never taken for done
+        with pytest.raises(reproduce.ReproduceError, match="vanilla: lmms-eval ended, but its output does not load"):
+            reproduce.run_plan(plan, tmp_path)
+    assert calls == ["vanilla"] * 4

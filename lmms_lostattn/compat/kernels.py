@@ -30,6 +30,7 @@ from lmms_lostattn.compat.versions import UpstreamError, installed
 ENV = "USE_HUB_KERNELS"
 DEFAULT_ON_FROM = Version("5.25")  # the first transformers whose from_pretrained kernelizes by default
 PROBE_TIMEOUT_S = 5.0
+FALSE_WORDS = ("false", "0", "no", "off")  # how a switch is turned off in a variable or a command line's model_args
 
 
 class HubKernelsError(UpstreamError):
@@ -41,13 +42,19 @@ def _kernelizing_release() -> bool:
     return Version(installed("transformers") or "0").release >= DEFAULT_ON_FROM.release
 
 
+def _variable_allows() -> bool:
+    """Whether ``USE_HUB_KERNELS`` lets a load kernelize: transformers reads it before ``use_kernels=True`` too (from
+    5.25 through its own reader; before, a false value turns the kernel decorators into no-ops)."""
+    if _kernelizing_release():
+        return bool(internal("transformers.integrations.hub_kernels", "_kernels_enabled")())
+    value = os.environ.get(ENV)
+    return value is None or value.strip().lower() not in FALSE_WORDS
+
+
 def kernels_by_default() -> bool:
     """Whether ``from_pretrained`` without ``use_kernels`` kernelizes: transformers >= 5.25 and ``USE_HUB_KERNELS``
     not false, as transformers itself reads the variable."""
-    if not _kernelizing_release():
-        return False
-    enabled = internal("transformers.integrations.hub_kernels", "_kernels_enabled")
-    return bool(enabled())
+    return _kernelizing_release() and _variable_allows()
 
 
 def accelerator_load(device: Any = None, device_map: Any = None) -> str | None:
@@ -82,8 +89,9 @@ def require_reachable_kernels(device: Any = None, device_map: Any = None, use_ke
     mode, warn that kernels missing from the local cache fall back to PyTorch's layers."""
     accelerator = accelerator_load(device, device_map)
     if isinstance(use_kernels, str):  # as a command line's model_args may carry it
-        use_kernels = use_kernels.strip().lower() not in ("false", "0", "no", "off")
-    if accelerator is None or not (kernels_by_default() if use_kernels is None else use_kernels):
+        use_kernels = use_kernels.strip().lower() not in FALSE_WORDS
+    kernelizes = kernels_by_default() if use_kernels is None else bool(use_kernels) and _variable_allows()
+    if accelerator is None or not kernelizes:
         return
     from huggingface_hub import constants
 

@@ -32,6 +32,7 @@ _PLUGIN_PREFIXES = ("attn", "stats")
 # transformers' loading arguments that share our prefixes: a host that forwards ``**kwargs`` to ``from_pretrained``
 # (lm-eval's HFLM) takes them without naming them in its signature
 LOADING_ARGS = frozenset({"attn_implementation"})
+FORWARDS_LOADING_ARGS = frozenset({"lm_eval"})  # hosts whose model classes pass such arguments to from_pretrained
 # where in a checkpoint its config is (lm-eval's HFLM arguments, passed on to ``from_pretrained``)
 CHECKPOINT_ARGS = ("subfolder", "gguf_file")
 NEAR_MISS = 0.8  # difflib's similarity from which a name the base class does not take is a misspelt plugin argument
@@ -150,7 +151,9 @@ class Plugin:
         if intervention.mode == "complexity":  # the normalisation it undoes, from the checkpoint's processor
             processor = AutoImageProcessor.from_pretrained(pretrained, **hub)
             image_mean_std = (processor.image_mean, processor.image_std)
-        require_reachable_kernels(kwargs.get("device"), kwargs.get("device_map"), kwargs.get("use_kernels"))
+        forwarded = host in FORWARDS_LOADING_ARGS or "use_kernels" in base_args  # else the base class ignores it
+        use_kernels = kwargs.get("use_kernels") if forwarded else None
+        require_reachable_kernels(kwargs.get("device"), kwargs.get("device_map"), use_kernels)
         run = RunRecords(model=str(pretrained), host=host, intervention=intervention, stats=spec.stats)
         logger.info(
             f"lostattn: spec {spec_hash(intervention, spec.stats)}: intervention {intervention.to_dict()}, "

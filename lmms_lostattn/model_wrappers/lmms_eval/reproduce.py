@@ -31,7 +31,7 @@ from lmms_lostattn.families import adapter_for
 from lmms_lostattn.model_wrappers.lmms_eval.base import bracket_list_values
 from lmms_lostattn.model_wrappers.lmms_eval.launch import run_lmms_eval
 from lmms_lostattn.reporting.paper import reproduction_table1, reproduction_table2
-from lmms_lostattn.reporting.runs import RunError, load_run, version_changes
+from lmms_lostattn.reporting.runs import LoadedRun, RunError, load_run, version_changes
 from lmms_lostattn.reporting.tables import csv_text, markdown
 
 COMMAND_FILE = "command.json"
@@ -171,16 +171,20 @@ def _check_preset(given: dict[str, str], sap: dict[str, str]) -> None:
         raise ReproduceError(f"the SAP runs cannot run on this model: {error} (pass it with --sap-args)") from error
 
 
-def _finished(folder: pathlib.Path, command: dict[str, object]) -> bool:
-    """Whether ``folder`` holds a run of ``command`` that ended and still loads: its command file is written once
-    the run has written all its files, so an interrupted or failed run has none (or another command's)."""
+def _unfinished(folder: pathlib.Path, command: dict[str, object]) -> str | None:
+    """Why ``folder`` must be run, or None where it holds a finished run of ``command`` that still loads: its command
+    file is written once lmms-eval has returned and its output loaded, so an interrupted or failed run has none."""
     try:
-        if json.loads((folder / COMMAND_FILE).read_text()) != command:
-            return False
+        recorded = json.loads((folder / COMMAND_FILE).read_text())
+    except (OSError, ValueError):
+        return "not finished"
+    if recorded != command:
+        return "run with other arguments"
+    try:
         load_run(folder)
-    except (OSError, ValueError, RunError):
-        return False
-    return True
+    except (OSError, RunError) as error:
+        return f"its output no longer loads ({error})"
+    return None
 
 
 def run_plan(plan: Plan, output: pathlib.Path) -> dict[str, pathlib.Path]:
@@ -188,15 +192,31 @@ def run_plan(plan: Plan, output: pathlib.Path) -> dict[str, pathlib.Path]:
     folders = {}
     for name in plan.runs:
         folder, command = output / name, plan.command(name)
-        if _finished(folder, command):
+        why = _unfinished(folder, command)
+        if why is None:
             print(f"lostattn reproduce: {name} is done ({folder}), not run again", flush=True)
         else:
+            if folder.exists():
+                print(f"lostattn reproduce: {name} in {folder}: {why}; running it again", flush=True)
             shutil.rmtree(folder, ignore_errors=True)
             folder.mkdir(parents=True)
             run_lmms_eval(plan.model, plan.model_args_of(name), plan.tasks, folder, *plan.extra)
+            try:
+                load_run(folder)
+            except RunError as error:
+                raise ReproduceError(f"{name}: lmms-eval ended, but its output does not load: {error}") from error
             (folder / COMMAND_FILE).write_text(json.dumps(command))
         folders[name] = folder
     return folders
+
+
+def _version_notes(runs: dict[str, LoadedRun], names: Sequence[str]) -> list[str]:
+    """The runs among ``names`` recorded under other package versions or hub kernels than most of them (a run kept
+    from an earlier invocation), each against the run that differs from the fewest others (the first on a tie)."""
+    differing = {a: sum(bool(version_changes(runs[a], runs[b])) for b in names) for a in names}
+    reference = min(names, key=differing.__getitem__)
+    return [f"{name}: versions differ from {reference} ({', '.join(changes)})" for name in names
+            if (changes := version_changes(runs[reference], runs[name]))]
 
 
 def tables(folders: dict[str, pathlib.Path]) -> dict[str, str]:
@@ -205,17 +225,11 @@ def tables(folders: dict[str, pathlib.Path]) -> dict[str, str]:
         runs = {name: load_run(folder) for name, folder in folders.items()}
     except RunError as error:
         raise ReproduceError(str(error)) from error
-    saps = [run for name, run in runs.items() if name.startswith("sap_seed")]
-    # a run kept from an earlier invocation may have run under other versions or hub kernels
-    changed = [f"{name}: versions differ from vanilla ({', '.join(changes)})" for name, run in runs.items()
-               if (changes := version_changes(runs["vanilla"], run))]
-    table1, table2 = (
-        replace(table, notes=[*table.notes, *changed])
-        for table in (
-            reproduction_table1(runs["vanilla"], runs["noise_delta"], runs["noise_qkv"]),
-            reproduction_table2(runs["vanilla"], saps),
-        )
-    )
+    saps = [name for name in runs if name.startswith("sap_seed")]
+    table1 = reproduction_table1(runs["vanilla"], runs["noise_delta"], runs["noise_qkv"])
+    table1 = replace(table1, notes=[*table1.notes, *_version_notes(runs, ["vanilla", "noise_delta", "noise_qkv"])])
+    table2 = reproduction_table2(runs["vanilla"], [runs[name] for name in saps])
+    table2 = replace(table2, notes=[*table2.notes, *_version_notes(runs, ["vanilla", *saps])])
     return {
         "table1.md": markdown(table1),
         "table1.csv": csv_text(table1),
