@@ -25,7 +25,7 @@ from lmms_lostattn.compat.kernels import (
     kernels_record,
     require_reachable_kernels,
 )
-from lmms_lostattn.compat.versions import install_command, installed, optional, tested_requirements, version_problems
+from lmms_lostattn.compat.versions import in_force, install_command, installed, tested_requirements, version_problems
 from lmms_lostattn.intervention.contacts import CONTACT_POINTS
 
 # Interventions run end to end: image keys on the last rows (the paper's edit), and every key (positions matter).
@@ -208,9 +208,7 @@ def doctor(host_points: Sequence[ContactPoint] = (), echo: Callable[[str], None]
     problems = 0
     echo(f"lmms-lostattn {installed('lmms-lostattn')}: versions installed against the tested ranges")
     outside = version_problems()
-    for req in tested_requirements():
-        if optional(req) and installed(req.name) is None:
-            continue  # a host extra not installed
+    for req in filter(in_force, tested_requirements()):  # a host extra's only where that host is installed
         line = next((p for p in outside if p.startswith(f"{req.name} ")), None)
         echo(_status(line, f"{req.name} {installed(req.name)} ({req.specifier or 'any'})"))
     problems += len(outside)

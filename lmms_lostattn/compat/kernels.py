@@ -42,11 +42,21 @@ def _kernelizing_release() -> bool:
     return Version(installed("transformers") or "0").release >= DEFAULT_ON_FROM.release
 
 
+def _kernels_enabled() -> object:
+    """transformers' own reading of ``USE_HUB_KERNELS`` (5.25 on)."""
+    return internal("transformers.integrations.hub_kernels", "_kernels_enabled")()
+
+
+def _kernelized(model: Any) -> Any:
+    """The ``kernels`` library's listing of what ``model`` runs from the hub (``.layers``, ``.funcs``)."""
+    return internal("kernels", "get_kernelized_layers")(model)
+
+
 def _variable_allows() -> bool:
     """Whether ``USE_HUB_KERNELS`` lets a load kernelize: transformers reads it before ``use_kernels=True`` too (from
     5.25 through its own reader; before, a false value turns the kernel decorators into no-ops)."""
     if _kernelizing_release():
-        return bool(internal("transformers.integrations.hub_kernels", "_kernels_enabled")())
+        return bool(_kernels_enabled())
     value = os.environ.get(ENV)
     return value is None or value.strip().lower() not in FALSE_WORDS
 
@@ -119,7 +129,7 @@ def kernel_layers(model: Any) -> dict[str, int]:
     kernelized."""
     if not getattr(model, "use_kernels", False):
         return {}
-    kernelized = internal("kernels", "get_kernelized_layers")(model)
+    kernelized = _kernelized(model)
     found = [*kernelized.layers.values(), *getattr(kernelized, "funcs", {}).values()]
     return dict(sorted(Counter(str(kernel.repo.layer_name) for kernel in found).items()))
 
@@ -142,7 +152,7 @@ def kernels_record(model: Any) -> dict[str, Any]:
 
 def _kernels_switch() -> None:
     if _kernelizing_release():
-        found = internal("transformers.integrations.hub_kernels", "_kernels_enabled")()
+        found = _kernels_enabled()
         expect(isinstance(found, bool), f"_kernels_enabled() returned {found!r}, not a bool")
 
 
@@ -151,7 +161,7 @@ def _kernelized_listing() -> None:
         return
     import torch
 
-    listing = internal("kernels", "get_kernelized_layers")(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+    listing = _kernelized(torch.nn.Sequential(torch.nn.Linear(2, 2)))
     for part in ("layers", "funcs"):
         expect(isinstance(getattr(listing, part, None), dict), f"get_kernelized_layers(...).{part} is not a dict")
 

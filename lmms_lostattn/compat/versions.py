@@ -38,6 +38,11 @@ def optional(req: Requirement) -> bool:
     return req.marker is not None and "extra" in str(req.marker)
 
 
+def in_force(req: Requirement) -> bool:
+    """Whether ``req``'s range holds here: always, or for a host extra's requirement where that host is installed."""
+    return not optional(req) or installed(req.name) is not None
+
+
 @functools.cache
 def tested_requirements() -> tuple[Requirement, ...]:
     """The package's own runtime requirements and those of :data:`HOST_EXTRAS` (the bounds in ``pyproject.toml``)."""
@@ -74,11 +79,10 @@ def version_problems() -> list[str]:
     """One line per declared dependency whose installed version is missing (a host extra's may be) or outside its
     declared range."""
     problems = []
-    for req in tested_requirements():
+    for req in filter(in_force, tested_requirements()):
         found = installed(req.name)
         if found is None:
-            if not optional(req):
-                problems.append(f"{req.name} is not installed (need {req.specifier or 'any version'})")
+            problems.append(f"{req.name} is not installed (need {req.specifier or 'any version'})")
         elif not req.specifier.contains(found, prereleases=True):
             problems.append(f"{req.name} {found} is installed; lmms-lostattn is tested with {req.name}{req.specifier}")
     return problems
@@ -86,7 +90,7 @@ def version_problems() -> list[str]:
 
 def install_command() -> str:
     """``pip install`` of the tested ranges (a host extra's only where that host is installed)."""
-    wanted = [req for req in tested_requirements() if req.specifier and (not optional(req) or installed(req.name))]
+    wanted = [req for req in tested_requirements() if req.specifier and in_force(req)]
     return "pip install " + " ".join(f"'{req.name}{req.specifier}'" for req in wanted)
 
 
