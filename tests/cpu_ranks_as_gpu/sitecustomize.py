@@ -8,7 +8,10 @@ device (the CPU), so each rank runs exactly as one GPU rank would.
 
 from __future__ import annotations
 
+import atexit
+
 import accelerate
+import torch
 from accelerate.utils import DistributedType
 
 
@@ -18,3 +21,12 @@ def _distributed_type(accelerator: accelerate.Accelerator) -> DistributedType:
 
 
 accelerate.Accelerator.distributed_type = property(_distributed_type)
+
+
+@atexit.register
+def _leave_the_process_group() -> None:
+    """End the ranks' process group before the interpreter exits: otherwise gloo's threads may still be running as
+    the process tears down, which now and then aborts it ("terminate called without an active exception") after
+    the run itself succeeded."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

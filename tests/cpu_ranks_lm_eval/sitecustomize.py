@@ -8,9 +8,19 @@ model stays on the CPU (``--device cpu``; lm-eval then takes accelerate's device
 
 from __future__ import annotations
 
+import atexit
 import os
 
 import torch
 
 torch.cuda.device_count = lambda: int(os.environ.get("WORLD_SIZE", "0"))
 os.environ.setdefault("ACCELERATE_USE_CPU", "1")  # accelerate then sets up CPU ranks (gloo) from the launcher's env
+
+
+@atexit.register
+def _leave_the_process_group() -> None:
+    """End the ranks' process group before the interpreter exits: otherwise gloo's threads may still be running as
+    the process tears down, which now and then aborts it ("terminate called without an active exception") after
+    the run itself succeeded."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
