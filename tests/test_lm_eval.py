@@ -138,6 +138,23 @@ def test_lm_evals_attn_implementation_argument_passes_through(
     assert scores != base.loglikelihood(_scoring_requests())
 
 
+def test_lm_evals_config_overrides_that_look_like_plugin_arguments_pass_through(
+    tiny_model: Callable[[str], pathlib.Path],
+) -> None:
+    """``hf`` passes unknown arguments to ``from_pretrained``, which sets those the config has: a config attribute
+    named like the plugin's arguments (``attn_logit_softcapping``) is the config's, and the plugin's checks see the
+    override (without soft-capping, ``attn_scale=scores`` is allowed); a name neither knows is still refused."""
+    path = str(tiny_model("gemma2"))
+    with pytest.raises(SpecError, match="soft-caps"):
+        LostAttnHFLM(pretrained=path, batch_size=1, attn="gaussian", attn_keys="all", attn_scale="scores", **_CPU)
+    base = HFLM(pretrained=path, batch_size=1, attn_logit_softcapping=None, **_CPU)
+    ours = LostAttnHFLM(pretrained=path, batch_size=1, attn_logit_softcapping=None, attn="gaussian", attn_keys="all",
+                        attn_scale="scores", **_CPU)
+    assert base.model.config.attn_logit_softcapping is ours.model.config.attn_logit_softcapping is None
+    with pytest.raises(SpecError, match=r"unknown argument\(s\) attn_logit_softcaping; accepted: attn,"):
+        LostAttnHFLM(pretrained=path, batch_size=1, attn_logit_softcaping=None, **_CPU)
+
+
 @pytest.mark.parametrize("mode", ["uniform", "knockout"])
 def test_attn_rows_last_edits_the_rows_that_predict_the_continuation(
     tiny_model: Callable[[str], pathlib.Path], mode: str

@@ -79,6 +79,21 @@ def is_plugin_arg(key: str, base_args: Mapping[str, Any]) -> bool:
     return key.startswith(_PLUGIN_PREFIXES) or bool(get_close_matches(key, InterventionSpec.ARGS, 1, NEAR_MISS))
 
 
+def config_overrides(plugin_args: dict[str, Any], pretrained: Any, hub: dict[str, Any]) -> dict[str, Any]:
+    """Take out of ``plugin_args`` the names the plugin does not know that the checkpoint's config has
+    (``attn_logit_softcapping``): ``from_pretrained`` sets those on the config, so for a host that passes its
+    arguments on to it they are the config's, not misspelt plugin arguments. A model given loaded, or a checkpoint
+    whose config does not load, keeps them in ``plugin_args``, where the spec refuses them by name."""
+    unknown = sorted(set(plugin_args) - set(InterventionSpec.ARGS))
+    if not unknown or isinstance(pretrained, nn.Module):
+        return {}
+    try:
+        config = AutoConfig.from_pretrained(pretrained, **hub)
+    except (OSError, ValueError):
+        return {}
+    return {key: plugin_args.pop(key) for key in unknown if hasattr(config, key)}
+
+
 @dataclass
 class RunRecords:
     """What one lostattn model contributes to the run's outputs: its settings and, per ``(task, doc_id)``, the
@@ -134,15 +149,17 @@ class Plugin:
         that would fetch hub kernels from an unreachable hub."""
         require_tested_versions()
         plugin_args = {key: kwargs.pop(key) for key in list(kwargs) if is_plugin_arg(key, base_args)}
-        spec = InterventionSpec.from_model_args(plugin_args)
         default = base_args["pretrained"].default if "pretrained" in base_args else None
         pretrained = kwargs.get("pretrained", default)
         hub = {"revision": kwargs.get("revision") or "main", "trust_remote_code": bool(kwargs.get("trust_remote_code"))}
         hub |= {name: kwargs[name] for name in CHECKPOINT_ARGS if kwargs.get(name)}
+        overrides = config_overrides(plugin_args, pretrained, hub) if host in FORWARDS_LOADING_ARGS else {}
+        kwargs |= overrides
+        spec = InterventionSpec.from_model_args(plugin_args)
         if isinstance(pretrained, nn.Module):  # lm-eval takes a loaded model too
             config, pretrained = pretrained.config, pretrained.name_or_path
         else:
-            config = AutoConfig.from_pretrained(pretrained, **hub)
+            config = AutoConfig.from_pretrained(pretrained, **hub, **overrides)
         adapter = adapter_for(config)
         text = config.get_text_config()
         intervention = spec.resolve(text.num_hidden_layers, text.num_attention_heads, adapter.preset(config))
