@@ -33,6 +33,8 @@ def test_unknown_arguments_name_the_closest_one(args: dict[str, str], message: s
         ("stat", True),
         ("stats_group", True),
         ("attn_layer", True),
+        ("Attn", True),  # a base class that drops unknown **kwargs would ignore it silently
+        ("STATS", True),
         ("attn_implementation", False),  # the base class's
         ("device", False),
         ("max_new_tokens", False),  # left to the base class's **kwargs: not as close to stats_max_tokens as a typo
@@ -52,3 +54,10 @@ def test_a_plugin_argument_given_twice_is_refused() -> None:
         bracket_list_values("attn_layers=1,attn=uniform,attn_layers=all", split)
     bracketed = bracket_list_values("device=cpu,attn_layers=1,2,device=cpu", split)
     assert bracketed == "device=cpu,attn_layers=[1,2],device=cpu"
+
+
+@pytest.mark.parametrize("arg_string", ["device=cpu,use_cache=True,attn_seed:3", "attn:uniform,device=cpu"])
+def test_a_piece_without_a_value_is_refused_unless_it_continues_a_plugin_list(arg_string: str) -> None:
+    """Glued onto a base-class argument it would change that argument's value without a word."""
+    with pytest.raises(SpecError, match=r"in model_args has no '='.*write each argument as name=value"):
+        bracket_list_values(arg_string, lambda text: text.split(","))

@@ -280,7 +280,15 @@ def test_plain_lists_in_model_args_are_bracketed_as_lm_eval_splits_them() -> Non
         with pytest.raises(SpecError, match="attn given more than once in model_args"):
             bracket_model_args(twice, split_top_level)
     assert bracket_model_args(["-a", "dtype=float32", "-a", "dtype=float16"], split_top_level)[-1] == "dtype=float16"
-    assert bracket_model_args(["-a", '[{"attn": 1}]'], split_top_level) == ["-a", '[{"attn": 1}]']  # lm-eval's to judge
+    with pytest.raises(SpecError, match=r"""'\[\{"attn": 1\}\]' in model_args has no '='"""):  # lm-eval refuses it too
+        bracket_model_args(["-a", '[{"attn": 1}]'], split_top_level)
+    # argparse takes abbreviations of --model_args
+    assert bracket_model_args(["--model_arg", "attn_layers=0,1"], split_top_level)[1] == "attn_layers=[0,1]"
+    with pytest.raises(SpecError, match="attn_layers given more than once"):
+        bracket_model_args(["--model_args", "attn_layers=0", "--model_a=attn_layers=3"], split_top_level)
+    for mixed in (['{"pretrained": "p"}', "attn=knockout"], ["attn=knockout", '{"pretrained": "p"}']):
+        with pytest.raises(SpecError, match="JSON --model_args value was given with other values"):
+            bracket_model_args(["--model_args", *mixed], split_top_level)
 
 
 # -- lostattn-lm-eval end to end -----------------------------------------------------------------------------------

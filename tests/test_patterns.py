@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -141,6 +143,24 @@ def test_shuffle_within_is_a_permutation_on_the_mask_only() -> None:
     assert torch.equal(shuffled[0][edit[0]].sort().values, values[0][edit[0]])
     order = draws[0][edit[0]].argsort()
     assert torch.equal(shuffled[0][edit[0]], values[0][edit[0]][order])
+
+
+def test_shuffle_within_permutes_every_head_of_a_head_independent_mask_and_breaks_ties_by_position() -> None:
+    """An edit mask shared by the heads ``(B, 1, Q, K)`` (``attn_heads=all``) permutes every head's row, each by its
+    own draws; equal draws keep the keys' order, so a left-padded row (the same keys shifted) is permuted alike."""
+    generator = torch.Generator().manual_seed(0)
+    values = torch.rand(2, 4, 3, 12, generator=generator)
+    edit = torch.rand(2, 1, 3, 12, generator=generator) < 0.6
+    draws = torch.randint(0, 3, (2, 4, 3, 12), generator=generator) / 4.0  # many ties
+    shuffled = shuffle_within(values, edit, draws)
+    expected = values.clone()
+    for b, h, q in itertools.product(range(2), range(4), range(3)):
+        keys = [k for k in range(12) if edit[b, 0, q, k]]
+        for key, source in zip(keys, sorted(keys, key=lambda k: draws[b, h, q, k].item()), strict=True):
+            expected[b, h, q, key] = values[b, h, q, source]
+    assert torch.equal(shuffled, expected)
+    padded = shuffle_within(*(torch.nn.functional.pad(t, (5, 0)) for t in (values, edit, draws)))
+    assert torch.equal(padded[..., 5:], shuffled)
 
 
 def test_band_heads_keeps_the_quantile_band() -> None:

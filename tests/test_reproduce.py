@@ -63,7 +63,7 @@ def _argv(
         ({"tasks": "lostattn_pope,no_such_task"}, r"--tasks: lmms-eval knows no task no_such_task"),
         ({"model_args": f"{BASE},attn=uniform"}, r"--model_args sets attn, which the runs set themselves"),
         ({"sap": "attn_layers=1:,attn_seed=3"}, r"--sap-args: attn_seed cannot be given; accepted: attn_space"),
-        ({"sap": ""}, r"attn_preset=paper selects layers 18-23 .* --sap-args"),
+        ({"sap": ""}, r"the sap_seed0 run cannot run on this model: .*selects layers 18-23 .* --sap-args"),
     ],
 )
 def test_bad_input_fails_before_any_run(tmp_path, capsys, change: dict, message: str) -> None:
@@ -71,6 +71,21 @@ def test_bad_input_fails_before_any_run(tmp_path, capsys, change: dict, message:
         main(_argv(tmp_path / "out", **change))
     assert exit_info.value.code == 2
     assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_run_the_model_cannot_take_fails_before_any_run(tmp_path, capsys) -> None:
+    """A LLaVA on Phi-3 (fused q/k/v) cannot take the third run, noise_qkv: refused before the first (config only)."""
+    from transformers import CLIPVisionConfig, LlavaConfig, Phi3Config
+
+    text = Phi3Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=4, vocab_size=400)
+    LlavaConfig(vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                               num_attention_heads=2), text_config=text).save_pretrained(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(_argv(tmp_path / "out", model_args=f"pretrained={tmp_path},device=cpu,device_map=cpu"))
+    assert exit_info.value.code == 2
+    assert re.search(r"the noise_qkv run cannot run on this model: .*noise_qkv", capsys.readouterr().err)
     assert not (tmp_path / "out").exists()
 
 
@@ -117,6 +132,7 @@ def test_shapes_llava_end_to_end_then_nothing_re_run(tmp_path) -> None:
     assert [sap["lostattn"]["intervention"]["seed"] for sap in saps] == [0, 1]
     accuracies = [sap["results"]["lostattn_pope"]["pope_accuracy,none"] for sap in saps]
     assert float(table2[0]["SAP mean ± sd (2 seeds)"]) == pytest.approx(sum(accuracies) / 2)
+    assert len(table2[0]["p per seed (0, 1)"].split(", ")) == 2
     assert (output / "report" / "layers_lostattn_pope.png").is_file()
 
     written = {run: _results(output, run).stat().st_mtime_ns for run in RUNS}

@@ -243,12 +243,14 @@ def test_the_command_draws_a_task_s_documents(tmp_path: pathlib.Path, capsys: py
 def test_the_command_draws_a_run_s_documents_with_its_intervention(
     tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """The run's model, its attn* arguments (the edited map beside the learned one) and every task of the run."""
+    """The run's model, its attn* arguments (the edited map beside the learned one; the host's attn_implementation
+    left out) and every task of the run."""
     run = pathlib.Path(shutil.copytree(RUNS / "gaussian", tmp_path / "run"))
     (results,) = run.rglob("*_results.json")
     raw = json.loads(results.read_text())
     pretrained = raw["config"]["model_args"].split(",")[0]
-    raw["config"]["model_args"] = raw["config"]["model_args"].replace(pretrained, f"pretrained={SHAPES_LLAVA_DIR}")
+    model_args = raw["config"]["model_args"].replace(pretrained, f"pretrained={SHAPES_LLAVA_DIR}")
+    raw["config"]["model_args"] = f"{model_args},attn_implementation=sdpa"
     results.write_text(json.dumps(raw))
     code, out, err = _show(capsys, "--run", str(run), "--doc-ids", "1", "--layers", "3", "-o", str(tmp_path / "out"))
     assert code == 0, err

@@ -43,13 +43,17 @@ def spec(**args: object) -> InterventionSpec:
         (7, (7,)),
         ("-1", (31,)),
         ("0,18-19,-1", (0, 18, 19, 31)),
+        (["1:"], tuple(range(1, 32))),  # a JSON list
+        ([18.0, 19, "20"], (18, 19, 20)),
     ],
 )
 def test_parse_layers(text: object, expected: tuple[int, ...]) -> None:
     assert parse_layers(text, 32) == expected
 
 
-@pytest.mark.parametrize("text", ["40", "30-33", "-33", "5-3", "x", "", "40:", "-40:", "0:40", ":-33", "1.5"])
+@pytest.mark.parametrize(
+    "text", ["40", "30-33", "-33", "5-3", "x", "", "40:", "-40:", "0:40", ":-33", "1.5", "-:", ":-", "1:-"]
+)
 def test_parse_layers_rejects_and_names_the_range(text: str) -> None:
     with pytest.raises(SpecError, match=r"attn_layers=.*layers 0-31"):
         parse_layers(text, 32)
@@ -78,6 +82,9 @@ def test_parse_heads() -> None:
         ({"attn": "uniform", "attn_rows": "first"}, r"attn_rows"),
         ({"attn": "uniform", "attn_keys": "video"}, r"attn_keys"),
         ({"attn": "gaussian", "attn_seed": 1.5}, r"attn_seed"),
+        ({"attn": "gaussian", "attn_seed": float("inf")}, r"attn_seed=inf is not valid"),
+        ({"attn": "gaussian", "attn_dist": "normal", "attn_sigma": 10**400}, r"attn_sigma=1000"),
+        ({"stats": "paper", "stats_max_tokens": float("inf")}, r"stats_max_tokens=inf is not valid"),
         ({"attn": "gaussian", "attn_preset": "authors"}, r"attn_preset.*paper"),
         ({"attn": "none", "attn_layers": "3"}, r"attn_layers has no effect with attn=none"),
         ({"attn": "uniform", "attn_dist": "normal"}, r"attn_dist has no effect with attn=uniform"),
@@ -271,3 +278,9 @@ def _config(model_type: str):
     from transformers import AutoConfig
 
     return AutoConfig.for_model(model_type)
+
+
+def test_list_values_given_as_json_lists_read_item_by_item() -> None:
+    """lm-eval's JSON ``--model_args`` hand a list over as a list, not as its text."""
+    assert spec(stats="paper", stats_groups=["all", "text"]) == spec(stats="paper", stats_groups="all,text")
+    assert spec(attn="uniform", attn_heads=[0, 5]) == spec(attn="uniform", attn_heads="0,5")

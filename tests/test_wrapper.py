@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import pathlib
 
 import pytest
@@ -14,9 +15,10 @@ from lmms_eval.models.simple.llava_hf import LlavaHf as LlavaHfSimple
 from PIL import Image
 from transformers import LlavaForConditionalGeneration
 
-from lmms_lostattn.config.spec import SpecError
+from lmms_lostattn.config.spec import InterventionSpec, SpecError
 from lmms_lostattn.intervention.attention import EditedAttention
 from lmms_lostattn.intervention.scope import InterventionError
+from lmms_lostattn.model_wrappers.common.plugin import check_implementation
 from lmms_lostattn.model_wrappers.lmms_eval.base import LostAttnMixin, bracket_list_values
 from lmms_lostattn.model_wrappers.lmms_eval.manifests import get_manifests
 from lmms_lostattn.model_wrappers.lmms_eval.wrappers import LostAttnLlavaChat, LostAttnLlavaSimple
@@ -104,6 +106,8 @@ def test_interventions_change_answers_and_record_their_hash(tiny_llava: pathlib.
         ({"attn": "uniform", "attn_layers": "9"}, r"attn_layers='9'.*layers 0-3"),
         ({"attn": "uniform", "attn_lambda": 2}, r"attn_lambda=2"),
         ({"attn": "gaussian", "attn_preset": "paper"}, r"selects layers 18-23.*layers 0-3"),
+        ({"attn": "uniform", "attn_implementation": "flash_attention_2"},
+         r"runs on attn_implementation sdpa or eager, not 'flash_attention_2'; give attn_implementation=sdpa"),
     ],
 )
 def test_bad_arguments_fail_before_the_model_loads(
@@ -115,6 +119,17 @@ def test_bad_arguments_fail_before_the_model_loads(
     monkeypatch.setattr(LlavaForConditionalGeneration, "from_pretrained", no_load)
     with pytest.raises(SpecError, match=message):
         LostAttnLlavaChat(pretrained=str(tiny_llava), **CPU, **args)
+
+
+def test_a_base_class_defaulting_to_an_implementation_edits_cannot_run_on_is_refused() -> None:
+    """lmms-eval's idefics2 defaults to flash-attention where it is installed; edits need sdpa or eager."""
+    base_args = inspect.signature(lambda attn_implementation="flash_attention_2": None).parameters
+    edit, noise = (InterventionSpec.from_model_args({"attn": mode}).resolve(4, 4)
+                   for mode in ("uniform", "noise_delta"))
+    with pytest.raises(SpecError, match="attn=uniform edits attention weights.*not 'flash_attention_2'"):
+        check_implementation({}, base_args, edit)
+    check_implementation({"attn_implementation": "sdpa"}, base_args, edit)
+    check_implementation({}, base_args, noise)  # no attention weights edited
 
 
 @pytest.mark.parametrize("wrapper", [LostAttnLlavaSimple, LostAttnLlavaChat])

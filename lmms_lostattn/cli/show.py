@@ -11,7 +11,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from lmms_lostattn.config.spec import SpecError
+from lmms_lostattn.config.spec import InterventionSpec, SpecError
 from lmms_lostattn.families import UnsupportedFamilyError
 from lmms_lostattn.inspection.attention_maps import load
 from lmms_lostattn.inspection.figures import save_figure
@@ -66,7 +66,8 @@ def _run_model(run_path: Path) -> tuple[str, dict[str, str], list[str]]:
     if run.layout.harness != "lmms-eval":
         raise SpecError(f"lostattn show: {run.path} is an {run.layout.harness} run; its documents have no images")
     model_args = _model_args(str(run.results["config"].get("model_args", "")))
-    attn_args = {name: value for name, value in model_args.items() if name.startswith("attn")}
+    attn_args = {name: value for name, value in model_args.items()
+                 if name in InterventionSpec.ARGS and name.startswith("attn")}
     return model_args.get("pretrained", ""), attn_args, [task for task in run.tasks if task not in run.groups]
 
 

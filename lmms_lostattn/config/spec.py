@@ -68,7 +68,7 @@ _USES: dict[str, frozenset[str]] = {
     "noise_qkv": frozenset({"attn_layers", "attn_sigma", "attn_seed"}),
 }
 
-_LAYER_ITEM = re.compile(r"^(-?\d+)$|^(\d+)-(\d+)$|^(-?\d*):(-?\d*)$")
+_LAYER_ITEM = re.compile(r"^(-?\d+)$|^(\d+)-(\d+)$|^(-?\d+)?:(-?\d+)?$")
 _HEAD_BAND = re.compile(r"^p(\d*\.?\d+)-(\d*\.?\d+)$")
 
 
@@ -92,7 +92,7 @@ def _number(arg: str, value: object, kind: type, accepted: str) -> Any:
         raise _fail(arg, value, accepted)
     try:
         number = kind(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise _fail(arg, value, accepted) from None
     if kind is int and isinstance(value, float) and value != number:
         raise _fail(arg, value, accepted)
@@ -103,7 +103,9 @@ def _number(arg: str, value: object, kind: type, accepted: str) -> Any:
 
 def _list_text(value: object) -> str:
     """Normalise a list-valued argument: ``[1,2]``, ``"1,2"``, ``1;2`` and ``1 2`` all become ``1,2`` (and a whole
-    float, as lmms-eval's argument parser reads ``-1``, its integer)."""
+    float, as lmms-eval's argument parser reads ``-1``, its integer); a list or tuple item by item (JSON values)."""
+    if isinstance(value, list | tuple):
+        return ",".join(_list_text(item) for item in value)
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     text = str(value).strip().strip("'\"").strip("[]()")

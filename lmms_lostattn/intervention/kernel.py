@@ -43,6 +43,9 @@ KERNELS: dict[str, tuple[str, Callable[..., Any], Callable[..., Any]]] = {
 }
 
 
+ROUTABLE = tuple(original for original, _, _ in KERNELS.values())  # the implementations an edit can run on
+
+
 def _make_attention(passthrough: Callable[..., Any]) -> Callable[..., Any]:
     def lostattn_attention(
         module: nn.Module,
@@ -111,10 +114,9 @@ def route_attention(model: nn.Module) -> Iterator[None]:
     original = model.config.get_text_config()._attn_implementation or "sdpa"
     ours = next((name for name, (orig, _, _) in KERNELS.items() if orig == original), None)
     if ours is None:
-        accepted = ", ".join(orig for orig, _, _ in KERNELS.values())
         raise InterventionError(
-            f"lostattn: attention interventions need the language model on one of {accepted}; "
-            f"it uses attn_implementation={original!r}"
+            f"lostattn: attention interventions need the language model on one of {', '.join(ROUTABLE)}; "
+            f"it uses attn_implementation={original!r} (give attn_implementation=sdpa)"
         )
     model.set_attn_implementation({text_key: ours})
     routed = model.config.get_text_config()._attn_implementation

@@ -195,13 +195,15 @@ def pattern(
 def shuffle_within(values: torch.Tensor, edit: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
     """Permute ``values`` among the edited keys of each row, in the random order given by ``draws`` in [0, 1).
 
-    The i-th edited key (by position) receives the value of the edited key with the i-th smallest draw;
-    entries outside ``edit`` keep their own values.
+    The i-th edited key (by position) receives the value of the edited key with the i-th smallest draw (equal
+    draws in position order, so that padding before a row does not reorder it); entries outside ``edit`` keep their
+    own values. ``edit`` may be shared by the heads (``(B, 1, Q, K)``): every head of ``values`` is permuted.
     """
+    edit = edit.expand_as(values)
     positions = torch.arange(values.shape[-1], device=values.device, dtype=torch.float32)
     tail = positions + positions.shape[0] + 2.0  # after every edited entry, in position order, in both sorts
-    by_position = torch.where(edit, positions, tail).argsort(dim=-1)
-    by_draw = torch.where(edit, draws, tail).argsort(dim=-1)
+    by_position = torch.where(edit, positions, tail).argsort(dim=-1, stable=True)
+    by_draw = torch.where(edit, draws, tail).argsort(dim=-1, stable=True)
     return values.clone().scatter_(-1, by_position, values.gather(-1, by_draw))
 
 

@@ -48,9 +48,10 @@ def reproduction_table1(vanilla: LoadedRun, noise_delta: LoadedRun, noise_qkv: L
 
 def reproduction_table2(vanilla: LoadedRun, saps: Sequence[LoadedRun]) -> Table:
     """Table 2: each task's headline metric, vanilla against the SAP runs (one per seed): mean ± sd over the seeds,
-    the mean difference, and each seed's paired test against vanilla."""
+    the mean difference, and each seed's paired test against vanilla, in the order of the seeds its header names."""
     tasks = [t for t in vanilla.tasks if primary_metric([vanilla], t)]
-    header = ["task", "metric", "vanilla", f"SAP mean ± sd ({len(saps)} seeds)", "Δ mean", "p per seed"]
+    seeds = ", ".join(str(run.block["intervention"].get("seed", "?")) for run in saps)
+    header = ["task", "metric", "vanilla", f"SAP mean ± sd ({len(saps)} seeds)", "Δ mean", f"p per seed ({seeds})"]
     rows = []
     for task in tasks:
         metric = primary_metric([vanilla], task)

@@ -8,6 +8,7 @@ runs.
 
 from __future__ import annotations
 
+import inspect
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -24,6 +25,7 @@ from lmms_lostattn.compat.kernels import kernels_record, require_reachable_kerne
 from lmms_lostattn.compat.versions import require_tested_versions
 from lmms_lostattn.config.spec import Intervention, InterventionSpec, SpecError, StatsConfig, spec_hash
 from lmms_lostattn.families import FamilyAdapter, adapter_for
+from lmms_lostattn.intervention.kernel import ROUTABLE
 from lmms_lostattn.intervention.scope import Scope, intervene
 from lmms_lostattn.statistics.collector import StatsCollector, table_group
 from lmms_lostattn.statistics.metrics import RANK_EPS
@@ -43,14 +45,19 @@ def bracket_list_values(arg_string: str, split: Callable[[str], list[str]]) -> s
 
     Both harnesses split ``model_args`` at commas outside brackets and quotes (``split``: the host's own splitter),
     so a bare ``18,19,20`` would otherwise arrive as stray ``19`` and ``20`` pieces without ``=`` and crash the
-    host's parser. A plugin argument given twice is a :class:`SpecError` (the hosts' parsers keep the last one).
+    host's parser. A piece without ``=`` after any other argument, and a plugin argument given twice (the hosts'
+    parsers keep the last one), are a :class:`SpecError`.
     """
     pieces: list[str] = []
     for piece in split(arg_string.strip()):
-        if "=" in piece or not pieces:
+        if "=" in piece or not piece.strip():
             pieces.append(piece)
-        else:
+        elif pieces and pieces[-1].partition("=")[0].strip() in InterventionSpec.ARGS:
             pieces[-1] += "," + piece
+        else:
+            after = f"after {pieces[-1]!r}, not" if pieces else "not after"
+            raise SpecError(f"lostattn: {piece!r} in model_args has no '=' ({after} a plugin argument whose value "
+                            "could be a list); write each argument as name=value")
     bracketed = []
     for piece in pieces:
         name, _, value = piece.partition("=")
@@ -76,7 +83,8 @@ def is_plugin_arg(key: str, base_args: Mapping[str, Any]) -> bool:
         return True
     if key in base_args or key in LOADING_ARGS:
         return False
-    return key.startswith(_PLUGIN_PREFIXES) or bool(get_close_matches(key, InterventionSpec.ARGS, 1, NEAR_MISS))
+    lowered = key.lower()
+    return lowered.startswith(_PLUGIN_PREFIXES) or bool(get_close_matches(lowered, InterventionSpec.ARGS, 1, NEAR_MISS))
 
 
 def config_overrides(plugin_args: dict[str, Any], pretrained: Any, hub: dict[str, Any]) -> dict[str, Any]:
@@ -92,6 +100,18 @@ def config_overrides(plugin_args: dict[str, Any], pretrained: Any, hub: dict[str
     except (OSError, ValueError):
         return {}
     return {key: plugin_args.pop(key) for key in unknown if hasattr(config, key)}
+
+
+def check_implementation(kwargs: Mapping[str, Any], base_args: Mapping[str, Any], intervention: Intervention) -> None:
+    """An attention-weight edit runs on sdpa or eager only: a :class:`SpecError` before loading for any other
+    ``attn_implementation`` given, or defaulted by the base class (lmms-eval's idefics2 picks flash-attention where
+    it is installed)."""
+    default = base_args["attn_implementation"].default if "attn_implementation" in base_args else None
+    implementation = kwargs.get("attn_implementation", default)
+    if intervention.edits_weights and implementation not in (None, inspect.Parameter.empty, *ROUTABLE):
+        raise SpecError(f"lostattn: attn={intervention.mode} edits attention weights, which runs on "
+                        f"attn_implementation {' or '.join(ROUTABLE)}, not {implementation!r}; give "
+                        "attn_implementation=sdpa")
 
 
 @dataclass
@@ -164,6 +184,7 @@ class Plugin:
         text = config.get_text_config()
         intervention = spec.resolve(text.num_hidden_layers, text.num_attention_heads, adapter.preset(config))
         adapter.check_intervention(config, intervention, spec.stats)
+        check_implementation(kwargs, base_args, intervention)
         image_mean_std = None
         if intervention.mode == "complexity":  # the normalisation it undoes, from the checkpoint's processor
             processor = AutoImageProcessor.from_pretrained(pretrained, **hub)

@@ -19,16 +19,25 @@ from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
-_MODEL_ARGS = ("--model_args", "-a")
+_MODEL_ARGS = "--model_args"
+
+
+def _is_model_args(flag: str) -> bool:
+    """``--model_args``, its short form ``-a``, or an abbreviation argparse takes for it (``--model_arg``)."""
+    return flag == "-a" or (flag.startswith("--model_a") and _MODEL_ARGS.startswith(flag))
 
 
 def bracket_model_args(argv: list[str], split: Callable[[str], list[str]]) -> list[str]:
     """``argv`` with each ``--model_args`` value's plain lists bracketed (JSON values are left as they are). A plugin
     argument given twice, in one value or across them (lm-eval merges every ``--model_args`` value, the last one
-    winning), is a :class:`~lmms_lostattn.config.spec.SpecError`."""
+    winning), and a JSON value given with other values after one ``--model_args`` (lm-eval keeps the JSON alone)
+    are a :class:`~lmms_lostattn.config.spec.SpecError`."""
+    from lmms_lostattn.config.spec import SpecError
     from lmms_lostattn.model_wrappers.common.plugin import bracket_list_values, refuse_repeated
 
-    out, names, in_model_args = [], [], False
+    out: list[str] = []
+    names: list[str] = []
+    values: list[str] | None = None  # those of the ``--model_args`` being read
 
     def bracketed(value: str) -> str:
         if value.lstrip().startswith("{"):
@@ -41,13 +50,17 @@ def bracket_model_args(argv: list[str], split: Callable[[str], list[str]]) -> li
 
     for arg in argv:
         flag, eq, value = arg.partition("=")
-        if flag in _MODEL_ARGS and eq:
+        if _is_model_args(flag) and eq:
             out.append(f"{flag}={bracketed(value)}")
-            in_model_args = False
+            values = None
             continue
         if arg.startswith("-"):
-            in_model_args = arg in _MODEL_ARGS
-        elif in_model_args:
+            values = [] if _is_model_args(arg) else None
+        elif values is not None:
+            values.append(arg)
+            if len(values) > 1 and any(value.lstrip().startswith("{") for value in values):
+                raise SpecError("lostattn: a JSON --model_args value was given with other values after one "
+                                "--model_args, and lm-eval would keep the JSON alone; give each its own --model_args")
             arg = bracketed(arg)
         out.append(arg)
     refuse_repeated(names)

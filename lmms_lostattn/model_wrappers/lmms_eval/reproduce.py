@@ -133,12 +133,12 @@ def make_plan(
     include_path = str(pathlib.Path(include_path).resolve()) if include_path else None
     model_args = _absolute_pretrained(model_args)
     _check_tasks(tasks, include_path)
-    _check_preset(given, sap)
     runs = dict(FIXED_RUNS)
     for seed in seeds:
         runs[f"sap_seed{seed}"] = ",".join(
             ["attn=gaussian,attn_preset=paper", f"attn_seed={seed}", *(f"{k}={v}" for k, v in sap.items())]
         )
+    _check_runs(given, runs)
     flags = [*(["--include_path", include_path] if include_path else []), "--log_samples", *extra]
     return Plan(model, model_args, tuple(tasks), tuple(flags), runs)
 
@@ -153,9 +153,9 @@ def _check_tasks(tasks: Sequence[str], include_path: str | None) -> None:
         raise ReproduceError(f"--tasks: lmms-eval knows no task {', '.join(missing)}{where}")
 
 
-def _check_preset(given: dict[str, str], sap: dict[str, str]) -> None:
-    """Resolve the SAP runs' arguments against the model's config (no weights), so a preset that does not fit the
-    model fails now, not in the fourth run."""
+def _check_runs(given: dict[str, str], runs: dict[str, str]) -> None:
+    """Resolve and check every run's arguments against the model's config (no weights), so a run the model cannot
+    take (a preset that does not fit it, noise_qkv on fused q/k/v projections) fails now, not after the others."""
     remote = given.get("trust_remote_code", "").lower() == "true"
     try:
         config = AutoConfig.from_pretrained(given["pretrained"], trust_remote_code=remote)
@@ -163,12 +163,14 @@ def _check_preset(given: dict[str, str], sap: dict[str, str]) -> None:
     except (OSError, ValueError) as error:  # no such checkpoint; a model type transformers or the plugin lacks
         raise ReproduceError(f"pretrained={given['pretrained']}: {str(error).splitlines()[0]}") from None
     text = config.get_text_config()
-    try:
-        InterventionSpec.from_model_args({"attn": "gaussian", "attn_preset": "paper", **sap}).resolve(
-            text.num_hidden_layers, text.num_attention_heads, adapter.preset(config)
-        )
-    except SpecError as error:
-        raise ReproduceError(f"the SAP runs cannot run on this model: {error} (pass it with --sap-args)") from error
+    for name, arguments in runs.items():
+        try:
+            spec = InterventionSpec.from_model_args(_arguments(arguments))
+            intervention = spec.resolve(text.num_hidden_layers, text.num_attention_heads, adapter.preset(config))
+            adapter.check_intervention(config, intervention, spec.stats)
+        except SpecError as error:
+            where = " (pass it with --sap-args)" if name.startswith("sap_") else ""
+            raise ReproduceError(f"the {name} run cannot run on this model: {error}{where}") from error
 
 
 def _unfinished(folder: pathlib.Path, command: dict[str, object]) -> str | None:
