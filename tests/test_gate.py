@@ -15,7 +15,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from cli_helpers import run_cli_batch, run_error
+from cli_helpers import results_of, run_cli_batch, run_error
 from test_report import RUNS, copy_run, edit_json, lostattn, set_scores
 
 from lmms_lostattn.models import SHAPES_LLAVA_DIR
@@ -198,6 +198,46 @@ def test_a_baseline_metric_the_run_does_not_report_cannot_be_judged(
     assert f"missing from {results_path}, or not a number there" in err, err
 
 
+def test_a_baseline_metric_that_is_not_a_finite_number_cannot_be_judged(
+    capsys: pytest.CaptureFixture[str], tmp_path: pathlib.Path
+) -> None:
+    """A null or NaN in the baseline is not left out of the check (the run's value would pass unjudged)."""
+    for value in (None, float("nan")):
+        base = copy_run("none", tmp_path, f"base_{value}")
+        edit_json(next(base.glob("*_results.json")),
+                  lambda r, v=value: r["results"]["lostattn_shapes_color"].update({"exact_match,none": v}))
+        code, out, err = lostattn(capsys, "check", RUNS / "knockout", "--baseline", base)
+        assert code == 2 and "no regression" not in out
+        assert "lostattn_shapes_color/exact_match is not a finite number in the baseline" in err, err
+
+
+def test_per_sample_scores_logged_as_booleans_are_tested_as_0_and_1(
+    capsys: pytest.CaptureFixture[str], tmp_path: pathlib.Path
+) -> None:
+    """A task whose process_results returns a comparison logs true/false; the harness averages them as 0/1."""
+    good, bad = copy_run("none", tmp_path, "good"), copy_run("none", tmp_path, "bad")
+    set_scores(good, [1.0] * 8)
+    set_scores(bad, [1.0, 1.0] + [0.0] * 6)
+    for run in (good, bad):
+        (log,) = run.glob("*_samples_lostattn_pope.jsonl")
+        samples = [json.loads(line) for line in log.read_text().splitlines()]
+        log.write_text("".join(json.dumps({**s, "pope_accuracy": s["pope_accuracy"]["score"] == 1.0}) + "\n"
+                               for s in samples))
+    code, out, err = lostattn(capsys, "check", bad, "--baseline", good, "--metrics", "pope_accuracy")
+    assert code == 1 and "FAILED  lostattn_pope/pope_accuracy" in out and "McNemar p=0.03125" in out, out + err
+
+
+def test_a_task_without_documents_cannot_be_judged(capsys: pytest.CaptureFixture[str], tmp_path: pathlib.Path) -> None:
+    empty = [copy_run("none", tmp_path, name) for name in ("a", "b")]
+    for run in empty:
+        next(run.glob("*_samples_lostattn_shapes_color.jsonl")).write_text("")
+        edit_json(next(run.glob("*_results.json")),
+                  lambda r: r["n-samples"]["lostattn_shapes_color"].update(effective=0))
+    code, out, err = lostattn(capsys, "check", empty[1], "--baseline", empty[0])
+    assert code == 2 and "no regression" not in out and "Traceback" not in err
+    assert "lostattn_shapes_color/exact_match: cannot be tested per sample (no per-sample values)" in err, err
+
+
 def test_per_sample_values_that_do_not_average_to_the_aggregate_cannot_be_judged(
     capsys: pytest.CaptureFixture[str], tmp_path: pathlib.Path
 ) -> None:
@@ -284,12 +324,23 @@ def _lm_eval(model: str, model_args: str, tasks: str, limit: int, output: pathli
     ]  # fmt: skip
 
 
-def _lmms_eval(model_args: str, output: pathlib.Path) -> list[str]:
+def _lmms_eval(model_args: str, output: pathlib.Path, include_path: pathlib.Path) -> list[str]:
     return [
         *("lmms_eval", "--model", "lostattn_llava", "--model_args", model_args),
-        *("--tasks", "lostattn_pope,lostattn_shapes_color", "--include_path", str(tasks_path()), "--limit", "4"),
+        *("--tasks", "lostattn_pope,filtered_color", "--include_path", str(include_path), "--limit", "4"),
         *("--gen_kwargs", "max_new_tokens=3", "--output_path", str(output), "--log_samples"),
     ]  # fmt: skip
+
+
+def _tasks_with_a_filtered_one(folder: pathlib.Path) -> pathlib.Path:
+    """The local lmms-eval tasks plus ``filtered_color``: the colour task under two named filters (as gsm8k has),
+    which lmms-eval aggregates and logs once per filter, its samples log naming none."""
+    shutil.copytree(tasks_path(), folder)
+    colour = (folder / "lostattn_shapes_color.yaml").read_text()
+    task = colour.replace("task: lostattn_shapes_color", "task: filtered_color")
+    filters = "".join(f"\n  - name: {name}\n    filter:\n      - function: take_first" for name in ("strict", "flex"))
+    (folder / "filtered_color.yaml").write_text(f"{task}\nfilter_list:{filters}\n")
+    return folder
 
 
 @pytest.mark.cli
@@ -298,7 +349,8 @@ def test_two_runs_of_the_same_command_line_check_and_compare_clean(
     tmp_path: pathlib.Path,
 ) -> None:
     """Each command line run twice: an lm-eval image task (its doc_hash holds an image's repr), an lm-eval group (no
-    samples log of its own) and lmms-eval; ``check`` passes and ``compare`` marks no cell not comparable."""
+    samples log of its own) and lmms-eval with a task under two filters; ``check`` passes and ``compare`` marks no
+    cell not comparable. The filtered task's statistics rows are under ``none`` once, as under lm-eval."""
     image = ("lostattn-hf-multimodal", f"pretrained={SHAPES_LLAVA_DIR},dtype=float32,stats=paper",
              "lostattn_shapes_color", 6, "--apply_chat_template")
     group = ("lostattn-hf", f"pretrained={tiny_model('llama')},dtype=float32,stats=paper", "lostattn_shapes_text", 4)
@@ -307,7 +359,9 @@ def test_two_runs_of_the_same_command_line_check_and_compare_clean(
     lm_eval_argvs = [_lm_eval(*args[:4], out, *args[4:]) for name, args in (("image", image), ("group", group))
                      for out in outputs[name]]
     with ThreadPoolExecutor(max_workers=2) as pool:
-        lmms_eval_runs = pool.submit(run_cli_batch, [_lmms_eval(lmms, out) for out in outputs["lmms"]], tmp_path)
+        include_path = _tasks_with_a_filtered_one(tmp_path / "tasks")
+        lmms_eval_runs = pool.submit(run_cli_batch, [_lmms_eval(lmms, out, include_path) for out in outputs["lmms"]],
+                                     tmp_path)
         run_cli_batch(lm_eval_argvs, tmp_path, host="lm_eval")
         lmms_eval_runs.result()
     for first, second in outputs.values():
@@ -327,6 +381,12 @@ def test_two_runs_of_the_same_command_line_check_and_compare_clean(
     assert ("note    lostattn_shapes_text is a group (no samples log of its own): checked through its tasks "
             "lostattn_shapes_text_mc, lostattn_shapes_text_gen, lostattn_shapes_text_rolling") in out
     assert sum(line.startswith("ok") and "/lostattn_rid_attn" in line for line in out.splitlines()) == 3
+    filtered = results_of(outputs["lmms"][0])["results"]["filtered_color"]
+    assert {"exact_match,strict", "exact_match,flex", "lostattn_rid_attn,none"} <= set(filtered), filtered
+    assert not [key for key in filtered if key.startswith("lostattn_") and not key.endswith(",none")], filtered
+    _, out, _ = lostattn(capsys, "check", outputs["lmms"][1], "--baseline", outputs["lmms"][0], "--metrics",
+                         "lostattn_rid_attn")
+    assert sum(line.startswith("ok") and "/lostattn_rid_attn" in line for line in out.splitlines()) == 2, out
 
 
 # --- G: relative output paths ------------------------------------------------------------------------------------

@@ -435,6 +435,13 @@ def _not_lostattn(folder: pathlib.Path) -> str:
     return f"{path}: no 'lostattn' block"
 
 
+def _samples_cut_inside_a_character(folder: pathlib.Path) -> str:
+    """lmms-eval writes prompts as raw UTF-8 (``ensure_ascii=False``); a copy cut mid-character is not text."""
+    (path,) = folder.glob("*_samples_lostattn_pope.jsonl")
+    path.write_bytes(path.read_bytes() + '{"doc_id": 8, "input": "\u2212'.encode()[:-1])
+    return f"{path}: not UTF-8 text"
+
+
 def _empty(folder: pathlib.Path) -> str:
     for path in folder.iterdir():
         path.unlink()
@@ -462,7 +469,7 @@ def test_runs_sharing_a_folder_are_read_by_their_results_file(
 
 @pytest.mark.parametrize("damage", [_truncate_results, _truncate_samples, _drop_last_sample, _foreign_sidecar,
                                     _stray_file, _counts_as_a_list, _task_results_as_text, _one_layer_short,
-                                    _two_results, _not_lostattn, _empty])
+                                    _two_results, _not_lostattn, _samples_cut_inside_a_character, _empty])
 def test_damaged_folders_give_a_clear_error_naming_the_file(
     damage: Callable[[pathlib.Path], str], capsys: pytest.CaptureFixture[str], tmp_path: pathlib.Path
 ) -> None:

@@ -35,7 +35,8 @@ def regressions(base: LoadedRun, run: LoadedRun, max_drop: float, metrics: Seque
       values, as the task declares it (:func:`lmms_lostattn.reporting.significance.per_sample_mean`: aggregation
       ``mean``, POPE's accuracy, the statistics rows); any other (POPE's precision, recall, F1, yes-ratio, lm-eval's
       perplexities) is skipped whatever its values, and is an error when named in ``metrics``.
-    * Cannot judge (:class:`RunError`): a baseline metric that the run lacks or does not report as a number, a
+    * Cannot judge (:class:`RunError`): a baseline metric that the run lacks or does not report as a number, one
+      the baseline does not report as a finite number (skipped where neither run does, unless named), a
       per-sample mean whose logged values are missing or do not average to the aggregate, and a selection in which
       nothing could be tested (no results, or only metrics that are not per-sample means).
     * Groups (``group_subtasks``) have no samples log of their own: their tasks are checked instead, and a ``note``
@@ -63,7 +64,7 @@ def regressions(base: LoadedRun, run: LoadedRun, max_drop: float, metrics: Seque
     def covers(entry: tuple[str, str], task: str, metric: str) -> bool:
         return entry[1] == metric and (not entry[0] or task in _tasks_of(groups, entry[0]))
 
-    selected = [(task, metric) for task in checked for metric in base.metrics(task)
+    selected = [(task, metric) for task in checked for metric in base.metrics(task, numbers_only=False)
                 if (any(covers(entry, task, metric) for entry in wanted) if wanted
                     else not metric.startswith(STATISTICS_PREFIX))]
     for entry in wanted:
@@ -72,6 +73,12 @@ def regressions(base: LoadedRun, run: LoadedRun, max_drop: float, metrics: Seque
     lines = [("note", f"{group} is a group (no samples log of its own): checked through its tasks "
                       f"{', '.join(_tasks_of(groups, group))}") for group in sorted(groups) if group in tasks]
     for task, metric in selected:
+        if base.metric(task, metric) is None:  # null, NaN or not a number in the baseline
+            if wanted or run.metric(task, metric) is not None:
+                raise RunError(f"{base.path}: {task}/{metric} is not a finite number in the baseline; nothing to "
+                               "judge the run's value against")
+            lines.append(("skipped", f"{task}/{metric}: not a finite number in either run"))
+            continue
         diff = difference(base, run, task, metric)
         if diff.p is None:
             if wanted or not diff.by_design:

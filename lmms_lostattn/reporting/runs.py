@@ -14,6 +14,7 @@ truncated, raises :class:`RunError` naming the file and the problem.
 from __future__ import annotations
 
 import json
+import math
 import pathlib
 import re
 from collections.abc import Sequence
@@ -112,10 +113,11 @@ class LoadedRun:
         return sorted(self.results["results"])
 
     def metric(self, task: str, name: str) -> float | None:
-        """The aggregate ``name`` of ``task`` (:func:`metric_id`), or None when absent or not a number."""
+        """The aggregate ``name`` of ``task`` (:func:`metric_id`), or None when absent or not a finite number."""
         metric, filter_ = split_metric(name)
         value = self.results["results"].get(task, {}).get(f"{metric},{filter_}")
-        return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+        number = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        return float(value) if number else None
 
     def stderr(self, task: str, name: str) -> float | None:
         """Bootstrap stderr of a metric when the harness computed one, else its CLT stderr (lmms-eval)."""
@@ -131,9 +133,9 @@ class LoadedRun:
         return self.results.get("higher_is_better", {}).get(task, {}).get(split_metric(name)[0])
 
     def sample_log(self, task: str, name: str) -> dict[int, dict[str, Any]] | None:
-        """The samples log lines that hold the per-sample values of metric ``name`` (None without a log): lm-eval
-        logs each filter's lines (the statistics rows' values are in every one); lmms-eval logs a line per document
-        with no filter, which serve the task's one filter (a second filter would repeat every doc_id)."""
+        """The samples log lines that hold the per-sample values of metric ``name`` (None without a log): each
+        filter's lines where the log has them (lm-eval's, lmms-eval's of a task with several filters; the statistics
+        rows' values are in every one), else the log's one line per document."""
         metric, filter_ = split_metric(name)
         by_filter = self.filtered.get(task)
         if not by_filter or metric.startswith(STATISTICS_PREFIX):
@@ -156,12 +158,12 @@ class LoadedRun:
                 return function.group(1) if function else declared.strip()
         return None
 
-    def metrics(self, task: str) -> list[str]:
+    def metrics(self, task: str, numbers_only: bool = True) -> list[str]:
         """Metric ids (:func:`metric_id`) of ``task`` in the results JSON's order (no stderr rows, no
-        ``lostattn_samples``)."""
+        ``lostattn_samples``), those whose value is a finite number unless ``numbers_only`` is false."""
         names = [metric_id(*key.split(",", 1)) for key in self.results["results"].get(task, {}) if "," in key]
-        return [name for name in names if "_stderr" not in split_metric(name)[0]
-                and name != "lostattn_samples" and self.metric(task, name) is not None]
+        return [name for name in names if "_stderr" not in split_metric(name)[0] and name != "lostattn_samples"
+                and (not numbers_only or self.metric(task, name) is not None)]
 
 
 # The objects of a results JSON that are read, and the type of each of their values: per task (or group) an object,
@@ -196,9 +198,17 @@ def _check_layer_lengths(tasks: dict[str, Any], path: pathlib.Path) -> None:
                        "edited, or files of different models mixed up?")
 
 
+def _read_text(path: pathlib.Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise RunError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start}); truncated, or not a "
+                       "harness's output?") from None
+
+
 def _read_json(path: pathlib.Path) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(_read_text(path))
     except json.JSONDecodeError as error:
         raise RunError(f"{path}: not valid JSON ({error}); truncated, or not a harness's output?") from None
     if not isinstance(data, dict):
@@ -206,12 +216,15 @@ def _read_json(path: pathlib.Path) -> dict[str, Any]:
     return data
 
 
-def _read_samples(path: pathlib.Path) -> tuple[dict[int, dict[str, Any]], dict[str, dict[int, dict[str, Any]]]]:
+def _read_samples(
+    path: pathlib.Path, filters: Sequence[str] = ()
+) -> tuple[dict[int, dict[str, Any]], dict[str, dict[int, dict[str, Any]]]]:
     """A samples log by doc_id, and by filter and doc_id. lm-eval logs a document once per filter, naming it: the
     ``none`` filter's line is the document's (the statistics rows' filter), or the first filter's where the task has
-    no ``none`` filter. lmms-eval names no filter (no lines by filter)."""
+    no ``none`` filter. lmms-eval names no filter: one line per document, or for a task with several ``filters``
+    (its ``filter_list``) one per document and filter, the i-th line of a document being the i-th filter's."""
     lines: list[tuple[int, dict[str, Any]]] = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, line in enumerate(_read_text(path).splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -222,13 +235,20 @@ def _read_samples(path: pathlib.Path) -> tuple[dict[int, dict[str, Any]], dict[s
             raise RunError(f"{path}: line {number} has no integer doc_id; not a samples log")
         lines.append((number, sample))
     by_filter: dict[Any, dict[int, dict[str, Any]]] = {}
+    seen: dict[int, int] = {}  # lines so far of each document (unnamed lines of a task with several filters)
     for number, sample in lines:
-        log = by_filter.setdefault(sample.get("filter"), {})
+        name = sample.get("filter")
+        if name is None and len(filters) > 1:
+            seen[sample["doc_id"]] = seen.get(sample["doc_id"], -1) + 1
+            name = filters[seen[sample["doc_id"]]] if seen[sample["doc_id"]] < len(filters) else None
+        log = by_filter.setdefault(name, {})
         if sample["doc_id"] in log:
             unnamed = "" if "filter" in sample else " (or a task with several filters, which lmms-eval logs unnamed)"
             raise RunError(f"{path}: doc_id {sample['doc_id']} appears twice (line {number}); files mixed up"
                            f"{unnamed}?")
         log[sample["doc_id"]] = sample
+    if len({frozenset(log) for log in by_filter.values()}) > 1:
+        raise RunError(f"{path}: the filters' lines log different documents; truncated, or files mixed up?")
     kept = "none" if "none" in by_filter else next(iter(by_filter), None)
     return by_filter.get(kept, {}), {name: log for name, log in by_filter.items() if isinstance(name, str)}
 
@@ -299,7 +319,9 @@ def load_run(path: pathlib.Path) -> LoadedRun:
         task = layout.match(layout.samples, path_.name, date=date)["task"]
         if task not in results["results"]:
             raise RunError(f"{path_}: task {task!r} is not in {results_path.name}; files mixed up?")
-        samples[task], filtered[task] = _read_samples(path_)
+        filters = [entry.get("name") for entry in results.get("configs", {}).get(task, {}).get("filter_list") or ()
+                   if isinstance(entry, dict)]
+        samples[task], filtered[task] = _read_samples(path_, filters)
         expected = results.get("n-samples", {}).get(task, {}).get("effective")
         if expected is not None and len(samples[task]) != expected:
             raise RunError(f"{path_}: {len(samples[task])} samples, but {results_path.name} says {expected}; "

@@ -72,8 +72,8 @@ def paired_permutation(base: Sequence[float], other: Sequence[float], iterations
 
 
 def sample_scores(run: LoadedRun, task: str, metric: str) -> dict[int, float] | None:
-    """Per-document values of metric ``metric`` (a metric id: under its filter) from the samples log (a number, or a
-    dict's ``score`` as POPE logs)."""
+    """Per-document values of metric ``metric`` (a metric id: under its filter) from the samples log (a number, a
+    boolean as 0/1 as the harnesses average it, or a dict's ``score`` as POPE logs)."""
     log = run.sample_log(task, metric)
     if log is None:
         return None
@@ -82,7 +82,7 @@ def sample_scores(run: LoadedRun, task: str, metric: str) -> dict[int, float] | 
     for doc, sample in log.items():
         value = sample.get(name)
         value = value.get("score") if isinstance(value, dict) else value
-        if not isinstance(value, int | float) or isinstance(value, bool):
+        if not isinstance(value, int | float):  # bool is an int
             return None
         scores[doc] = float(value)
     return scores
@@ -124,7 +124,7 @@ def difference(base: LoadedRun, other: LoadedRun, task: str, metric: str) -> Dif
     if not (per_sample_mean(base, task, metric) and per_sample_mean(other, task, metric)):
         return Difference(delta, test="aggregate is not a per-sample mean", by_design=True)
     scores = [sample_scores(run, task, metric) for run in (base, other)]
-    if scores[0] is None or scores[1] is None:
+    if not scores[0] or not scores[1]:  # no log, a value that is not a number, or no document
         return Difference(delta, test="no per-sample values")
     for per_doc, value in zip(scores, values, strict=True):
         if not math.isclose(sum(per_doc.values()) / len(per_doc), value, rel_tol=1e-9, abs_tol=1e-12):

@@ -13,8 +13,10 @@ from typing import Any
 from lmms_lostattn.config.spec import StatsConfig
 from lmms_lostattn.statistics.collector import aggregate, layer_mean, mean_records, table_group, table_rows
 
-LAYERS_METRIC = "lostattn_layers"
-SAMPLES_METRIC = "lostattn_samples"
+PREFIX = "lostattn_"  # of every row the plugin adds
+LAYERS_METRIC = f"{PREFIX}layers"
+SAMPLES_METRIC = f"{PREFIX}samples"
+FILTER = "none"  # the statistics rows' filter in both hosts' results, whatever filters the task has
 
 
 def document_metrics(records: list[dict[str, Any]], stats: StatsConfig) -> dict[str, Any]:

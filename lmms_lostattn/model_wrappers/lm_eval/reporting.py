@@ -33,6 +33,7 @@ from lmms_lostattn.config.spec import SpecError
 from lmms_lostattn.model_wrappers.common.patching import argument, wrap_once
 from lmms_lostattn.model_wrappers.common.plugin import RunRecords, run_of
 from lmms_lostattn.model_wrappers.common.results import (
+    FILTER,
     LAYERS_METRIC,
     SAMPLES_METRIC,
     aggregate_layers,
@@ -40,7 +41,6 @@ from lmms_lostattn.model_wrappers.common.results import (
 )
 from lmms_lostattn.statistics.collector import table_rows
 
-FILTER = "none"
 CACHE_MARK = "lostattn:intervention"  # never one of lm-eval's cache keys (sha256 hex digests of the requests)
 
 

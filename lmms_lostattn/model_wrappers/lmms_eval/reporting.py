@@ -15,7 +15,8 @@ through unless their arguments carry a lostattn model or its results:
 
 Rows per task: ``lostattn_{rid,mixig}_{attn,ffn}`` (mean over samples of each sample's layer mean; RID rows named
 by their definition where it is not the paper's, see :func:`lmms_lostattn.statistics.collector.table_row`) and
-``lostattn_samples`` (documents with statistics; fewer than the task's when ``--use_cache`` answered some).
+``lostattn_samples`` (documents with statistics; fewer than the task's when ``--use_cache`` answered some), under
+the ``none`` filter whatever filters the task has.
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ from loguru import logger
 from lmms_lostattn.model_wrappers.common.patching import argument, swapped, wrap_once
 from lmms_lostattn.model_wrappers.common.plugin import RunRecords, run_of
 from lmms_lostattn.model_wrappers.common.results import (
+    FILTER,
     LAYERS_METRIC,
+    PREFIX,
     SAMPLES_METRIC,
     aggregate_layers,
     document_metrics,
@@ -70,12 +73,22 @@ def _evaluate(original: Any, *args: Any, **kwargs: Any) -> Any:
     if results is not None:  # rank 0
         per_task = {}
         for task, metrics in results.get("results", {}).items():
+            _under_one_filter(metrics)
             for key in [k for k in metrics if k.split(",")[0].startswith(LAYERS_METRIC)]:
                 value = metrics.pop(key)
                 if isinstance(value, dict):
                     per_task[task] = value
         results["lostattn"] = {**run.describe(), "tasks": per_task}
     return results
+
+
+def _under_one_filter(metrics: dict[str, Any]) -> None:
+    """Move a task's statistics rows under :data:`FILTER`, once: lmms-eval aggregates every per-document metric per
+    filter of the task (``lostattn_rid_attn,flexible-extract``), and a document's statistics are the same under each.
+    """
+    for key in [key for key in metrics if key.startswith(PREFIX) and key.partition(",")[2] != FILTER]:
+        value = metrics.pop(key)
+        metrics.setdefault(f"{key.partition(',')[0]},{FILTER}", value)
 
 
 def _save_results_aggregated(
