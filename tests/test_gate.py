@@ -238,6 +238,18 @@ def test_a_task_without_documents_cannot_be_judged(capsys: pytest.CaptureFixture
     assert "lostattn_shapes_color/exact_match: cannot be tested per sample (no per-sample values)" in err, err
 
 
+def test_an_unexpected_error_inside_check_is_cannot_judge_not_a_regression(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Python's status for an uncaught exception is 1, which ``check`` uses for a regression."""
+    def broken(*_: object) -> None:
+        raise ZeroDivisionError("division by zero")
+
+    monkeypatch.setattr("lmms_lostattn.cli.check.regressions", broken)
+    code, out, err = lostattn(capsys, "check", RUNS / "none", "--baseline", RUNS / "none")
+    assert code == 2 and "ZeroDivisionError" in err and "cannot judge (an unexpected error, above)" in err, err
+
+
 def test_per_sample_values_that_do_not_average_to_the_aggregate_cannot_be_judged(
     capsys: pytest.CaptureFixture[str], tmp_path: pathlib.Path
 ) -> None:

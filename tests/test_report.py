@@ -19,6 +19,7 @@ from lmms_lostattn.cli import main
 from lmms_lostattn.reporting.plots import ALL_TASKS, layer_curve
 from lmms_lostattn.reporting.runs import load_run
 from lmms_lostattn.reporting.significance import EXACT_UP_TO, mcnemar, paired_permutation
+from lmms_lostattn.reporting.tables import Table, markdown, text_cell
 
 RUNS = pathlib.Path(__file__).parent / "data" / "runs"
 TASKS = ("lostattn_pope", "lostattn_shapes_color")
@@ -98,6 +99,34 @@ def test_module_table_has_the_papers_rows_with_the_raw_numbers(report_dir: pathl
                 assert float(row[f"{task} {column}"]) == mean
                 assert float(row[f"{task} {column} stderr"]) == stderr
                 assert f"{mean:.4f} ± {stderr:.4f}" in markdown
+
+
+def test_module_table_shows_the_ffn_under_both_references_where_both_were_measured(
+    capsys: pytest.CaptureFixture[str], tmp_path: pathlib.Path
+) -> None:
+    """``stats=all`` records the FFN's RID against the layer's input too (the sidecar's ``rid_layer``)."""
+    run = copy_run("none", tmp_path)
+    (sidecar,) = run.glob("*_lostattn.json")
+
+    def add_layer_reference(data: dict) -> None:
+        for index, task in enumerate(TASKS):
+            data["tasks"][task]["per_layer"]["ffn"]["all"]["rid_layer"] = {
+                "overall": {"mean": 0.5 + index, "stderr": 0.25}
+            }
+
+    edit_json(sidecar, add_layer_reference)
+    assert lostattn(capsys, "report", run, "-o", tmp_path / "out")[0] == 0
+    rows = read_csv(tmp_path / "out" / "modules.csv")
+    assert [row["row"] for row in rows] == ["attention", "FFN", "FFN (RID against the layer's input)"]
+    for index, task in enumerate(TASKS):
+        assert float(rows[2][f"{task} RID"]) == 0.5 + index and float(rows[2][f"{task} RID stderr"]) == 0.25
+        assert rows[2][f"{task} MixIG"] == rows[1][f"{task} MixIG"]  # of the FFN's own input under either
+
+
+def test_markdown_escapes_a_pipe_in_the_header_as_in_the_cells() -> None:
+    table = Table(["task", "em|strict"], [[text_cell("a|b"), text_cell("1")]])
+    header, separator, row = markdown(table).splitlines()[:3]
+    assert header == "| task | em\\|strict |" and separator == "|---|---|" and row == "| a\\|b | 1 |"
 
 
 def test_accuracy_table_puts_vanilla_first_with_each_tasks_headline_metric(report_dir: pathlib.Path) -> None:
@@ -465,6 +494,10 @@ def test_runs_sharing_a_folder_are_read_by_their_results_file(
     assert code == 0 and "no regression" in out, err
     code, _, err = lostattn(capsys, "check", shared, "--baseline", shared / base.name)
     assert code == 2 and f"{shared}: several results files" in err
+    code, _, err = lostattn(capsys, "compare", shared / base.name, shared / run.name, "-o", tmp_path / "compared")
+    assert code == 0, err
+    names = [row["run"] for row in read_csv(tmp_path / "compared" / "leaderboard.csv")]
+    assert names == [f"model/{base.stem}", f"model/{run.stem}"]  # not "model" twice
 
 
 @pytest.mark.parametrize("damage", [_truncate_results, _truncate_samples, _drop_last_sample, _foreign_sidecar,

@@ -30,6 +30,7 @@ import importlib.util
 import pathlib
 import sys
 import tempfile
+import traceback
 from collections.abc import Sequence
 
 
@@ -142,6 +143,12 @@ def main(argv: Sequence[str] | None = None) -> None:
                 sys.exit(check(args.run, args.baseline, args.max_drop, args.metrics))
         except (RunError, OSError) as error:  # OSError: an output path that cannot be written (a file, no space)
             print(f"lostattn {args.command}: {error}", file=sys.stderr)
+            sys.exit(2)
+        except Exception:  # a bug: the gate cannot judge, which its status 1 (a regression) would not say
+            if args.command != "check":
+                raise
+            traceback.print_exc()
+            print("lostattn check: cannot judge (an unexpected error, above)", file=sys.stderr)
             sys.exit(2)
     elif args.command == "tasks-path":
         from lmms_lostattn.tasks import tasks_path

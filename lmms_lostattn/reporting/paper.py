@@ -7,18 +7,10 @@ from collections.abc import Sequence
 
 from lmms_lostattn.reporting.runs import LoadedRun
 from lmms_lostattn.reporting.significance import ALPHA, TESTS, difference
-from lmms_lostattn.reporting.tables import Cell, Table, estimate_cell, mean_cell, primary_metric, text_cell
+from lmms_lostattn.reporting.tables import Cell, Table, estimate_cell, module_cells, primary_metric, text_cell
 
 # The paper's Table 1: module averages over 15 models (RID, MixIG).
 PAPER_TABLE1 = {"attention": (0.06, 0.61), "FFN": (0.21, 0.02), "Noise Δ": (0.61, -0.80), "Noise QKV": (0.44, -0.50)}
-
-
-def _sidecar_cell(run: LoadedRun, task: str, module: str, metric: str) -> Cell:
-    """A layer-averaged statistic from the sidecar (for values that have no table row, e.g. ``rid_layer``)."""
-    group = run.block.get("stats", {}).get("table_group") or "all"
-    overall = (((run.sidecar or {}).get("tasks", {}).get(task, {}).get("per_layer", {}).get(module, {})
-                .get(group, {}).get(metric, {})).get("overall", {}))
-    return estimate_cell(overall.get("mean"), overall.get("stderr"))
 
 
 def reproduction_table1(vanilla: LoadedRun, noise_delta: LoadedRun, noise_qkv: LoadedRun) -> Table:
@@ -29,13 +21,9 @@ def reproduction_table1(vanilla: LoadedRun, noise_delta: LoadedRun, noise_qkv: L
     header += ["RID (paper)", "MixIG (paper)"]
 
     def row(label: str, against: str, run: LoadedRun, module: str, layer_reference: bool = False) -> list[Cell]:
-        cells = []
-        for task in tasks:
-            rid = (_sidecar_cell(run, task, module, "rid_layer") if layer_reference
-                   else mean_cell(run, task, run.stat_row("rid", module)))
-            cells += [rid, mean_cell(run, task, run.stat_row("mixig", module))]
         paper = [text_cell(f"{value:.2f}") for value in PAPER_TABLE1[label]]
-        return [text_cell(label), text_cell(against), text_cell(run.name), *cells, *paper]
+        return [text_cell(label), text_cell(against), text_cell(run.name),
+                *module_cells(run, tasks, module, layer_reference), *paper]
 
     rows = [row("attention", "the layer's input (its own)", vanilla, "attn"),
             row("FFN", "the FFN's input", vanilla, "ffn"),

@@ -18,7 +18,7 @@ import math
 import pathlib
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from lmms_lostattn.compat.kernels import describe_layers
@@ -331,14 +331,16 @@ def load_run(path: pathlib.Path) -> LoadedRun:
 
 
 def load_runs(paths: list[pathlib.Path]) -> list[LoadedRun]:
-    """Load several runs; the same results file given twice is an error."""
+    """Load several runs; the same results file given twice is an error. Runs that would be shown under one name
+    (results files given from one folder) are named ``<folder>/<results file stem>``."""
     runs = [load_run(p) for p in paths]
     seen: set[pathlib.Path] = set()
     for run in runs:
         if run.path.resolve() in seen:
             raise RunError(f"{run.path}: given twice")
         seen.add(run.path.resolve())
-    return runs
+    names = [run.name for run in runs]
+    return [replace(run, name=f"{run.name}/{run.path.stem}") if names.count(run.name) > 1 else run for run in runs]
 
 
 def version_changes(base: LoadedRun, other: LoadedRun) -> list[str]:

@@ -70,15 +70,42 @@ def primary_metric(runs: Sequence[LoadedRun], task: str) -> str | None:
     return None
 
 
+def sidecar_cell(run: LoadedRun, task: str, module: str, metric: str) -> Cell:
+    """A layer-averaged statistic from the sidecar (for values that have no table row, e.g. ``rid_layer``)."""
+    group = run.block.get("stats", {}).get("table_group") or "all"
+    overall = (((run.sidecar or {}).get("tasks", {}).get(task, {}).get("per_layer", {}).get(module, {})
+                .get(group, {}).get(metric, {})).get("overall", {}))
+    return estimate_cell(overall.get("mean"), overall.get("stderr"))
+
+
+def module_cells(run: LoadedRun, tasks: Sequence[str], module: str, layer_reference: bool = False) -> list[Cell]:
+    """RID and MixIG of ``module`` per task; with ``layer_reference`` the RID against the layer's input
+    (``stats=all``'s ``rid_layer``, from the sidecar) in place of its table row's."""
+    cells = []
+    for task in tasks:
+        rid = (sidecar_cell(run, task, module, "rid_layer") if layer_reference
+               else mean_cell(run, task, run.stat_row("rid", module)))
+        cells += [rid, mean_cell(run, task, run.stat_row("mixig", module))]
+    return cells
+
+
 def module_table(runs: Sequence[LoadedRun]) -> Table:
-    """Paper Table 1: RID and MixIG of attention and FFN (vanilla runs), Noise Δ / Noise QKV (attention, those runs)."""
+    """Paper Table 1: RID and MixIG of attention and FFN (vanilla runs; the FFN under both references where both
+    were measured), Noise Δ / Noise QKV (attention, those runs)."""
     tasks = [t for t in _tasks(runs) if any(r.metric(t, r.stat_row("rid", "attn")) is not None for r in runs)]
     header = ["model", "row", "run"] + [f"{task} {name}" for task in tasks for name in ("RID", "MixIG")]
     rank = {mode: i for i, mode in enumerate(MODULE_ROWS)}
     chosen = sorted((run for run in runs if run.mode in MODULE_ROWS), key=lambda run: (run.model, rank[run.mode]))
-    rows = [[text_cell(run.model), text_cell(_definition(label, run, module)), text_cell(run.name)]
-            + [mean_cell(run, task, run.stat_row(metric, module)) for task in tasks for metric in ("rid", "mixig")]
-            for run in chosen for label, module in MODULE_ROWS[run.mode]]
+    rows = []
+    for run in chosen:
+        for label, module in MODULE_ROWS[run.mode]:
+            names = [text_cell(run.model), text_cell(_definition(label, run, module)), text_cell(run.name)]
+            rows.append(names + module_cells(run, tasks, module))
+            layer = module_cells(run, tasks, module, layer_reference=True)
+            if module == "ffn" and run.stat_row("rid", module) == "lostattn_rid_ffn" and any(
+                cell.fields[""] is not None for cell in layer[::2]
+            ):
+                rows.append([names[0], text_cell(f"{label} (RID against the layer's input)"), names[2], *layer])
     return Table(header, rows, ["mean ± stderr over samples of each sample's mean over layers"])
 
 
@@ -142,8 +169,11 @@ def leaderboard(runs: Sequence[LoadedRun], base: LoadedRun) -> Table:
 
 def markdown(table: Table) -> str:
     """The table as GitHub Markdown, notes below it."""
-    lines = ["| " + " | ".join(table.header) + " |", "|" + "---|" * len(table.header)]
-    lines += ["| " + " | ".join(cell.text.replace("|", "\\|") for cell in row) + " |" for row in table.rows]
+    def row(texts: Sequence[str]) -> str:
+        return "| " + " | ".join(text.replace("|", "\\|") for text in texts) + " |"
+
+    lines = [row(table.header), "|" + "---|" * len(table.header)]
+    lines += [row([cell.text for cell in cells]) for cells in table.rows]
     return "\n".join(lines + [""] + [f"{note}  " for note in table.notes]) + "\n"
 
 
