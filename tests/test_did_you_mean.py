@@ -61,3 +61,9 @@ def test_a_piece_without_a_value_is_refused_unless_it_continues_a_plugin_list(ar
     """Glued onto a base-class argument it would change that argument's value without a word."""
     with pytest.raises(SpecError, match=r"in model_args has no '='.*write each argument as name=value"):
         bracket_list_values(arg_string, lambda text: text.split(","))
+
+
+def test_a_misspelt_list_argument_keeps_its_list_so_the_spec_names_the_misspelling() -> None:
+    assert bracket_list_values("attn_layer=1,2,Stats_groups=all,text", lambda text: text.split(",")) == (
+        "attn_layer=[1,2],Stats_groups=[all,text]"
+    )

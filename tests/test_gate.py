@@ -211,6 +211,20 @@ def test_a_baseline_metric_that_is_not_a_finite_number_cannot_be_judged(
         assert "lostattn_shapes_color/exact_match is not a finite number in the baseline" in err, err
 
 
+def test_a_metric_that_is_not_a_per_sample_mean_is_skipped_even_when_not_a_number(
+    capsys: pytest.CaptureFixture[str], tmp_path: pathlib.Path
+) -> None:
+    """POPE's precision is skipped whatever its values, NaN (a judge that failed on every document) included."""
+    base, run = copy_run("none", tmp_path, "base"), copy_run("none", tmp_path, "run")
+    for folder, name in ((base, "run"), (run, "base")):
+        nan = copy_run("none", tmp_path, f"{name}_nan")
+        edit_json(next(nan.glob("*_results.json")),
+                  lambda r: r["results"]["lostattn_pope"].update({"pope_precision,none": float("nan")}))
+        pair = (nan, folder) if name == "run" else (folder, nan)
+        code, out, err = lostattn(capsys, "check", pair[0], "--baseline", pair[1])
+        assert code == 0 and "skipped lostattn_pope/pope_precision: aggregate is not a per-sample mean" in out, err
+
+
 def test_per_sample_scores_logged_as_booleans_are_tested_as_0_and_1(
     capsys: pytest.CaptureFixture[str], tmp_path: pathlib.Path
 ) -> None:

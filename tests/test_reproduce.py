@@ -85,7 +85,8 @@ def test_a_run_the_model_cannot_take_fails_before_any_run(tmp_path, capsys) -> N
     with pytest.raises(SystemExit) as exit_info:
         main(_argv(tmp_path / "out", model_args=f"pretrained={tmp_path},device=cpu,device_map=cpu"))
     assert exit_info.value.code == 2
-    assert re.search(r"the noise_qkv run cannot run on this model: .*noise_qkv", capsys.readouterr().err)
+    message = r"Table 1 needs the noise_qkv run \(attn=noise_qkv,.*\), which this model cannot run: .*noise_qkv"
+    assert re.search(message, capsys.readouterr().err)
     assert not (tmp_path / "out").exists()
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from lmms_lostattn.reporting.runs import STATISTICS_PREFIX, LoadedRun, RunError, comparability
-from lmms_lostattn.reporting.significance import difference
+from lmms_lostattn.reporting.significance import difference, per_sample_mean
 
 
 def check_max_drop(value: float) -> float:
@@ -73,6 +73,9 @@ def regressions(base: LoadedRun, run: LoadedRun, max_drop: float, metrics: Seque
     lines = [("note", f"{group} is a group (no samples log of its own): checked through its tasks "
                       f"{', '.join(_tasks_of(groups, group))}") for group in sorted(groups) if group in tasks]
     for task, metric in selected:
+        if not wanted and not per_sample_mean(base, task, metric):  # whatever its values, NaN included
+            lines.append(("skipped", f"{task}/{metric}: aggregate is not a per-sample mean"))
+            continue
         if base.metric(task, metric) is None:  # null, NaN or not a number in the baseline
             if wanted or run.metric(task, metric) is not None:
                 raise RunError(f"{base.path}: {task}/{metric} is not a finite number in the baseline; nothing to "

@@ -52,11 +52,11 @@ def bracket_list_values(arg_string: str, split: Callable[[str], list[str]]) -> s
     for piece in split(arg_string.strip()):
         if "=" in piece or not piece.strip():
             pieces.append(piece)
-        elif pieces and pieces[-1].partition("=")[0].strip() in InterventionSpec.ARGS:
+        elif pieces and looks_like_plugin_arg(pieces[-1].partition("=")[0].strip()):
             pieces[-1] += "," + piece
         else:
             after = f"after {pieces[-1]!r}, not" if pieces else "not after"
-            raise SpecError(f"lostattn: {piece!r} in model_args has no '=' ({after} a plugin argument whose value "
+            raise SpecError(f"lostattn: {piece!r} in model_args has no '=' ({after} a plugin argument, whose value "
                             "could be a list); write each argument as name=value")
     bracketed = []
     for piece in pieces:
@@ -75,16 +75,19 @@ def refuse_repeated(names: list[str]) -> None:
         raise SpecError(f"lostattn: {', '.join(twice)} given more than once in model_args; give each once")
 
 
-def is_plugin_arg(key: str, base_args: Mapping[str, Any]) -> bool:
-    """The plugin's own arguments, and names the base class does not take that look like ours: ``attn*``/``stats*``
-    names and near misses (``attn_layer``, ``atn``, ``stat``), which the spec then refuses by name with the closest
-    argument; the base class keeps its own and transformers' :data:`LOADING_ARGS` (``attn_implementation``)."""
-    if key in InterventionSpec.ARGS:
-        return True
-    if key in base_args or key in LOADING_ARGS:
-        return False
+def looks_like_plugin_arg(key: str) -> bool:
+    """A plugin argument, or a name that looks like one: ``attn*``/``stats*`` in any case and near misses
+    (``attn_layer``, ``atn``, ``stat``); not transformers' :data:`LOADING_ARGS` (``attn_implementation``)."""
     lowered = key.lower()
-    return lowered.startswith(_PLUGIN_PREFIXES) or bool(get_close_matches(lowered, InterventionSpec.ARGS, 1, NEAR_MISS))
+    return key in InterventionSpec.ARGS or key not in LOADING_ARGS and (
+        lowered.startswith(_PLUGIN_PREFIXES) or bool(get_close_matches(lowered, InterventionSpec.ARGS, 1, NEAR_MISS))
+    )
+
+
+def is_plugin_arg(key: str, base_args: Mapping[str, Any]) -> bool:
+    """The plugin's own arguments, and names the base class does not take that look like ours
+    (:func:`looks_like_plugin_arg`), which the spec then refuses by name with the closest argument."""
+    return key in InterventionSpec.ARGS or key not in base_args and looks_like_plugin_arg(key)
 
 
 def config_overrides(plugin_args: dict[str, Any], pretrained: Any, hub: dict[str, Any]) -> dict[str, Any]:

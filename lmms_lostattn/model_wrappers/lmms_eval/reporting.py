@@ -72,6 +72,8 @@ def _evaluate(original: Any, *args: Any, **kwargs: Any) -> Any:
             results = original(*args, **kwargs)
     if results is not None:  # rank 0
         per_task = {}
+        for metrics in results.get("groups", {}).values():
+            _under_one_filter(metrics)
         for task, metrics in results.get("results", {}).items():
             _under_one_filter(metrics)
             for key in [k for k in metrics if k.split(",")[0].startswith(LAYERS_METRIC)]:

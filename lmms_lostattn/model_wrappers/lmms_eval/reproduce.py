@@ -169,8 +169,11 @@ def _check_runs(given: dict[str, str], runs: dict[str, str]) -> None:
             intervention = spec.resolve(text.num_hidden_layers, text.num_attention_heads, adapter.preset(config))
             adapter.check_intervention(config, intervention, spec.stats)
         except SpecError as error:
-            where = " (pass it with --sap-args)" if name.startswith("sap_") else ""
-            raise ReproduceError(f"the {name} run cannot run on this model: {error}{where}") from error
+            if name.startswith("sap_"):
+                raise ReproduceError(f"the {name} run cannot run on this model: {error} (pass it with --sap-args)"
+                                     ) from error
+            raise ReproduceError(f"Table 1 needs the {name} run ({arguments}), which this model cannot run: {error}"
+                                 ) from error
 
 
 def _unfinished(folder: pathlib.Path, command: dict[str, object]) -> str | None:
