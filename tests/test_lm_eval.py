@@ -282,8 +282,12 @@ def test_plain_lists_in_model_args_are_bracketed_as_lm_eval_splits_them() -> Non
     assert bracket_model_args(["-a", "dtype=float32", "-a", "dtype=float16"], split_top_level)[-1] == "dtype=float16"
     with pytest.raises(SpecError, match=r"""'\[\{"attn": 1\}\]' in model_args has no '='"""):  # lm-eval refuses it too
         bracket_model_args(["-a", '[{"attn": 1}]'], split_top_level)
-    # argparse takes abbreviations of --model_args
+    # argparse takes abbreviations of --model_args, and the attached short form
     assert bracket_model_args(["--model_arg", "attn_layers=0,1"], split_top_level)[1] == "attn_layers=[0,1]"
+    assert bracket_model_args(["--model_", "attn_layers=0,1"], split_top_level)[1] == "attn_layers=[0,1]"
+    assert bracket_model_args(["-aattn_layers=0,1", "--model", "x"], split_top_level) == [
+        "-aattn_layers=[0,1]", "--model", "x",
+    ]  # fmt: skip
     with pytest.raises(SpecError, match="attn_layers given more than once"):
         bracket_model_args(["--model_args", "attn_layers=0", "--model_a=attn_layers=3"], split_top_level)
     for mixed in (['{"pretrained": "p"}', "attn=knockout"], ["attn=knockout", '{"pretrained": "p"}']):

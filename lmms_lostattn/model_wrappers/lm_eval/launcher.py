@@ -23,8 +23,9 @@ _MODEL_ARGS = "--model_args"
 
 
 def _is_model_args(flag: str) -> bool:
-    """``--model_args``, its short form ``-a``, or an abbreviation argparse takes for it (``--model_arg``)."""
-    return flag == "-a" or (flag.startswith("--model_a") and _MODEL_ARGS.startswith(flag))
+    """``--model_args``, its short form ``-a``, or an abbreviation argparse takes for it (``--model_``: no other
+    flag of ``lm-eval run`` starts so)."""
+    return flag == "-a" or (len(flag) > len("--model") and _MODEL_ARGS.startswith(flag))
 
 
 def bracket_model_args(argv: list[str], split: Callable[[str], list[str]]) -> list[str]:
@@ -52,6 +53,10 @@ def bracket_model_args(argv: list[str], split: Callable[[str], list[str]]) -> li
         flag, eq, value = arg.partition("=")
         if _is_model_args(flag) and eq:
             out.append(f"{flag}={bracketed(value)}")
+            values = None
+            continue
+        if arg.startswith("-a") and len(arg) > 2:  # argparse's attached short form, -aVALUE
+            out.append(f"-a{bracketed(arg[2:])}")
             values = None
             continue
         if arg.startswith("-"):
