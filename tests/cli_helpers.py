@@ -55,8 +55,10 @@ def samples_of(output: pathlib.Path, task: str) -> list[dict]:
     return sorted((json.loads(line) for line in lines if line.strip()), key=lambda sample: sample["doc_id"])
 
 
-def pope_argv(model: str, model_args: str, output: pathlib.Path, *extra: str) -> list[str]:
-    """``lmms-eval`` arguments for a quick run on ``lostattn_pope`` (``--limit 2``, 2 new tokens, failures raise)."""
+def lmms_eval_argv(
+    model: str, model_args: str, output: pathlib.Path, *extra: str, tasks: str = "lostattn_pope", limit: int = 2
+) -> list[str]:
+    """``lmms-eval`` arguments for :func:`run_cli_batch`: a quick run on ``tasks`` (2 new tokens, failures raise)."""
     return [
         "lmms_eval",
         "--model",
@@ -64,11 +66,11 @@ def pope_argv(model: str, model_args: str, output: pathlib.Path, *extra: str) ->
         "--model_args",
         model_args,
         "--tasks",
-        "lostattn_pope",
+        tasks,
         "--include_path",
         str(tasks_path()),
         "--limit",
-        "2",
+        str(limit),
         "--gen_kwargs",
         "max_new_tokens=2",
         "--output_path",
@@ -77,6 +79,11 @@ def pope_argv(model: str, model_args: str, output: pathlib.Path, *extra: str) ->
         "DEBUG",
         *extra,
     ]
+
+
+def pope_argv(model: str, model_args: str, output: pathlib.Path, *extra: str) -> list[str]:
+    """``lmms-eval`` arguments for a quick run on ``lostattn_pope`` (``--limit 2``, 2 new tokens, failures raise)."""
+    return lmms_eval_argv(model, model_args, output, *extra)
 
 
 def run_cli_batch(runs: list[list[str]], cwd: pathlib.Path, host: str = "lmms_eval", processes: int = 1) -> str:

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 
 import pytest
 import torch
-from cli_helpers import pope_argv, results_of, run_cli, run_cli_batch, run_error, samples_of
+from cli_helpers import lmms_eval_argv, results_of, run_cli, run_cli_batch, run_error, samples_of
 from lmms_eval.api.instance import Instance
 from lmms_eval.models import get_model
 from PIL import Image
@@ -35,9 +35,10 @@ MODES = ["none", "gaussian", "uniform", "identity", "sink", "shuffle", "knockout
 CONFIGS = {mode: f"attn={mode},stats=paper" for mode in MODES} | {
     "paper": "attn=gaussian,attn_preset=paper,stats=paper"
 }
-BATCH_SIZES = (1, 3, 4)
-LIMIT = 5  # documents through the command line: batches of 3+2 and 4+1
-DOCUMENTS = 7  # in process: batches of 3+3+1 and 4+3
+BATCH_SIZES = (1, 3, 4)  # in process, DOCUMENTS = 7: batches of 3+3+1 and 4+3
+DOCUMENTS = 7
+CLI_BATCH_SIZES = (1, 4)  # through the command line, LIMIT = 5: batches of 4+1
+LIMIT = 5
 BF16_TOLERANCE = 1e-3
 F32_TOLERANCE = 2e-4
 _QWEN_CPU = f"device=cpu,device_map=cpu,min_pixels={28 * 28 * 4},max_pixels={28 * 28 * 16}"
@@ -66,23 +67,15 @@ def _safe(name: str) -> str:
 
 @pytest.fixture(scope="module")
 def cli_runs(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
-    """Every configuration x batch size x family through the lmms-eval command line, in two subprocesses."""
+    """Every configuration x CLI batch size x family through the lmms-eval command line, in two subprocesses."""
     root = tmp_path_factory.mktemp("batching")
     runs = []
     for variant, (model_id, cpu_args, extra) in FAMILIES.items():
-        for (name, args), batch_size in itertools.product(CONFIGS.items(), BATCH_SIZES):
+        for (name, args), batch_size in itertools.product(CONFIGS.items(), CLI_BATCH_SIZES):
             output = root / variant / _safe(name) / str(batch_size)
-            argv = pope_argv(
-                model_id,
-                f"pretrained={tiny_model_dir(variant)},{cpu_args},{args}",
-                output,
-                "--batch_size",
-                str(batch_size),
-                "--log_samples",
-                *extra,
-            )
-            argv[argv.index("--limit") + 1] = str(LIMIT)
-            runs.append(argv)
+            model_args = f"pretrained={tiny_model_dir(variant)},{cpu_args},{args}"
+            flags = ("--batch_size", str(batch_size), "--log_samples", *extra)
+            runs.append(lmms_eval_argv(model_id, model_args, output, *flags, limit=LIMIT))
     run_cli_batch(runs, root, processes=2)
     return root
 
@@ -93,13 +86,13 @@ def cli_runs(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
 def test_each_row_equals_its_batch_of_one_run_through_the_cli(
     cli_runs: pathlib.Path, variant: str, config: str
 ) -> None:
-    outputs = {size: cli_runs / variant / _safe(config) / str(size) for size in BATCH_SIZES}
+    outputs = {size: cli_runs / variant / _safe(config) / str(size) for size in CLI_BATCH_SIZES}
     for size, output in outputs.items():
         assert not run_error(output), f"batch {size}:\n{run_error(output)}"
     samples = {size: samples_of(output, "lostattn_pope") for size, output in outputs.items()}
     single = samples[1]
     assert [sample["doc_id"] for sample in single] == list(range(LIMIT))
-    for size in BATCH_SIZES[1:]:
+    for size in CLI_BATCH_SIZES[1:]:
         assert [s["filtered_resps"] for s in samples[size]] == [s["filtered_resps"] for s in single], size
         _rows_match_their_documents(
             [_per_layer(s) for s in single], [_per_layer(s) for s in samples[size]], BF16_TOLERANCE

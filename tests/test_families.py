@@ -1,9 +1,11 @@
 """Every supported LVLM family against lmms-eval's own wrapper for it, on a tiny random-weight model.
 
 Each family in :data:`FAMILIES` gets the same checks: ``attn=none`` parity with the base wrapper (texts and float32
-logits), image/video positions equal to the family processor's token ids, finite ``stats=paper`` values for every
-layer, the paper preset, and every mode through the lmms-eval command line (``-m cli``). README's support matrix is
-rendered from this table; after adding a family, regenerate it with ``python tests/test_families.py``.
+logits), image/video positions equal to the family processor's token ids, every edit changing the logits of the
+family's model, finite ``stats=paper`` values for every layer, the paper preset, and through the lmms-eval command
+line (``-m cli``) ``attn=none`` and an edit of each kind (every mode for LLaVA-1.5), each edit moving the
+statistics. README's support matrix is rendered from this table; after adding a family, regenerate it with
+``python tests/test_families.py``.
 
 lmms-eval's Qwen, Gemma 3 and InternVL wrappers load models in bfloat16 (hard-coded) and the plugin keeps that (the
 parity test checks it loads in the base's dtype), so the tests move *both* the base and the plugin model to float32
@@ -23,7 +25,7 @@ from operator import attrgetter
 import numpy as np
 import pytest
 import torch
-from cli_helpers import pope_argv, results_of, run_cli_batch, run_error
+from cli_helpers import pope_argv, results_of, run_cli_batch, run_error, samples_of
 from lmms_eval.api.instance import Instance
 from lmms_eval.models import get_model
 from PIL import Image
@@ -207,6 +209,27 @@ def test_visual_positions_are_the_processors_image_and_video_tokens(
 
 
 @pytest.mark.parametrize("family", FAMILIES, ids=FAMILY_IDS)
+def test_every_mode_edits_the_familys_model(tiny_model: Callable[[str], pathlib.Path], family: Family) -> None:
+    """Each of :data:`MODES` but none, on the family's own model and processor (image and video tokens): finite
+    float32 logits that differ from the unedited ones by more than 1e-6. Measured (2026-12-05): an edit that changes
+    nothing (``attn=uniform,attn_lambda=0``) moves them by at most 2e-7 (its kernel is not sdpa's); the smallest edit,
+    uniform or shuffle over Idefics2's near-identical image tokens, by 5e-6."""
+    path = tiny_model(family.variant)
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
+    inputs = _inputs(AutoProcessor.from_pretrained(path), video=family.video)
+    adapter, text = adapter_for(model.config), model.config.get_text_config()
+    with torch.no_grad():
+        base = model(**inputs).logits
+        for mode in MODES[1:]:
+            intervention = InterventionSpec.from_model_args({"attn": mode}).resolve(
+                len(adapter.decoder_layers(model)), text.num_attention_heads
+            )
+            with intervene(model, intervention, adapter):
+                edited = model(**inputs).logits
+            assert torch.isfinite(edited).all() and (edited - base).abs().max() > 1e-6, mode
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=FAMILY_IDS)
 def test_paper_preset_is_the_familys(tiny_model: Callable[[str], pathlib.Path], family: Family) -> None:
     config = AutoConfig.from_pretrained(tiny_model(family.variant))
     assert adapter_for(config).preset(config) == family.preset
@@ -229,19 +252,45 @@ def test_stats_paper_are_finite_for_every_layer(tiny_model: Callable[[str], path
                 assert all(value is not None and math.isfinite(value) for value in values), (module, metric, values)
 
 
+def _cli_modes(family: Family) -> dict[str, str]:
+    """The modes a family runs through the command line, each with its arguments: every mode for LLaVA-1.5; for the
+    others attn=none and one edit of each kind: knockout of the image keys in every row (the attention-weight modes
+    share one kernel), noise_delta and noise_qkv. Every family's model runs every mode in process
+    (:func:`test_every_mode_edits_the_familys_model`)."""
+    if family.name == "LLaVA-1.5":
+        return {mode: f"attn={mode}" for mode in MODES}
+    return {"none": "attn=none", "knockout": "attn=knockout,attn_rows=all", "noise_delta": "attn=noise_delta",
+            "noise_qkv": "attn=noise_qkv"}
+
+
+def _cli_tolerance(family: Family) -> float:
+    """How far an edit must move some per-layer statistic of the attn=none run through the command line. Measured
+    (2026-12-05): an edit that changes nothing (attn=uniform,attn_lambda=0) moves them by at most 2.4e-7 in runs
+    the arguments keep in float32, 4.8e-4 in those the base class loads in bfloat16 (Gemma 3); the smallest edits
+    above move them by 1.8e-4 (LLaVA-1.5, shuffle) and 5.3e-3 (Gemma 3, knockout)."""
+    return 1e-5 if family.cpu_args.get("dtype") == "float32" else 2e-3
+
+
+def _per_layer(sample: dict) -> list[float]:
+    values = sample["lostattn_layers"]["values"]
+    return [v for module in ("attn", "ffn") for metric in ("rid", "mixig") for v in values[module]["all"][metric]]
+
+
 @pytest.fixture(scope="module")
 def cli_outputs(tiny_model: Callable[[str], pathlib.Path], tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
-    """Every family x mode through the lmms-eval command line, in two subprocesses (one lmms-eval import and task
-    index each, ~2 s per run after that); run ``<family>/<mode>`` writes under ``<returned dir>/<family>/<mode>``."""
+    """Each family's :func:`_cli_modes` through the lmms-eval command line with ``stats=paper``, in two subprocesses
+    (one lmms-eval import and task index each, ~2 s per run after that); run ``<family>/<mode>`` writes under
+    ``<returned dir>/<family>/<mode>``."""
     root = tmp_path_factory.mktemp("cli")
     runs = [
         pope_argv(
             family.model_id,
-            f"pretrained={tiny_model(family.variant)},{family.model_args},attn={mode}",
+            f"pretrained={tiny_model(family.variant)},{family.model_args},{args},stats=paper",
             root / family.test_id / mode,
+            "--log_samples",
         )
         for family in FAMILIES
-        for mode in MODES
+        for mode, args in _cli_modes(family).items()
     ]
     run_cli_batch(runs, root, processes=2)
     return root
@@ -249,13 +298,24 @@ def cli_outputs(tiny_model: Callable[[str], pathlib.Path], tmp_path_factory: pyt
 
 @pytest.mark.cli
 @pytest.mark.parametrize("family", FAMILIES, ids=FAMILY_IDS)
-def test_every_mode_runs_through_the_lmms_eval_cli(cli_outputs: pathlib.Path, family: Family) -> None:
-    for mode in MODES:
+def test_its_modes_run_through_the_lmms_eval_cli_and_edits_move_the_statistics(
+    cli_outputs: pathlib.Path, family: Family
+) -> None:
+    """Each mode's run succeeds with POPE's metrics and records its mode; each edit moves some per-layer statistic of
+    attn=none's run beyond float noise (:func:`_cli_tolerance`): an edit that does nothing fails."""
+    stats = {}
+    for mode in _cli_modes(family):
         output = cli_outputs / family.test_id / mode
         assert not run_error(output), f"attn={mode}:\n{run_error(output)}"
         results = results_of(output)
         assert set(results["results"]["lostattn_pope"]) >= POPE_METRICS, mode
         assert results["lostattn"]["intervention"]["mode"] == mode
+        samples = samples_of(output, "lostattn_pope")
+        assert [sample["doc_id"] for sample in samples] == [0, 1], mode
+        stats[mode] = np.array([_per_layer(sample) for sample in samples])
+    for mode in set(stats) - {"none"}:
+        moved = float(np.abs(stats[mode] - stats["none"]).max())
+        assert moved > _cli_tolerance(family), f"attn={mode} moved attn=none's statistics by {moved:.1e} at most"
 
 
 @pytest.mark.parametrize("model_id", ["lostattn_qwen2_5_vl", "lostattn_hf"])
@@ -312,10 +372,12 @@ def test_the_processor_gets_only_the_media_a_prompt_has(
 _MATRIX_START = "<!-- support-matrix: generated by `python tests/test_families.py`; do not edit -->"
 _MATRIX_END = "<!-- /support-matrix -->"
 _CHECKS = (
-    f"`attn=none` parity with the base wrapper (texts, float32 logits to 1e-5), the {len(MODES)} modes every family "
-    f"runs (all {len(ATTN_MODES)} but the image priors, which need one token per vision patch: LLaVA-1.5 only) "
-    "through the lmms-eval command line, visual-token positions equal to the processor's token ids, finite "
-    "`stats=paper` for every layer, the paper preset"
+    f"`attn=none` parity with the base wrapper (texts, float32 logits to 1e-5), each of the {len(MODES) - 1} edits "
+    f"every family runs (all {len(ATTN_MODES) - 1} but the image priors, which need one token per vision patch: "
+    "LLaVA-1.5 only) changing its float32 logits, `attn=none` and an edit of each kind (`knockout` in every row, "
+    f"`noise_delta`, `noise_qkv`; all {len(MODES)} modes for LLaVA-1.5) through the lmms-eval command line with "
+    "`stats=paper`, each edit moving the per-layer statistics beyond float noise, visual-token "
+    "positions equal to the processor's token ids, finite `stats=paper` for every layer, the paper preset"
 )
 _GENERIC = (
     "`lostattn_hf` runs any `model_type` above through lmms-eval's generic `huggingface` chat model (rows \"generic "

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from lmms_lostattn.statistics import metrics
 from lmms_lostattn.statistics.metrics import (
     RANK_EPS,
     decompose,
@@ -213,12 +214,31 @@ def test_full_rank_projections_match_svd_at_the_worst_conditioning(shape: tuple[
     assert "_eigenvectors" in vars(rank_deficient)
 
 
-def test_update_stats_shares_decompositions() -> None:
+def test_update_stats_shares_decompositions(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chained updates (attention, then FFN) decompose each of X, X_mid, X_out once (one eigvalsh each) and compute
+    each TME once (two per matrix, one per update's ``tme_update``), and equal the NumPy reference."""
+    calls = {"eigvalsh": 0, "tme": 0}
+
+    def counted(name: str, function):
+        def count(*args, **kwargs):
+            calls[name] += 1
+            return function(*args, **kwargs)
+
+        return count
+
+    monkeypatch.setattr(torch.linalg, "eigvalsh", counted("eigvalsh", torch.linalg.eigvalsh))
+    monkeypatch.setattr(metrics, "_tme_from_unit", counted("tme", metrics._tme_from_unit))
     x, d_attn, d_ffn = _rand((30, 10), 11), 0.5 * _rand((30, 10), 12), 0.5 * _rand((30, 10), 13)
     before, mid, out = decompose(x), decompose(x + d_attn), decompose(x + d_attn + d_ffn)
-    assert update_stats(before, mid, kind="all") == pytest.approx(module_stats(x, d_attn, kind="all"), abs=1e-12)
-    assert update_stats(mid, out, kind="all") == pytest.approx(module_stats(x + d_attn, d_ffn, kind="all"), abs=1e-12)
-    assert update_stats(out, mid) == pytest.approx(module_stats(x + d_attn + d_ffn, -d_ffn), abs=1e-12)
+    got = [update_stats(before, mid, kind="all"), update_stats(mid, out, kind="all")]
+    assert calls == {"eigvalsh": 3, "tme": 8}
+    want = [_np_all(x.numpy(), d_attn.numpy()), _np_all((x + d_attn).numpy(), d_ffn.numpy())]
+    for stats, reference in zip(got, want, strict=True):
+        assert stats == pytest.approx(reference, abs=1e-9)
+    backwards = update_stats(out, mid)  # kind="paper", from the decompositions already made
+    assert calls == {"eigvalsh": 3, "tme": 8}
+    assert backwards == pytest.approx({k: v for k, v in _np_all(out.x.numpy(), -d_ffn.numpy()).items()
+                                       if k in ("rid", "mixig")}, abs=1e-9)
     with pytest.raises(ValueError, match=r"after must match before's shape \(30, 10\)"):
         update_stats(before, decompose(x[:5]))
     with pytest.raises(ValueError, match=r"kind must be one of"):

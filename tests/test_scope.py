@@ -415,12 +415,11 @@ def test_nothing_stays_attached(model, batch, mode: str) -> None:
 
 
 def test_image_keys_on_a_prompt_without_image_is_an_error(model, processor) -> None:
+    """Image keys in a text-only prompt are refused; text keys there are edited (the logits move)."""
     inputs = processor.tokenizer([prompt(processor, "Hello there", image=False)], return_tensors="pt")
     with pytest.raises(InterventionError, match=r"attn_keys=image.*no image|none \(image token ids"):
         logits(model, inputs, attn="gaussian")
-    torch.testing.assert_close(
-        logits(model, inputs, attn="uniform", attn_keys="text"), logits(model, inputs, attn="uniform", attn_keys="text")
-    )
+    assert not torch.allclose(logits(model, inputs, attn="uniform", attn_keys="text"), logits(model, inputs), atol=1e-3)
 
 
 def test_right_padding_is_refused(model, processor) -> None:

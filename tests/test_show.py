@@ -10,17 +10,13 @@ import copy
 import dataclasses
 import io
 import json
-import os
 import pathlib
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from cli_helpers import OFFLINE
 from PIL import Image
 from transformers import LlavaForConditionalGeneration
 
@@ -200,18 +196,19 @@ def test_a_family_without_one_token_per_patch_is_refused_before_loading(
     assert "one image token per vision patch" in capsys.readouterr().err
 
 
-def test_the_command_writes_one_png_per_document(tmp_path, scenes: list[Scene]) -> None:
+def test_the_command_writes_one_png_per_document(
+    tmp_path: pathlib.Path, scenes: list[Scene], capsys: pytest.CaptureFixture[str]
+) -> None:
     argv = ["--pretrained", str(SHAPES_LLAVA_DIR), "--model_args", "attn=gaussian,attn_preset=paper,attn_layers=1:",
             "--layers", "1,3", "-o", str(tmp_path / "out")]
     for index, scene in enumerate(scenes[:2]):
         scene.image.save(tmp_path / f"scene{index}.png")
         argv += ["--image", str(tmp_path / f"scene{index}.png"), "--question", _question(scene.objects[0])]
-    done = subprocess.run([sys.executable, "-m", "lmms_lostattn", "show", *argv], capture_output=True, text=True,
-                          env={**os.environ, **OFFLINE}, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    code, out, err = _show(capsys, *argv)
+    assert code == 0, err[-3000:]
     written = sorted((tmp_path / "out").glob("*.png"))
     assert [path.name for path in written] == ["00_scene0.png", "01_scene1.png"]
-    assert done.stdout.split() == [str(path) for path in written]
+    assert out.split() == [str(path) for path in written]
     for path in written:
         with Image.open(path) as figure:
             assert figure.width > 600 and figure.height > 400

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import json
 
 import pytest
 import torch
@@ -184,14 +186,31 @@ def test_layer_syntax_errors_before_the_model_is_known_name_no_layer_count() -> 
         spec(attn="uniform", attn_layers="1.5")
 
 
-@pytest.mark.parametrize("num_heads", [1, 2, 3, 4, 7, 11, 32, 40])
-@pytest.mark.parametrize("band", ["p0.3-0.3", "p0.3-0.6", "p0.3-0.9", "p0.5-0.5", "p0.95-1", "p0-0.01"])
-def test_a_head_band_resolves_exactly_when_band_heads_keeps_some_head(num_heads: int, band: str) -> None:
+@pytest.mark.parametrize(
+    ("num_heads", "band", "keeps"),
+    [  # head k of H sits at rank quantile k/(H-1), a single head at 0
+        (1, "p0-0.01", True),
+        (1, "p0.3-0.6", False),
+        (2, "p0.3-0.9", False),  # quantiles 0 and 1
+        (2, "p0.95-1", True),
+        (3, "p0.5-0.5", True),  # 1/2, on both bounds
+        (3, "p0.3-0.3", False),
+        (4, "p0.3-0.6", True),  # 1/3
+        (4, "p0.5-0.5", False),  # between 1/3 and 2/3
+        (11, "p0.3-0.3", True),  # 3/10
+        (40, "p0.3-0.3", False),  # 11/39 < 0.3 < 12/39
+    ],
+)
+def test_a_head_band_resolves_exactly_when_it_holds_a_heads_rank_quantile(
+    num_heads: int, band: str, keeps: bool
+) -> None:
+    """A band resolves when some head's rank quantile lies in it, and ``band_heads`` then keeps some head; a band
+    between two quantiles is refused, naming the quantiles."""
     scores = torch.randn(1, num_heads, 1, 6, generator=torch.Generator().manual_seed(num_heads))
     allowed = torch.ones(1, 1, 1, 6, dtype=torch.bool)
     visual = torch.tensor([False, True, True, True, False, False])
-    kept = int(band_heads(scores, allowed, visual, parse_heads(band).band).sum())
-    if kept:
+    assert bool(band_heads(scores, allowed, visual, parse_heads(band).band).any()) == keeps
+    if keeps:
         assert spec(attn="uniform", attn_heads=band).resolve(2, num_heads).heads == parse_heads(band)
     else:
         with pytest.raises(SpecError, match=rf"attn_heads='{band}'.*{num_heads} heads sit at rank quantiles"):
@@ -224,8 +243,23 @@ def test_hash_is_stable_and_tracks_every_choice() -> None:
         spec(attn="gaussian", attn_layers="1,2", attn_heads="p0-1", attn_head_score="sides"),
     ]
     assert len({_hash(first), *(_hash(v.resolve(4, 4)) for v in variants)}) == 9
-    # A known value pins the canonical form: changing it silently would orphan earlier results.
-    assert _hash(spec(attn="none").resolve(4, 4)) == _hash(spec().resolve(32, 32))
+    assert _hash(spec(attn="none").resolve(4, 4)) == _hash(spec().resolve(32, 32))  # no edit, whatever the model
+    # The canonical form, written out: changing it (a field, a value's spelling, the JSON layout) changes every hash
+    # and would orphan earlier results.
+    args = spec(attn="gaussian", attn_layers="1,2", attn_heads="p0.3-0.6", attn_seed=7, stats="paper")
+    canonical = {
+        "intervention": {
+            "mode": "gaussian", "layers": [1, 2], "heads": "p0.3-0.6", "space": "logits", "rows": "last",
+            "keys": "image", "lam": 1.0, "dist": "dirichlet", "sigma": 1.0, "seed": 7, "preset": None,
+            "scale": "none", "draw": "per_head", "head_score": "pooled",
+        },
+        "stats": {
+            "stats": "paper", "stats_groups": ["all"], "stats_max_tokens": 1024, "stats_reference": "module",
+            "stats_combine": "mean",
+        },
+    }
+    text = json.dumps(canonical, sort_keys=True, separators=(",", ":"))
+    assert spec_hash(args.resolve(4, 4), args.stats) == hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def test_head_bands_are_recorded_exactly() -> None:

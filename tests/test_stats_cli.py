@@ -9,7 +9,7 @@ import shutil
 import sys
 
 import pytest
-from cli_helpers import results_of, run_cli, samples_of
+from cli_helpers import lmms_eval_argv, results_of, run_cli, run_cli_batch, run_error, samples_of
 
 from lmms_lostattn.model_wrappers.lmms_eval.base import PROGRESS
 
@@ -34,21 +34,28 @@ def model_args(tiny: pathlib.Path, **extra: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def one_rank(tiny_llava: pathlib.Path, tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
-    out = tmp_path_factory.mktemp("one_rank")
-    done = run_cli(
-        "--model",
-        "lostattn_llava",
-        "--model_args",
-        model_args(tiny_llava, stats="paper"),
-        "--tasks",
-        ",".join(TASKS),
-        "--log_samples",
-        output=out,
-        limit=LIMIT,
-    )
-    (out / "stderr.txt").write_text(done.stderr)
-    return out
+def runs(tiny_llava: pathlib.Path, tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    """The runs that depend on no other, one after another in one lmms-eval process, each under ``<dir>/<name>``
+    (their log in ``<dir>/stderr.txt``): ``one_rank`` (stats=paper, both tasks, ``--log_samples``), ``plain`` (the
+    same with stats=none) and ``released`` / ``all`` (those statistics, POPE, 2 documents)."""
+    root = tmp_path_factory.mktemp("stats_cli")
+    both = {"tasks": ",".join(TASKS), "limit": LIMIT}
+    stats = {"one_rank": "paper", "plain": None, "released": "released", "all": "all"}
+    argvs = []
+    for name, kind in stats.items():
+        args = model_args(tiny_llava, **({"stats": kind} if kind else {}))
+        options = both if name in ("one_rank", "plain") else {}
+        extra = ("--log_samples",) if options else ()
+        argvs.append(lmms_eval_argv("lostattn_llava", args, root / name, *extra, **options))
+    (root / "stderr.txt").write_text(run_cli_batch(argvs, root))
+    for name in stats:
+        assert not run_error(root / name), f"{name}:\n{run_error(root / name)}"
+    return root
+
+
+@pytest.fixture(scope="module")
+def one_rank(runs: pathlib.Path) -> pathlib.Path:
+    return runs / "one_rank"
 
 
 def test_table_rows_are_finite_beside_each_tasks_own_metrics(one_rank: pathlib.Path) -> None:
@@ -65,9 +72,9 @@ def test_table_rows_are_finite_beside_each_tasks_own_metrics(one_rank: pathlib.P
     assert len(results["lostattn"]["spec_hash"]) == 12
 
 
-def test_one_progress_bar_over_all_requests(one_rank: pathlib.Path) -> None:
+def test_one_progress_bar_over_all_requests(runs: pathlib.Path) -> None:
     """Requests run one at a time inside the scope: the base class's per-call bars are silenced, one bar counts all."""
-    log = (one_rank / "stderr.txt").read_text()
+    log = (runs / "stderr.txt").read_text()
     assert f"{PROGRESS}: 100%" in log
     assert "Model Responding:" not in log
 
@@ -119,24 +126,11 @@ def test_two_ranks_aggregate_like_one(tiny_llava: pathlib.Path, one_rank: pathli
             assert two[task][f"{row},none"] == pytest.approx(one[task][f"{row},none"], rel=1e-5, abs=1e-7)
 
 
-def test_stats_none_answers_exactly_like_stats_paper(
-    tiny_llava: pathlib.Path, one_rank: pathlib.Path, tmp_path: pathlib.Path
-) -> None:
-    run_cli(
-        "--model",
-        "lostattn_llava",
-        "--model_args",
-        model_args(tiny_llava),
-        "--tasks",
-        ",".join(TASKS),
-        "--log_samples",
-        output=tmp_path,
-        limit=LIMIT,
-    )
+def test_stats_none_answers_exactly_like_stats_paper(runs: pathlib.Path, one_rank: pathlib.Path) -> None:
     for task in TASKS:
-        plain = [s["filtered_resps"] for s in samples_of(tmp_path, task)]
-        assert plain == [s["filtered_resps"] for s in samples_of(one_rank, task)]
-    assert not any(key.startswith("lostattn_") for key in results_of(tmp_path)["results"][TASKS[0]])
+        plain = [s["filtered_resps"] for s in samples_of(runs / "plain", task)]
+        assert plain == [s["filtered_resps"] for s in samples_of(one_rank, task)] and len(plain) == LIMIT
+    assert not any(key.startswith("lostattn_") for key in results_of(runs / "plain")["results"][TASKS[0]])
 
 
 def test_cached_answers_are_counted_not_crashed_on(tiny_llava: pathlib.Path, tmp_path: pathlib.Path) -> None:
@@ -161,15 +155,13 @@ def test_cached_answers_are_counted_not_crashed_on(tiny_llava: pathlib.Path, tmp
     shutil.rmtree(cache, ignore_errors=True)
 
 
-def test_released_definitions_name_their_rows(tiny_llava: pathlib.Path, tmp_path: pathlib.Path) -> None:
+def test_released_definitions_name_their_rows(runs: pathlib.Path) -> None:
     """``stats=released`` (the FFN's RID against the layer's input, ΔD as l2) and ``stats=all`` with the module
     reference through the command line: the RID rows say which definition they report, MixIG rows keep their name,
     the choices are in the results JSON and its spec hash, and the sidecar has the FFN's layer-referenced RID."""
     hashes = {}
     for kind in ("released", "all"):
-        out = tmp_path / kind
-        run_cli("--model", "lostattn_llava", "--model_args", model_args(tiny_llava, stats=kind), "--tasks", TASKS[0],
-                output=out, limit=2)
+        out = runs / kind
         results = results_of(out)
         metrics, settings = results["results"][TASKS[0]], results["lostattn"]["stats"]
         rid_rows = ("lostattn_rid_attn_l2", "lostattn_rid_ffn_layer_l2") if kind == "released" else ROWS[:2]

@@ -7,7 +7,7 @@ import pathlib
 
 import pytest
 import torch
-from cli_helpers import run_cli, samples_of
+from cli_helpers import lmms_eval_argv, run_cli_batch, run_error, samples_of
 from lmms_eval.api.instance import Instance
 from lmms_eval.models import get_model
 from lmms_eval.models.chat.llava_hf import LlavaHf as LlavaHfChat
@@ -15,7 +15,7 @@ from lmms_eval.models.simple.llava_hf import LlavaHf as LlavaHfSimple
 from PIL import Image
 from transformers import LlavaForConditionalGeneration
 
-from lmms_lostattn.config.spec import InterventionSpec, SpecError
+from lmms_lostattn.config.spec import InterventionSpec, SpecError, spec_hash
 from lmms_lostattn.intervention.attention import EditedAttention
 from lmms_lostattn.intervention.scope import InterventionError
 from lmms_lostattn.model_wrappers.common.plugin import check_implementation
@@ -90,12 +90,17 @@ def test_attn_none_matches_lmms_eval_llava_hf(tiny_llava: pathlib.Path, kind: st
 
 
 def test_interventions_change_answers_and_record_their_hash(tiny_llava: pathlib.Path) -> None:
-    base, _ = _generate(LostAttnLlavaChat, tiny_llava, "chat", [0, 1])
-    edited, lm = _generate(
-        LostAttnLlavaChat, tiny_llava, "chat", [0, 1], attn="knockout", attn_layers="all", attn_rows="all"
-    )
+    """The run records the hash of the intervention the arguments resolve to, not that of attn=none."""
+    args = {"attn": "knockout", "attn_layers": "all", "attn_rows": "all"}
+    base, base_lm = _generate(LostAttnLlavaChat, tiny_llava, "chat", [0, 1])
+    edited, lm = _generate(LostAttnLlavaChat, tiny_llava, "chat", [0, 1], **args)
     assert edited != base
-    assert lm.lostattn.intervention.mode == "knockout"
+    text = lm.model.config.get_text_config()
+    spec = InterventionSpec.from_model_args(args)
+    resolved = spec.resolve(text.num_hidden_layers, text.num_attention_heads)
+    assert lm.lostattn.intervention == resolved
+    recorded = lm.lostattn.run.describe()["spec_hash"]
+    assert recorded == spec_hash(resolved, spec.stats) != base_lm.lostattn.run.describe()["spec_hash"]
 
 
 @pytest.mark.parametrize(
@@ -152,29 +157,33 @@ def test_errors_inside_generate_are_raised_not_swallowed(
         _generate(LostAttnLlavaSimple, tiny_llava, "simple", [0, 1], attn="gaussian")
 
 
+@pytest.fixture(scope="module")
+def cli_answers(tiny_llava: pathlib.Path, tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, bool], list]:
+    """``(doc_id, filtered answer)`` of 4 documents per ``(model, --force_simple)``: lmms-eval's ``llava_hf`` and
+    ``lostattn_llava`` with ``attn=none``, the chat and the simple class, one after another in one lmms-eval
+    process (``llava_hf`` first)."""
+    root = tmp_path_factory.mktemp("cli")
+    model_args = f"pretrained={tiny_llava},device=cpu,device_map=cpu,dtype=float32"
+    runs = {}
+    for model, extra in [("llava_hf", ""), ("lostattn_llava", ",attn=none")]:
+        for simple in (False, True):
+            flags = ["--log_samples", *(["--force_simple"] if simple else [])]
+            output = root / f"{model}-{'simple' if simple else 'chat'}"
+            runs[model, simple] = lmms_eval_argv(model, model_args + extra, output, *flags, limit=4)
+    run_cli_batch(list(runs.values()), root)
+    answers = {}
+    for key, argv in runs.items():
+        output = pathlib.Path(argv[argv.index("--output_path") + 1])
+        assert not run_error(output), run_error(output)
+        answers[key] = [(s["doc_id"], s["filtered_resps"]) for s in samples_of(output, "lostattn_pope")]
+    return answers
+
+
 @pytest.mark.cli
 @pytest.mark.parametrize("simple", [False, True])
-def test_cli_attn_none_answers_exactly_like_llava_hf(
-    tiny_llava: pathlib.Path, tmp_path: pathlib.Path, simple: bool
-) -> None:
-    model_args = f"pretrained={tiny_llava},device=cpu,device_map=cpu,dtype=float32"
-    answers = []
-    for model, extra in [("llava_hf", ""), ("lostattn_llava", ",attn=none")]:
-        out = tmp_path / model
-        flags = ["--force_simple"] if simple else []
-        run_cli(
-            "--model",
-            model,
-            "--model_args",
-            model_args + extra,
-            "--tasks",
-            "lostattn_pope",
-            "--log_samples",
-            *flags,
-            output=out,
-        )
-        answers.append([(s["doc_id"], s["filtered_resps"]) for s in samples_of(out, "lostattn_pope")])
-    assert answers[0] == answers[1] and len(answers[0]) == 4
+def test_cli_attn_none_answers_exactly_like_llava_hf(cli_answers: dict[tuple[str, bool], list], simple: bool) -> None:
+    expected = cli_answers["llava_hf", simple]
+    assert cli_answers["lostattn_llava", simple] == expected and len(expected) == 4
 
 
 def test_multi_round_tasks_are_refused_under_an_intervention_and_delegated_without(tiny_llava: pathlib.Path) -> None:
