@@ -225,6 +225,40 @@ def test_a_metric_that_is_not_a_per_sample_mean_is_skipped_even_when_not_a_numbe
         assert code == 0 and "skipped lostattn_pope/pope_precision: aggregate is not a per-sample mean" in out, err
 
 
+def _first_documents(folder: pathlib.Path, count: int, scores: list[float]) -> None:
+    """Keep POPE's first ``count`` documents of a run copy (and only POPE), with these accuracy scores."""
+    for log in folder.glob("*_samples_lostattn_shapes_color.jsonl"):
+        log.unlink()
+    (log,) = folder.glob("*_samples_lostattn_pope.jsonl")
+    samples = [json.loads(line) for line in log.read_text().splitlines()][:count]
+    for sample, score in zip(samples, scores, strict=True):
+        sample["pope_accuracy"]["score"] = score
+    log.write_text("".join(json.dumps(sample) + "\n" for sample in samples))
+
+    def keep(results: dict) -> None:
+        for block in ("results", "n-samples"):
+            results[block] = {"lostattn_pope": results[block]["lostattn_pope"]}
+        results["n-samples"]["lostattn_pope"]["effective"] = count
+        results["results"]["lostattn_pope"]["pope_accuracy,none"] = sum(scores) / count
+
+    edit_json(next(folder.glob("*_results.json")), keep)
+
+
+@pytest.mark.parametrize(("count", "status"), [(5, 2), (6, 1)])
+def test_a_drop_on_too_few_documents_to_be_significant_cannot_be_judged(
+    capsys: pytest.CaptureFixture[str], tmp_path: pathlib.Path, count: int, status: int
+) -> None:
+    """Every document going from right to wrong: p = 2 / 2^n, 0.0625 on 5 documents (never "no regression"), 0.03125
+    on 6 (a regression)."""
+    good, bad = copy_run("none", tmp_path, "good"), copy_run("none", tmp_path, "bad")
+    _first_documents(good, count, [1.0] * count)
+    _first_documents(bad, count, [0.0] * count)
+    code, out, err = lostattn(capsys, "check", bad, "--baseline", good, "--metrics", "pope_accuracy")
+    assert code == status and "no regression" not in out, out + err
+    if status == 2:
+        assert "on 5 documents no change can be significant (p >= 0.0625); run more documents" in err, err
+
+
 def test_per_sample_scores_logged_as_booleans_are_tested_as_0_and_1(
     capsys: pytest.CaptureFixture[str], tmp_path: pathlib.Path
 ) -> None:

@@ -36,7 +36,8 @@ def regressions(base: LoadedRun, run: LoadedRun, max_drop: float, metrics: Seque
       ``mean``, POPE's accuracy, the statistics rows); any other (POPE's precision, recall, F1, yes-ratio, lm-eval's
       perplexities) is skipped whatever its values, and is an error when named in ``metrics``.
     * Cannot judge (:class:`RunError`): a baseline metric that the run lacks or does not report as a number, one
-      the baseline does not report as a finite number (skipped where neither run does, unless named), a
+      the baseline does not report as a finite number (skipped where neither run does, unless named), a change
+      beyond ``max_drop`` on too few documents for any change to be significant (5 or fewer), a
       per-sample mean whose logged values are missing or do not average to the aggregate, and a selection in which
       nothing could be tested (no results, or only metrics that are not per-sample means).
     * Groups (``group_subtasks``) have no samples log of their own: their tasks are checked instead, and a ``note``
@@ -96,6 +97,9 @@ def regressions(base: LoadedRun, run: LoadedRun, max_drop: float, metrics: Seque
             beyond, change = drop > max_drop, f"drop {drop:+.4f}, bound {max_drop}"
         line = (f"{task}/{metric}: {base.metric(task, metric):.4f} -> {run.metric(task, metric):.4f} "
                 f"({change}, {diff.test} p={diff.p:.4g})")
+        if beyond and not diff.can_be_significant:
+            raise RunError(f"{line}: beyond the bound, but on {diff.documents} documents no change can be "
+                           f"significant (p >= {2.0 ** (1 - diff.documents):.4g}); run more documents")
         lines.append(("FAILED" if beyond and diff.significant else "ok", line))
     if not any(status in ("ok", "FAILED") for status, _ in lines):
         raise RunError(f"baseline {base.path}: no metric of {', '.join(checked)} can be tested per sample; name "

@@ -103,10 +103,17 @@ class Difference:
     p: float | None = None
     test: str = ""  # "McNemar", "permutation", or why there is no test
     by_design: bool = False  # no test because the aggregate is not a per-sample mean (not a fault of the runs)
+    documents: int = 0  # paired documents tested
 
     @property
     def significant(self) -> bool:
         return self.p is not None and self.p < ALPHA
+
+    @property
+    def can_be_significant(self) -> bool:
+        """Whether any change on this many documents could be: both tests' smallest p is 2 / 2^n (every document
+        moved one way), so 5 documents or fewer never reach p < 0.05."""
+        return 2.0 ** (1 - self.documents) < ALPHA
 
 
 def difference(base: LoadedRun, other: LoadedRun, task: str, metric: str) -> Difference:
@@ -132,5 +139,5 @@ def difference(base: LoadedRun, other: LoadedRun, task: str, metric: str) -> Dif
     docs = sorted(scores[0])
     pairs = [scores[0][d] for d in docs], [scores[1][d] for d in docs]
     if all(v in (0.0, 1.0) for v in (*pairs[0], *pairs[1])):
-        return Difference(delta, mcnemar(*pairs), "McNemar")
-    return Difference(delta, paired_permutation(*pairs), "permutation")
+        return Difference(delta, mcnemar(*pairs), "McNemar", documents=len(docs))
+    return Difference(delta, paired_permutation(*pairs), "permutation", documents=len(docs))
