@@ -134,6 +134,7 @@ def test_a_base_class_defaulting_to_an_implementation_edits_cannot_run_on_is_ref
     with pytest.raises(SpecError, match="attn=uniform edits attention weights.*not 'flash_attention_2'"):
         check_implementation({}, base_args, edit)
     check_implementation({"attn_implementation": "sdpa"}, base_args, edit)
+    check_implementation({"attn_implementation": {"text_config": "sdpa", "vision_config": "eager"}}, base_args, edit)
     check_implementation({}, base_args, noise)  # no attention weights edited
 
 

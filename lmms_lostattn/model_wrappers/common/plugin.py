@@ -108,9 +108,11 @@ def config_overrides(plugin_args: dict[str, Any], pretrained: Any, hub: dict[str
 def check_implementation(kwargs: Mapping[str, Any], base_args: Mapping[str, Any], intervention: Intervention) -> None:
     """An attention-weight edit runs on sdpa or eager only: a :class:`SpecError` before loading for any other
     ``attn_implementation`` given, or defaulted by the base class (lmms-eval's idefics2 picks flash-attention where
-    it is installed)."""
+    it is installed). One per sub-model (a dict) is left to the scope, which checks the language model's."""
     default = base_args["attn_implementation"].default if "attn_implementation" in base_args else None
     implementation = kwargs.get("attn_implementation", default)
+    if isinstance(implementation, dict):
+        return
     if intervention.edits_weights and implementation not in (None, inspect.Parameter.empty, *ROUTABLE):
         raise SpecError(f"lostattn: attn={intervention.mode} edits attention weights, which runs on "
                         f"attn_implementation {' or '.join(ROUTABLE)}, not {implementation!r}; give "
