@@ -199,10 +199,9 @@ def shuffle_within(values: torch.Tensor, edit: torch.Tensor, draws: torch.Tensor
     draws in position order, so that padding before a row does not reorder it); entries outside ``edit`` keep their
     own values. ``edit`` may be shared by the heads (``(B, 1, Q, K)``): every head of ``values`` is permuted.
     """
-    edit = edit.expand_as(values)
     positions = torch.arange(values.shape[-1], device=values.device, dtype=torch.float32)
     tail = positions + positions.shape[0] + 2.0  # after every edited entry, in position order, in both sorts
-    by_position = torch.where(edit, positions, tail).argsort(dim=-1, stable=True)
+    by_position = torch.where(edit, positions, tail).argsort(dim=-1, stable=True).expand_as(values)  # once per head
     by_draw = torch.where(edit, draws, tail).argsort(dim=-1, stable=True)
     return values.clone().scatter_(-1, by_position, values.gather(-1, by_draw))
 
