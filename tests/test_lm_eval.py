@@ -155,6 +155,27 @@ def test_lm_evals_config_overrides_that_look_like_plugin_arguments_pass_through(
         LostAttnHFLM(pretrained=path, batch_size=1, attn_logit_softcaping=None, **_CPU)
 
 
+def test_lm_evals_padding_on_several_ranks_adds_no_statistics(tiny_model: Callable[[str], pathlib.Path]) -> None:
+    """On several ranks lm-eval pads a rank's requests with its last request again: that request's document (here a
+    multiple-choice one) keeps one record per option, not the padded option's twice more (without the logits cache,
+    which would run the copies in the real request's row)."""
+    lm = LostAttnHFLM(pretrained=str(tiny_model("llama")), batch_size=4, logits_cache=False, stats="paper", **_CPU)
+    requests = _scoring_requests()
+    lm.loglikelihood(requests)
+    alone = {document: list(records) for document, records in lm.lostattn.run.records.items()}
+    lm.lostattn.run.records.clear()
+    lm._world_size = 2  # the padding is lm-eval's evaluator's; the scoring itself runs no collective
+    scores = lm.loglikelihood([*requests, requests[-1], requests[-1]])
+    padded = dict(lm.lostattn.run.records)
+    assert len(scores) == len(requests) + 2 and scores[-1] == scores[-2] == scores[len(requests) - 1]
+    assert {document: len(records) for document, records in padded.items()} == {
+        document: len(records) for document, records in alone.items()
+    }
+    for document, records in alone.items():
+        for one, other in zip(records, padded[document], strict=True):
+            assert other["values"]["attn"]["all"]["rid"] == pytest.approx(one["values"]["attn"]["all"]["rid"], abs=1e-5)
+
+
 @pytest.mark.parametrize("mode", ["uniform", "knockout"])
 def test_attn_rows_last_edits_the_rows_that_predict_the_continuation(
     tiny_model: Callable[[str], pathlib.Path], mode: str

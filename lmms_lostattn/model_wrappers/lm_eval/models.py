@@ -17,6 +17,7 @@ probes memory with dummy batches through the model, which the scope would take f
 
 from __future__ import annotations
 
+import copy
 import inspect
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -57,6 +58,7 @@ class LostAttnLMMixin:
                 "which an intervention or statistics would take for requests; give a number (e.g. batch_size=8)"
             )
         self._keyed: Callable[[list[Window]], list[tuple[object, Instance]]] | None = None  # see _scoring
+        self._padding: frozenset[int] = frozenset()  # see _with_padding_copies
         super().__init__(**kwargs)
         self.lostattn.loaded(self.model)
         install()
@@ -65,20 +67,36 @@ class LostAttnLMMixin:
     def loglikelihood(self, requests: list[Instance], *args: Any, **kwargs: Any) -> list[Any]:
         if not self.lostattn.active:
             return super().loglikelihood(requests, *args, **kwargs)
+        requests = self._with_padding_copies(requests)
         with self._scoring(requests, _pairs_in_order):
             return super().loglikelihood(requests, *args, **kwargs)
 
     def loglikelihood_rolling(self, requests: list[Instance], *args: Any, **kwargs: Any) -> list[Any]:
         if not self.lostattn.active:
             return super().loglikelihood_rolling(requests, *args, **kwargs)
+        requests = self._with_padding_copies(requests)
         with self._scoring(requests, self._windows_by_tokens):
             return super().loglikelihood_rolling(requests, *args, **kwargs)
 
     def generate_until(self, requests: list[Instance], *args: Any, **kwargs: Any) -> list[Any]:
         if not self.lostattn.active:
             return super().generate_until(requests, *args, **kwargs)
+        requests = self._with_padding_copies(requests)
         with self._scope([(request.args, request) for request in requests], scoring=False):
             return super().generate_until(requests, *args, **kwargs)
+
+    def _with_padding_copies(self, requests: list[Instance]) -> list[Instance]:
+        """``requests`` with lm-eval's padding as copies the statistics skip (:attr:`_padding`). On several ranks,
+        lm-eval pads a rank's requests with its last request again (``evaluator.py``: ``[req] * req.repeats`` per
+        missing one): those rows give its document that request's record once more, which weighs one option of a
+        multiple-choice document twice. Only the arguments reach the base class, the same in a copy."""
+        last = requests[-1] if requests and self.world_size > 1 else None
+        trailing = next((index for index, request in enumerate(reversed(requests)) if request is not last),
+                        len(requests))
+        extra = trailing - (last.repeats or 1) if last is not None else 0
+        copies = [copy.copy(last) for _ in range(max(extra, 0))]
+        self._padding = frozenset(map(id, copies))
+        return [*requests[: len(requests) - len(copies)], *copies]
 
     def _loglikelihood_tokens(self, requests: list[Window], *args: Any, **kwargs: Any) -> list[Any]:
         if self._keyed is None:  # not within a scoring call of ours (inactive)
@@ -100,7 +118,8 @@ class LostAttnLMMixin:
     def _scope(self, keyed: list[tuple[object, Instance]], scoring: bool) -> Iterator[None]:
         """One intervention scope around one call of the base class, following its ``Collator`` batches."""
         with self.lostattn.scope(self.model) as (scope, collector):
-            rows = HostBatches(keyed, type(self).__name__, self.lostattn.run, collector, None, name=request_name)
+            rows = HostBatches(keyed, type(self).__name__, self.lostattn.run, collector, None, name=request_name,
+                               is_padding=lambda request: id(request) in self._padding)
             documents = {id(key): request_name(request) for key, request in reversed(keyed)}
             with _following_batches(rows, scope, self.max_length if scoring else None, documents):
                 yield

@@ -90,8 +90,8 @@ def add_statistics(results: dict[str, Any], run: RunRecords) -> None:
 def gather_records(run: RunRecords, world_size: int) -> None:
     """Every rank's records on every rank, when lm-eval split the documents over ``world_size`` > 1 ranks (a
     collective: every rank calls it, after lm-eval's own gathers). lm-eval strides the documents over the ranks, so
-    each document is one rank's; the padding requests a shorter rank repeats are its own last request, whose rows give
-    that document the same record again."""
+    each document is one rank's; the padding requests a shorter rank repeats are skipped (the models'
+    ``_with_padding_copies``)."""
     if world_size <= 1:
         return
     ranks: list[Any] = [None] * world_size
