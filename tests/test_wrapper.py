@@ -22,6 +22,7 @@ from lmms_lostattn.model_wrappers.common.plugin import check_implementation
 from lmms_lostattn.model_wrappers.lmms_eval.base import LostAttnMixin, bracket_list_values
 from lmms_lostattn.model_wrappers.lmms_eval.manifests import get_manifests
 from lmms_lostattn.model_wrappers.lmms_eval.wrappers import LostAttnLlavaChat, LostAttnLlavaSimple
+from lmms_lostattn.tasks import tasks_path
 
 CPU = {"device": "cpu", "device_map": "cpu", "dtype": "float32"}
 DOCS = [
@@ -185,6 +186,30 @@ def cli_answers(tiny_llava: pathlib.Path, tmp_path_factory: pytest.TempPathFacto
 def test_cli_attn_none_answers_exactly_like_llava_hf(cli_answers: dict[tuple[str, bool], list], simple: bool) -> None:
     expected = cli_answers["llava_hf", simple]
     assert cli_answers["lostattn_llava", simple] == expected and len(expected) == 4
+
+
+def test_tasks_give_a_lostattn_model_the_prompts_they_give_the_model_it_wraps(
+    tiny_llava: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    """lmms-eval tasks pick model-specific prompts by the model's id (mmmu's ``qwen3_vl:`` entry): ``lostattn_llava``
+    gets ``llava_hf``'s, so that ``attn=none`` runs what the base model runs."""
+    from lmms_eval.tasks import TaskManager, get_task_dict
+
+    colour = (tasks_path() / "lostattn_shapes_color.yaml").read_text()
+    assert "lmms_eval_specific_kwargs:\n  default:" in colour
+    task = colour.replace("task: lostattn_shapes_color", "task: per_model_color").replace(
+        "lmms_eval_specific_kwargs:\n", 'lmms_eval_specific_kwargs:\n  llava_hf:\n    pre_prompt: ""\n'
+        '    post_prompt: " Answer as llava_hf is asked."\n'
+    )
+    (tmp_path / "per_model_color.yaml").write_text(task)
+    LostAttnLlavaChat(pretrained=str(tiny_llava), **CPU)  # lmms-eval builds the model before the tasks
+    prompts = {}
+    for model in ("llava_hf", "lostattn_llava", "llava_onevision"):
+        manager = TaskManager(include_path=str(tmp_path), include_defaults=False, model_name=model)
+        built = get_task_dict(["per_model_color"], manager)
+        prompts[model] = built["per_model_color"].lmms_eval_specific_kwargs["post_prompt"]
+    assert prompts["lostattn_llava"] == prompts["llava_hf"] == " Answer as llava_hf is asked."
+    assert prompts["llava_onevision"] != prompts["llava_hf"]  # any other model keeps its own (the default)
 
 
 def test_multi_round_tasks_are_refused_under_an_intervention_and_delegated_without(tiny_llava: pathlib.Path) -> None:

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from lmms_lostattn.compat.internals import internal
 from lmms_lostattn.model_wrappers.common.batches import HostBatches
 from lmms_lostattn.model_wrappers.common.exits import REFUSALS, exit_refused
-from lmms_lostattn.model_wrappers.common.patching import swapped
+from lmms_lostattn.model_wrappers.common.patching import swapped, wrap_once
 from lmms_lostattn.model_wrappers.common.plugin import Plugin
 from lmms_lostattn.model_wrappers.common.plugin import bracket_list_values as _bracket_list_values
 from lmms_lostattn.model_wrappers.lmms_eval.reporting import install
@@ -74,6 +74,17 @@ def running_cli() -> bool:
     return getattr(spec, "name", None) in CLI_MODULES or Path(sys.argv[0]).stem in CLI_SCRIPTS
 
 
+def as_base_model(original: Callable[..., Any], task: Any, *args: Any, **kwargs: Any) -> Any:
+    """A task picks its model-specific prompts, targets and generation settings by the model's id (lmms-eval builds
+    the tasks after the model): a lostattn model's are those of the model it wraps (``lostattn_qwen3_vl`` gets
+    mmmu's ``qwen3_vl`` prompt), so that ``attn=none`` runs what the base model runs."""
+    name = str(task.model_name)
+    if name.startswith("lostattn_"):
+        base = getattr(internal("lmms_eval.models", "get_model")(name), "base_model_id", None)
+        task.model_name = base or name
+    return original(task, *args, **kwargs)
+
+
 class LostAttnMixin:
     """Adds the intervention arguments of SPEC §2 to an lmms-eval model class; everything else is the base class."""
 
@@ -81,6 +92,9 @@ class LostAttnMixin:
     #: base class runs each batch its ``utils.Collator`` yields as one prompt, left-padded. Other request types, and
     #: classes that run a batch as several prompts, run one request at a time (README's support matrix says which).
     follows_batches: ClassVar[frozenset[str]] = frozenset()
+    #: lmms-eval's id of the wrapped model, whose model-specific prompts and settings tasks give this one
+    #: (:func:`as_base_model`).
+    base_model_id: ClassVar[str | None] = None
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> Any:
@@ -106,6 +120,7 @@ class LostAttnMixin:
         super().__init__(**kwargs)
         self.lostattn.loaded(self.model)
         install()
+        wrap_once("lmms_eval.api.task", "ConfigurableTask._prepare_model_specific_config", as_base_model)
 
     def generate_until(self, requests: list[Instance]) -> list[Any]:
         return self._run_scoped(requests, super().generate_until)

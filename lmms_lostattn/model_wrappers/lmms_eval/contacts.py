@@ -47,6 +47,17 @@ def _save_results_aggregated() -> None:
     expect("general_config_tracker.model_name_sanitized" in source, "it no longer names the folder by the model")
 
 
+def _model_specific_config() -> None:
+    """A task reads ``self.model_name`` in ``_prepare_model_specific_config`` (where the glue gives a lostattn model
+    its base model's prompts), called from the task's ``__init__``; evaluations build tasks after the model."""
+    task = internal("lmms_eval.api.task", "ConfigurableTask")
+    source = inspect.getsource(task._prepare_model_specific_config)
+    expect("self.model_name in self.lmms_eval_specific_kwargs" in source, "it no longer picks prompts by model_name")
+    expect("self._prepare_model_specific_config()" in inspect.getsource(task.__init__), "__init__ no longer calls it")
+    source = inspect.getsource(internal("lmms_eval.evaluator", "simple_evaluate"))
+    expect(source.index("get_model(") < source.index("get_task_dict("), "simple_evaluate builds tasks before the model")
+
+
 def _reentrant_filelocks() -> None:
     """lmms-eval patches ``filelock._api.FileLockMeta`` (and datasets' lock) at the start of every evaluation."""
     internal("lmms_eval.evaluator", "_enable_reentrant_filelocks")()
@@ -151,6 +162,8 @@ CONTACT_POINTS: tuple[ContactPoint, ...] = (
     ContactPoint("lmms_eval.evaluator.evaluate", "lmms_eval", _evaluate),
     ContactPoint("lmms_eval.evaluator._process_document_results", "lmms_eval", _process_document_results),
     ContactPoint("EvaluationTracker.save_results_aggregated", "lmms_eval", _save_results_aggregated),
+    ContactPoint("lmms_eval.api.task.ConfigurableTask._prepare_model_specific_config", "lmms_eval",
+                 _model_specific_config),
     ContactPoint("lmms_eval.evaluator._enable_reentrant_filelocks (filelock._api)", "filelock", _reentrant_filelocks),
     ContactPoint("the base classes' module-level tqdm", "lmms_eval", _progress_bars),
     ContactPoint("lmms_eval.utils.Collator batches (followed under the plugin)", "lmms_eval", _collator_batches),

@@ -29,10 +29,16 @@ class Wrapped:
     chat: str | None = None
     follows_batches: frozenset[str] = frozenset()
     note: str = ""
+    lmms_eval_id: str = ""  # lmms-eval's id for the wrapped class, where its import path does not say it
 
     def class_name(self, kind: str) -> str:
         """``LostAttn<prefix><Simple|Chat>``, e.g. ``LostAttnLlavaChat``."""
         return f"LostAttn{self.prefix}{kind.capitalize()}"
+
+    @property
+    def base_id(self) -> str:
+        """lmms-eval's model id of the wrapped class (``llava_hf``: ``lmms_eval.models.<kind>.<id>.<class>``)."""
+        return self.lmms_eval_id or str(self.simple or self.chat).split(".")[3]
 
 
 WRAPPED: tuple[Wrapped, ...] = (
@@ -90,6 +96,7 @@ WRAPPED: tuple[Wrapped, ...] = (
         "lmms_lostattn.model_wrappers.lmms_eval.hf.HuggingfaceImageTextToText",
         GENERATE,
         "any image-text-to-text model with an adapter, through lmms-eval's generic huggingface class",
+        "huggingface",
     ),
 )
 
@@ -105,6 +112,7 @@ def wrapper_class(row: Wrapped, kind: str) -> type:
         "__module__": __name__,
         "__doc__": doc + (f" {row.note}." if row.note else ""),
         "follows_batches": row.follows_batches,
+        "base_model_id": row.base_id,
     }
     cls = type(row.class_name(kind), (LostAttnMixin, base), namespace)
     cls.__qualname__ = cls.__name__
