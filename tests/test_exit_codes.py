@@ -217,9 +217,10 @@ def test_host_runs_exit_status(
     assert _evaluate.__name__ == "_evaluate" and not hasattr(_evaluate, "__wrapped__")  # restored
 
 
-@pytest.mark.parametrize("written", [True, False])
+@pytest.mark.parametrize(("written", "folder"), [(True, "model"), (True, ""), (False, "model")])
 def test_a_run_whose_results_file_was_not_written_exits_2(
-    written: bool, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    written: bool, folder: str, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     """The harnesses log a failed save (a file where the output folder should be, a full disk) and go on: a run with
     results but no results file where it saves one ends with status 2."""
@@ -230,21 +231,21 @@ def test_a_run_whose_results_file_was_not_written_exits_2(
     earlier.write_text("{}")
     os.utime(earlier, (earlier.stat().st_atime - 3600,) * 2)
 
-    def command_line() -> None:
+    def command_line() -> None:  # lmms-eval writes into <output>/<model>/, or <output>/ without pretrained= etc.
         _evaluate({"results": {}})
         if written:
-            (tmp_path / "model" / "20261205_000000_results.json").write_text("{}")
+            (tmp_path / folder / "20261205_000000_results.json").write_text("{}")
 
     runs = HostRuns("lostattn-x", has_results=lambda value: value is not None,
-                    saved_under=lambda *args: (tmp_path, "*/*_results.json"))
+                    saved_under=lambda *args: lmms_eval_launcher.saved_under(argparse.Namespace(output_path=tmp_path)))
     if written:
         runs.run(command_line, __name__, "_evaluate")
     else:
         with pytest.raises(SystemExit) as exit_info:
             runs.run(command_line, __name__, "_evaluate")
         assert exit_info.value.code == 2
-        assert capsys.readouterr().err.startswith(f"lostattn-x: the run wrote no results file (*/*_results.json under "
-                                                  f"{tmp_path})")
+        assert capsys.readouterr().err.startswith(f"lostattn-x: the run wrote no results file (**/*_results.json "
+                                                  f"under {tmp_path})")
 
 
 def test_where_each_harness_saves_its_results_file() -> None:
@@ -254,7 +255,7 @@ def test_where_each_harness_saves_its_results_file() -> None:
         tracker.output_path = output
         assert lm_eval_launcher.saved_under(evaluation_tracker=tracker()) == expected
     assert lmms_eval_launcher.saved_under(argparse.Namespace(output_path="out")) == (pathlib.Path("out"),
-                                                                                     "*/*_results.json")
+                                                                                     "**/*_results.json")
     assert lmms_eval_launcher.saved_under(argparse.Namespace(output_path=None)) is None
 
 

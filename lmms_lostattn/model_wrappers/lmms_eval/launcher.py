@@ -20,8 +20,9 @@ def no_tasks(args: Any, *rest: Any, **kwargs: Any) -> str | None:
 
 
 def saved_under(args: Any, *rest: Any, **kwargs: Any) -> tuple[Path, str] | None:
-    """Where lmms-eval saves the run's results file: ``<output_path>/<model>/<date>_results.json``."""
-    return (Path(args.output_path), "*/*_results.json") if getattr(args, "output_path", None) else None
+    """Where lmms-eval saves the run's results file: ``<output_path>/<model>/<date>_results.json``, or
+    ``<output_path>/<date>_results.json`` when ``model_args`` name no checkpoint (a wrapper's default one)."""
+    return (Path(args.output_path), "**/*_results.json") if getattr(args, "output_path", None) else None
 
 
 def main() -> None:
