@@ -127,6 +127,27 @@ def test_collector_measures_each_sample_on_its_own_tokens(model, batch, kind: st
         }
 
 
+def test_a_prefill_that_stopped_partway_gives_no_statistics(model, batch) -> None:
+    """An error inside the model that its host wrapper catches (lmms-eval's answer "") leaves the first layers
+    measured: they are not the samples' statistics."""
+    config = StatsConfig(kind="paper", groups=("all",), max_tokens=1024)
+    collector = StatsCollector(config, num_layers=4)
+    layers = adapter_for(model.config).decoder_layers(model)
+
+    def out_of_memory(*_: object) -> None:
+        raise RuntimeError("out of memory (simulated)")
+
+    hook = layers[2].register_forward_pre_hook(out_of_memory)
+    with torch.no_grad(), intervene(model, resolve(model), adapter_for(model.config), on_layer=collector):
+        with pytest.raises(RuntimeError, match="simulated"):
+            model(**batch)
+        hook.remove()
+        assert collector.take() == []
+        model(**batch)
+    records = collector.take()
+    assert len(records) == 2 and all(None not in record["values"]["attn"]["all"]["rid"] for record in records)
+
+
 def test_released_measures_the_ffn_against_the_layer_input(model, batch) -> None:
     """``stats=released``: the FFN's RID (ΔD as l2) is that of the layer's input X -> the stream after the FFN;
     the attention's RID uses l2 too; MixIG stays each module's own; checked against the single functions."""
@@ -251,7 +272,7 @@ def test_a_non_finite_stream_names_the_layer_and_sample_and_padding_is_ignored()
     x, d_attn, d_ffn = (torch.randn(2, 9, 6, generator=gen) for _ in range(3))
     d_ffn[1, :3] = float("nan")  # padding rows: never measured
     d_ffn[0, 6:] = float("nan")
-    collector = StatsCollector(StatsConfig(kind="paper"), num_layers=4)
+    collector = StatsCollector(StatsConfig(kind="paper"), num_layers=1)
     collector(0, x, d_attn, d_ffn, state)
     records = collector.take()
     assert records[0]["values"]["ffn"]["all"]["rid"][0] == pytest.approx(

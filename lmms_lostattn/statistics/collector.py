@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 import torch
+from loguru import logger
 
 from lmms_lostattn.config.spec import StatsConfig
 from lmms_lostattn.statistics.inputs import NonFiniteError
@@ -54,6 +55,7 @@ class StatsCollector:
         self.config = config
         self.num_layers = num_layers
         self._records: list[dict[str, Any]] = []
+        self._layers_seen: set[int] = set()
         # (sample, group) -> (layer, stream after its FFN on the group's capped rows, its decomposition)
         self._carry: dict[tuple[int, str], tuple[int, torch.Tensor, Decomposition]] = {}
 
@@ -63,6 +65,7 @@ class StatsCollector:
         """Measure one layer of a prefill pass; ``state`` says where padding and image tokens are."""
         if not self._records:
             self._records = [self._empty() for _ in range(x.shape[0])]
+        self._layers_seen.add(layer)
         mid = x + d_attn
         out = mid + d_ffn
         starts, ends = state.first_real.tolist(), state.real_end.tolist()  # one host sync per layer, not per sample
@@ -106,9 +109,16 @@ class StatsCollector:
         return {"layers": self.num_layers, "values": values}
 
     def take(self) -> list[dict[str, Any]]:
-        """The records of the last prompt batch, one per sample; resets the collector."""
+        """The records of the last prompt batch, one per sample; resets the collector. A prefill that did not reach
+        every layer (an error inside the model that its host wrapper caught, answering without it) gives none: its
+        first layers alone would pass for the samples' statistics."""
         records, self._records = self._records, []
+        seen, self._layers_seen = self._layers_seen, set()
         self._carry = {}
+        if records and len(seen) < self.num_layers:
+            logger.warning(f"lostattn: a prefill stopped after {len(seen)} of {self.num_layers} decoder layers (an "
+                           "error the model's wrapper caught?); its samples have no statistics")
+            return []
         return records
 
 
