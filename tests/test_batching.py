@@ -117,7 +117,8 @@ def test_two_ranks_at_batch_two_aggregate_like_one_rank_at_batch_one(tmp_path: p
     model_args = f"pretrained={tiny_model_dir('qwen2_5_vl')},{_QWEN_CPU},{CONFIGS['paper']}"
     common = ["--model", "lostattn_qwen2_5_vl", "--model_args", model_args, "--tasks", "lostattn_pope"]
     launcher = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29534")
-    cpu_ranks = {"PYTHONPATH": str(pathlib.Path(__file__).parent / "cpu_ranks_as_gpu")}  # see its sitecustomize.py
+    # CPU ranks presented as the GPU ranks lmms_eval expects: see cpu_ranks/sitecustomize.py
+    cpu_ranks = {"PYTHONPATH": str(pathlib.Path(__file__).parent / "cpu_ranks"), "CPU_RANKS_HOST": "lmms_eval"}
     run_cli(*common, "--batch_size", "2", output=tmp_path / "two", limit=5, launcher=launcher, env=cpu_ranks)
     done = run_cli(*common, "--batch_size", "1", output=tmp_path / "one", limit=5)
     assert re.search(rf"{re.escape(PROGRESS)}: 100%.*\b5/5\b", done.stderr)  # one bar, counting requests

@@ -425,7 +425,8 @@ def test_two_ranks_aggregate_like_one(
         str(pathlib.Path(sys.executable).parent / "lostattn-lm-eval"),  # the installed command
         *_lm_eval_argv(args, tmp_path, 2)[1:],
     ]
-    cpu_ranks = {"PYTHONPATH": str(pathlib.Path(__file__).parent / "cpu_ranks_lm_eval")}  # see its sitecustomize.py
+    # CPU ranks presented as the GPU ranks lm_eval expects: see cpu_ranks/sitecustomize.py
+    cpu_ranks = {"PYTHONPATH": str(pathlib.Path(__file__).parent / "cpu_ranks"), "CPU_RANKS_HOST": "lm_eval"}
     done = subprocess.run(
         command, env={**os.environ, **OFFLINE, **cpu_ranks}, capture_output=True, text=True, timeout=600, cwd=tmp_path
     )
