@@ -9,7 +9,14 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from lmms_lostattn.compat import versions
-from lmms_lostattn.config.spec import PRIOR_MODES, FamilyPreset, Intervention, SpecError, StatsConfig
+from lmms_lostattn.config.spec import (
+    PRIOR_MODES,
+    FamilyPreset,
+    Intervention,
+    InterventionSpec,
+    SpecError,
+    StatsConfig,
+)
 
 _VISUAL_TOKEN_ATTRS = ("image_token_id", "image_token_index", "video_token_id", "video_token_index")
 LAYER_STYLES = ("pre_norm", "sandwich", "parallel")
@@ -87,6 +94,14 @@ class FamilyAdapter:
                 f"token per patch (model types: {supported}); {config.model_type} produces its image tokens "
                 "otherwise (merged patches, tiles or pooling). Use attn=gaussian or another mode."
             )
+
+    def resolve(self, config: PretrainedConfig, spec: InterventionSpec) -> Intervention:
+        """``spec`` resolved for the config's language model, with this family's paper preset, and checked
+        (:meth:`check_intervention`): what the model will run, known before the weights load."""
+        text = config.get_text_config()
+        intervention = spec.resolve(text.num_hidden_layers, text.num_attention_heads, self.preset(config))
+        self.check_intervention(config, intervention, spec.stats)
+        return intervention
 
     def check_intervention(self, config: PretrainedConfig, intervention: Intervention, stats: StatsConfig) -> None:
         """Refuse, before the weights load, what this family cannot run: :meth:`check_mode`, image tokens a text

@@ -144,11 +144,8 @@ def load(pretrained: str | Path, model_args: Mapping[str, object], layers: objec
     except ValueError as error:  # transformers knows no such model type
         raise UnsupportedFamilyError(f"lostattn show: {pretrained}: {str(error).splitlines()[0]}") from None
     adapter = check_one_token_per_patch(config)
-    spec = InterventionSpec.from_model_args(model_args)
-    text = config.get_text_config()
-    intervention = spec.resolve(text.num_hidden_layers, text.num_attention_heads, adapter.preset(config))
-    adapter.check_intervention(config, intervention, spec.stats)
-    shown = parse_layers(layers, text.num_hidden_layers, arg="--layers")
+    intervention = adapter.resolve(config, InterventionSpec.from_model_args(model_args))
+    shown = parse_layers(layers, config.get_text_config().num_hidden_layers, arg="--layers")
     model = AutoModelForImageTextToText.from_pretrained(pretrained, dtype=torch.float32, attn_implementation="eager")
     return Inspector(model.eval(), AutoProcessor.from_pretrained(pretrained), adapter, intervention, shown)
 

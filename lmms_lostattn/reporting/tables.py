@@ -101,10 +101,10 @@ def module_table(runs: Sequence[LoadedRun]) -> Table:
         for label, module in MODULE_ROWS[run.mode]:
             names = [text_cell(run.model), text_cell(_definition(label, run, module)), text_cell(run.name)]
             rows.append(names + module_cells(run, tasks, module))
+            if module != "ffn" or run.stat_row("rid", module) != "lostattn_rid_ffn":
+                continue  # only the FFN's RID against its own input has a second reference to show
             layer = module_cells(run, tasks, module, layer_reference=True)
-            if module == "ffn" and run.stat_row("rid", module) == "lostattn_rid_ffn" and any(
-                cell.fields[""] is not None for cell in layer[::2]
-            ):
+            if any(cell.fields[""] is not None for cell in layer[::2]):
                 rows.append([names[0], text_cell(f"{label} (RID against the layer's input)"), names[2], *layer])
     return Table(header, rows, ["mean ± stderr over samples of each sample's mean over layers"])
 

@@ -186,9 +186,7 @@ class Plugin:
         else:
             config = AutoConfig.from_pretrained(pretrained, **hub, **overrides)
         adapter = adapter_for(config)
-        text = config.get_text_config()
-        intervention = spec.resolve(text.num_hidden_layers, text.num_attention_heads, adapter.preset(config))
-        adapter.check_intervention(config, intervention, spec.stats)
+        intervention = adapter.resolve(config, spec)
         check_implementation(kwargs, base_args, intervention)
         image_mean_std = None
         if intervention.mode == "complexity":  # the normalisation it undoes, from the checkpoint's processor

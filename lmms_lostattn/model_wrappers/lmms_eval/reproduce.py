@@ -162,12 +162,9 @@ def _check_runs(given: dict[str, str], runs: dict[str, str]) -> None:
         adapter = adapter_for(config)
     except (OSError, ValueError) as error:  # no such checkpoint; a model type transformers or the plugin lacks
         raise ReproduceError(f"pretrained={given['pretrained']}: {str(error).splitlines()[0]}") from None
-    text = config.get_text_config()
     for name, arguments in runs.items():
         try:
-            spec = InterventionSpec.from_model_args(_arguments(arguments))
-            intervention = spec.resolve(text.num_hidden_layers, text.num_attention_heads, adapter.preset(config))
-            adapter.check_intervention(config, intervention, spec.stats)
+            adapter.resolve(config, InterventionSpec.from_model_args(_arguments(arguments)))
         except SpecError as error:
             if name.startswith("sap_"):
                 raise ReproduceError(f"the {name} run cannot run on this model: {error} (pass it with --sap-args)"
