@@ -31,6 +31,7 @@ from lmms_lostattn.model_wrappers.lm_eval.launcher import bracket_model_args
 from lmms_lostattn.model_wrappers.lm_eval.models import LostAttnHFLM, LostAttnHFMultimodalLM
 from lmms_lostattn.model_wrappers.lm_eval.reporting import FILTER
 from lmms_lostattn.models import SHAPES_LLAVA_DIR
+from lmms_lostattn.statistics.collector import mean_records
 from lmms_lostattn.tasks import tasks_path
 from lmms_lostattn.testing import TEXT_VARIANTS
 
@@ -174,6 +175,25 @@ def test_lm_evals_padding_on_several_ranks_adds_no_statistics(tiny_model: Callab
     for document, records in alone.items():
         for one, other in zip(records, padded[document], strict=True):
             assert other["values"]["attn"]["all"]["rid"] == pytest.approx(one["values"]["attn"]["all"]["rid"], abs=1e-5)
+
+
+def test_a_documents_statistics_do_not_depend_on_the_logits_cache(tiny_model: Callable[[str], pathlib.Path]) -> None:
+    """The logits cache runs one row for a document's one-token options (they share the context); the document's
+    statistics are still the mean over its requests, one record each, as without the cache (and as lmms-eval, which
+    runs one request at a time)."""
+    path, requests = str(tiny_model("llama")), _scoring_requests()
+    records = {}
+    for cache in (True, False):
+        lm = LostAttnHFLM(pretrained=path, batch_size=4, logits_cache=cache, stats="paper", **_CPU)
+        lm.loglikelihood(requests)
+        records[cache] = lm.lostattn.run.records
+    for doc_id, (_, options) in enumerate(DOCS):
+        shared, alone = records[True][("toy", doc_id)], records[False][("toy", doc_id)]
+        assert len(shared) == len(alone) == len(options)
+        for module in ("attn", "ffn"):
+            got, expected = (mean_records(rows)["values"][module]["all"] for rows in (shared, alone))
+            assert got["rid"] == pytest.approx(expected["rid"], abs=1e-5)
+            assert got["mixig"] == pytest.approx(expected["mixig"], abs=1e-5)
 
 
 @pytest.mark.parametrize("mode", ["uniform", "knockout"])

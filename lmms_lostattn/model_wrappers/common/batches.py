@@ -3,7 +3,7 @@
 A host's glue tells :class:`HostBatches` about each batch its base class is about to run (the keys of the requests
 each row serves, in row order); the scope asks for a new prompt's rows when its forward starts
 (:meth:`HostBatches.next_prompt`, which names them for the draws); when the prompt ends, its statistics go to the
-documents its rows served, once per document and row, and the progress bar advances by requests.
+documents of the requests its rows served, once per request, and the progress bar advances by requests.
 """
 
 from __future__ import annotations
@@ -110,14 +110,16 @@ class HostBatches:
         self._advance(sum(map(len, served)))
 
     def _hand_out(self, served: list[list[Any]], records: list[dict[str, Any]]) -> None:
-        """Row i's record (the first of its beams) to each document row i served, once per document."""
+        """Row i's record (the first of its beams) to the document of each request row i served, once per request:
+        a document's statistics are the mean over its requests whether or not they shared rows (lm-eval's logits
+        cache runs one row for a document's options that share ``context + continuation[:-1]``)."""
         if not records:  # the prompt ran no prefill the collector saw
             return
         repeats = len(records) // len(served)
         for row, requests in enumerate(served):
-            documents = {(r.task_name, r.doc_id) for r in requests if not self._is_padding(r)}
-            for document in sorted(documents, key=str):
-                self._run.records[document].append(records[row * repeats])
+            for request in requests:
+                if not self._is_padding(request):
+                    self._run.records[request.task_name, request.doc_id].append(records[row * repeats])
 
     def _advance(self, requests: int) -> None:
         if self._progress is not None:
