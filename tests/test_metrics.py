@@ -431,6 +431,17 @@ def test_tme_identical_rows_is_one(agg: str) -> None:
         assert tme(x, alpha=alpha, agg=agg) == pytest.approx(1.0, abs=1e-6)
 
 
+@pytest.mark.parametrize(("dtype", "scales"), [(torch.float32, (1e-9, 1e4, 1e-30)), (torch.float64, (1e-13, 1e200))])
+@pytest.mark.parametrize("agg", ["last", "mean"])
+def test_tme_depends_on_each_rows_direction_only(dtype: torch.dtype, scales: tuple[float, ...], agg: str) -> None:
+    """Rows are L2-normalised before anything else: scaling single rows, even far below the others, changes nothing."""
+    x = _rand((6, 5), 62, dtype=dtype)
+    expected = tme(x, agg=agg)
+    for row, scale in enumerate(scales):
+        x[-1 - row] *= scale
+        assert tme(x, agg=agg) == pytest.approx(expected, abs=1e-5), (row, scale)
+
+
 def test_tme_closed_form_two_orthogonal_rows() -> None:
     # Orthogonal rows: w = [1, (1/2)^alpha] for each row, so H = entropy of that normalised pair, over log 2.
     x = torch.eye(2, 5)

@@ -93,13 +93,14 @@ def _delta_s_from_eranks(e_x: float, e_new: float, shape: torch.Size) -> float:
     return min(1.0, abs(e_new - e_x) / min(shape))
 
 
-def _unit_factor(t: torch.Tensor) -> torch.Tensor:
+def _unit_factor(t: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     """The power of two 2^-e that brings max|t| into [1/2, 1), a 0-dim tensor on t's device (no host sync; 1 for a
-    zero ``t``; ``e`` clamped so that 2^-e stays a normal number of t's dtype). Scaling by it is exact, and every
-    statistic here is invariant to a common scale of one matrix: scaled, norms and Gram matrices neither overflow nor
-    underflow at any magnitude the dtype holds."""
+    zero ``t``; ``e`` clamped so that 2^-e stays a normal number of t's dtype); with ``dim``, one per slice along it
+    (kept as a size-1 dimension). Scaling by it is exact, and every statistic here is invariant to a common scale of
+    one matrix: scaled, norms and Gram matrices neither overflow nor underflow at any magnitude the dtype holds."""
     limit = -math.frexp(torch.finfo(t.dtype).tiny)[1]
-    exponent = torch.frexp(t.abs().amax())[1].clamp(-limit, limit)
+    peak = t.abs().amax() if dim is None else t.abs().amax(dim=dim, keepdim=True)
+    exponent = torch.frexp(peak)[1].clamp(-limit, limit)
     return torch.tensor(2.0, dtype=t.dtype, device=t.device).pow(-exponent)
 
 
@@ -109,7 +110,9 @@ def _unit_scale(t: torch.Tensor) -> torch.Tensor:
 
 
 def _unit_rows(x: torch.Tensor) -> torch.Tensor:
-    x = _unit_scale(x)
+    """The rows of ``x`` L2-normalised, each scaled by its own :func:`_unit_factor` first, so that a row far smaller
+    than the others is normalised like any other (a zero row stays zero)."""
+    x = x * _unit_factor(x, dim=1)
     return x / torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min(_NORM_EPS)
 
 
