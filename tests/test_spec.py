@@ -66,7 +66,7 @@ def test_parse_heads() -> None:
     assert parse_heads("p0.3-0.9") == HeadSelection("band", band=(0.3, 0.9))
     assert parse_heads("7,0,5") == HeadSelection("indices", indices=(0, 5, 7))
     assert parse_heads(3) == HeadSelection("indices", indices=(3,))
-    for bad in ("p0.9-0.3", "p1.2-1.5", "a,b", "p-1"):
+    for bad in ("p0.9-0.3", "p1.2-1.5", "a,b", "p-1", "²", "0,2,³"):
         with pytest.raises(SpecError, match="attn_heads"):
             parse_heads(bad)
 
@@ -86,6 +86,8 @@ def test_parse_heads() -> None:
         ({"attn": "gaussian", "attn_seed": 1.5}, r"attn_seed"),
         ({"attn": "gaussian", "attn_seed": float("inf")}, r"attn_seed=inf is not valid"),
         ({"attn": "gaussian", "attn_dist": "normal", "attn_sigma": 10**400}, r"attn_sigma=1000"),
+        ({"attn": "gaussian", "attn_dist": "normal", "attn_sigma": 1e39}, r"attn_sigma=1e\+39.*\(0, 1000\]"),
+        ({"attn": "noise_delta", "attn_sigma": 1001}, r"attn_sigma=1001.*\(0, 1000\]"),
         ({"stats": "paper", "stats_max_tokens": float("inf")}, r"stats_max_tokens=inf is not valid"),
         ({"attn": "gaussian", "attn_preset": "authors"}, r"attn_preset.*paper"),
         ({"attn": "none", "attn_layers": "3"}, r"attn_layers has no effect with attn=none"),

@@ -36,6 +36,8 @@ SPACES = ("logits", "probs")
 ROWS = ("last", "text", "image", "all")
 KEYS = ("image", "text", "all")
 DISTS = ("dirichlet", "normal", "uniform")
+MAX_SIGMA = 1000.0  # beyond it every use is saturated (one-hot softmax, noise swamping the model) or overflows
+_SIGMAS = f"a number in (0, {MAX_SIGMA:g}]"
 SCALES = ("none", "scores")
 DRAWS = ("per_head", "shared")
 HEAD_SCORES = ("pooled", "sides")
@@ -146,7 +148,7 @@ def parse_heads(value: object) -> HeadSelection:
             raise _fail("attn_heads", value, accepted)
         return HeadSelection("band", band=(low, high))
     items = text.split(",")
-    if not text or not all(item.isdigit() for item in items):
+    if not text or not all(item.isascii() and item.isdigit() for item in items):  # not "²", which int() refuses
         raise _fail("attn_heads", value, accepted)
     return HeadSelection("indices", indices=tuple(sorted({int(item) for item in items})))
 
@@ -357,9 +359,9 @@ class InterventionSpec:
         if "attn_dist" in given:
             fields["attn_dist"] = _choice("attn_dist", given["attn_dist"], DISTS)
         if "attn_sigma" in given:
-            sigma = _number("attn_sigma", given["attn_sigma"], float, "a number > 0")
-            if sigma <= 0:
-                raise _fail("attn_sigma", given["attn_sigma"], "a number > 0")
+            sigma = _number("attn_sigma", given["attn_sigma"], float, _SIGMAS)
+            if not 0 < sigma <= MAX_SIGMA:
+                raise _fail("attn_sigma", given["attn_sigma"], _SIGMAS)
             fields["attn_sigma"] = sigma
         if "attn_seed" in given:
             fields["attn_seed"] = _number("attn_seed", given["attn_seed"], int, "an integer")
