@@ -23,6 +23,7 @@ from lmms_lostattn.model_wrappers.common.exits import HostRuns
 from lmms_lostattn.model_wrappers.lm_eval import launcher as lm_eval_launcher
 from lmms_lostattn.model_wrappers.lmms_eval import base
 from lmms_lostattn.model_wrappers.lmms_eval import launcher as lmms_eval_launcher
+from lmms_lostattn.model_wrappers.lmms_eval import reporting as lmms_eval_reporting
 from lmms_lostattn.model_wrappers.lmms_eval import reproduce as reproduce_runs
 from lmms_lostattn.model_wrappers.lmms_eval.launch import LaunchError, run_lmms_eval
 from lmms_lostattn.models import SHAPES_LLAVA_DIR
@@ -246,6 +247,25 @@ def test_a_run_whose_results_file_was_not_written_exits_2(
         assert exit_info.value.code == 2
         assert capsys.readouterr().err.startswith(f"lostattn-x: the run wrote no results file (**/*_results.json "
                                                   f"under {tmp_path})")
+
+
+@pytest.mark.parametrize("saved", [False, True])
+def test_the_statistics_sidecar_is_written_only_beside_a_saved_results_file(saved: bool, tmp_path: pathlib.Path
+                                                                            ) -> None:
+    """lmms-eval logs a failed save and goes on, without setting ``date_id``: the sidecar is then not written (the
+    run ends as a run without a results file does), instead of an AttributeError the launcher reads as a failure."""
+    model = type("Config", (), {"model_name_sanitized": "model"})()
+    tracker = type("Tracker", (), {"output_path": str(tmp_path), "general_config_tracker": model})()
+
+    def save(tracker: Any, results: dict[str, Any]) -> None:  # as lmms-eval's, which catches its own failure
+        if saved:
+            tracker.date_id = "20261205_000000"
+            (tmp_path / "model").mkdir()
+            (tmp_path / "model" / f"{tracker.date_id}_results.json").write_text("{}")
+
+    lmms_eval_reporting._save_results_aggregated(save, tracker, {"lostattn": {"spec_hash": "h", "tasks": {"t": {}}}})
+    assert [path.name for path in tmp_path.glob("*/*_lostattn.json")] == (["20261205_000000_lostattn.json"] if saved
+                                                                          else [])
 
 
 def test_where_each_harness_saves_its_results_file() -> None:

@@ -103,7 +103,12 @@ def _save_results_aggregated(
     saved = original(tracker, results, *args, **kwargs)
     if tracker.output_path and sidecar["tasks"]:
         folder = pathlib.Path(tracker.output_path) / tracker.general_config_tracker.model_name_sanitized
-        path = folder / f"{tracker.date_id}_lostattn.json"
+        date_id = getattr(tracker, "date_id", None)  # set by a save that got as far as the file
+        if date_id is None or not (folder / f"{date_id}_results.json").is_file():
+            logger.warning("lostattn: lmms-eval saved no results file, so the per-layer statistics sidecar was not "
+                           "written either")
+            return saved
+        path = folder / f"{date_id}_lostattn.json"
         path.write_text(json.dumps(sidecar, indent=2, default=str))
         logger.info(f"lostattn: per-layer statistics written to {path}")
     elif sidecar["tasks"]:
