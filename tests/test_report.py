@@ -360,6 +360,17 @@ def test_check_ignores_a_drop_within_noise(
     assert code == 0 and "McNemar p=1" in out
 
 
+def test_a_drop_of_exactly_the_bound_passes(capsys: pytest.CaptureFixture[str], tmp_path: pathlib.Path) -> None:
+    """0.97 - 0.96 is 0.010000000000000009 in floating point: a drop of exactly --max-drop is within it."""
+    base, run = copy_run("none", tmp_path, "base"), copy_run("none", tmp_path, "run")
+    set_scores(base, [0.97] * 8)
+    set_scores(run, [0.96] * 8)  # every document lower: sign-flip p = 2/2^8
+    gate = ("check", run, "--baseline", base, "--metrics", "pope_accuracy", "--max-drop")
+    code, out, _ = lostattn(capsys, *gate, "0.01")
+    assert code == 0 and "drop +0.0100, bound 0.01" in out
+    assert lostattn(capsys, *gate, "0.0099")[0] == 1
+
+
 def test_statistics_rows_defined_differently_get_no_delta_and_cannot_be_checked(
     capsys: pytest.CaptureFixture[str], tmp_path: pathlib.Path
 ) -> None:
@@ -395,7 +406,7 @@ def test_check_refuses_different_documents_or_missing_logs(
     code, _, err = lostattn(capsys, "check", other, "--baseline", RUNS / "none")
     assert code == 2 and "lostattn_shapes_color is not in both runs" in err
     code, _, err = lostattn(capsys, "check", RUNS / "gaussian", "--baseline", RUNS / "none", "--metrics", "nope")
-    assert code == 2 and "nope is in no task" in err
+    assert code == 2 and "nope is in no task" in err and "its metrics: exact_match, " in err and "pope_f1_score" in err
     code, _, err = lostattn(capsys, "check", RUNS / "gaussian", "--baseline", RUNS / "none", "--metrics",
                             "pope_yes_ratio")
     assert code == 2 and "pope_yes_ratio: cannot be tested per sample (aggregate is not a per-sample mean)" in err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 from lmms_lostattn.reporting.runs import STATISTICS_PREFIX, LoadedRun, RunError, comparability
@@ -15,6 +16,12 @@ def check_max_drop(value: float) -> float:
         raise ValueError(f"{value}: expected a number in [0, 1] (an absolute change of a fraction; 0.01 is one "
                          "point of accuracy)")
     return value
+
+
+def _beyond(change: float, bound: float) -> bool:
+    """Whether ``change`` exceeds ``bound`` by more than the rounding of a difference of two means (0.97 - 0.96 is
+    0.010000000000000009: a drop of exactly the bound is within it)."""
+    return change > bound and not math.isclose(change, bound, rel_tol=1e-9, abs_tol=1e-12)
 
 
 def _tasks_of(groups: dict[str, list[str]], name: str) -> list[str]:
@@ -70,7 +77,9 @@ def regressions(base: LoadedRun, run: LoadedRun, max_drop: float, metrics: Seque
                     else not metric.startswith(STATISTICS_PREFIX))]
     for entry in wanted:
         if not any(covers(entry, *pair) for pair in selected):
-            raise RunError(f"--metrics: {'/'.join(part for part in entry if part)} is in no task of {base.path}")
+            known = sorted({metric for task in checked for metric in base.metrics(task, numbers_only=False)})
+            raise RunError(f"--metrics: {'/'.join(part for part in entry if part)} is in no task of {base.path}; "
+                           f"its metrics: {', '.join(known) or 'none'} (each as metric or task/metric)")
     lines = [("note", f"{group} is a group (no samples log of its own): checked through its tasks "
                       f"{', '.join(_tasks_of(groups, group))}") for group in sorted(groups) if group in tasks]
     for task, metric in selected:
@@ -91,10 +100,10 @@ def regressions(base: LoadedRun, run: LoadedRun, max_drop: float, metrics: Seque
             continue
         higher = None if metric.startswith(STATISTICS_PREFIX) else base.higher_is_better(task, metric)
         if higher is None:
-            beyond, change = abs(diff.delta) > max_drop, f"changed {diff.delta:+.4f}, band ±{max_drop}"
+            beyond, change = _beyond(abs(diff.delta), max_drop), f"changed {diff.delta:+.4f}, band ±{max_drop}"
         else:
             drop = 0.0 - diff.delta if higher else diff.delta  # 0.0 - 0.0 is 0.0, not -0.0
-            beyond, change = drop > max_drop, f"drop {drop:+.4f}, bound {max_drop}"
+            beyond, change = _beyond(drop, max_drop), f"drop {drop:+.4f}, bound {max_drop}"
         line = (f"{task}/{metric}: {base.metric(task, metric):.4f} -> {run.metric(task, metric):.4f} "
                 f"({change}, {diff.test} p={diff.p:.4g})")
         if beyond and not diff.can_be_significant:
