@@ -65,7 +65,7 @@ def test_a_run_folder_without_results_exits_2_naming_it(capsys: pytest.CaptureFi
         code, _, err = lostattn(capsys, "check", run, "--baseline", RUNS / "none")
         assert code == 2 and str(run) in err and "Traceback" not in err
     code, _, err = lostattn(capsys, "check", RUNS / "none", "--baseline", tmp_path / "empty")
-    assert code == 2 and f"{tmp_path / 'empty'}: no *_results.json" in err
+    assert code == 2 and f"{tmp_path / 'empty'}: no <date>_results.json (lmms-eval) or results_<date>.json" in err
 
 
 @pytest.mark.parametrize("command", ["demo", "reproduce"])
@@ -333,9 +333,13 @@ def test_a_check_that_tests_nothing_cannot_be_judged(
     assert "no regression" not in out
 
 
-def _lm_eval_filtered_run(folder: pathlib.Path, strict: list[float], flexible: list[float]) -> pathlib.Path:
+def _lm_eval_filtered_run(
+    folder: pathlib.Path, strict: list[float], flexible: list[float], stem: str = "results"
+) -> pathlib.Path:
     """An lm-eval run folder of a gsm8k-like task: ``exact_match`` under two filters and no ``none`` filter, with a
-    statistics row (lm-eval puts it under ``none``; each filter's lines carry its per-sample values)."""
+    statistics row (lm-eval puts it under ``none``; each filter's lines carry its per-sample values). ``stem``: the
+    results file's name before the date, ``results`` for an --output_path folder, the file's stem for one naming a
+    .json file."""
     folder.mkdir()
     date, rid = "2026-12-05T00-00-00.000001", [0.1 * (i + 1) for i in range(len(strict))]
     task = {"alias": "gsm", "lostattn_rid_attn,none": sum(rid) / len(rid)}
@@ -349,7 +353,7 @@ def _lm_eval_filtered_run(folder: pathlib.Path, strict: list[float], flexible: l
         "config": {"model": "lostattn-hf", "model_args": "pretrained=tiny", "limit": len(strict)},
         "lostattn": {"spec_hash": "0123456789ab", "intervention": {"mode": "none"}, "tasks": {}},
     }
-    (folder / f"results_{date}.json").write_text(json.dumps(results))
+    (folder / f"{stem}_{date}.json").write_text(json.dumps(results))
     lines = [{"doc_id": doc, "filter": name, "prompt_hash": f"p{doc}", "target_hash": f"t{doc}",
               "exact_match": scores[doc], "lostattn_rid_attn": rid[doc]}
              for name, scores in (("strict-match", strict), ("flexible-extract", flexible)) for doc in range(len(rid))]
@@ -371,6 +375,18 @@ def test_lm_eval_metrics_under_other_filters_are_tested_per_filter(
     code, out, _ = lostattn(capsys, "check", run, "--baseline", base, "--metrics", "gsm/exact_match,flexible-extract",
                             "lostattn_rid_attn")
     assert code == 0 and "ok      gsm/lostattn_rid_attn: " in out and "strict-match" not in out
+
+
+def test_lm_eval_runs_saved_under_a_json_output_path_are_read(
+    capsys: pytest.CaptureFixture[str], tmp_path: pathlib.Path
+) -> None:
+    """``--output_path out/base.json`` makes lm-eval write ``out/base_<date>.json`` and its samples logs beside it:
+    such runs load, as a folder or as the file."""
+    base = _lm_eval_filtered_run(tmp_path / "base", [1.0] * 8, [1.0] * 8, stem="base")
+    run = _lm_eval_filtered_run(tmp_path / "run", [0.0] * 8, [1.0] * 8, stem="my_run.v2")
+    code, out, err = lostattn(capsys, "check", run, "--baseline", next(base.glob("base_*.json")))
+    assert code == 1 and "FAILED  gsm/exact_match,strict-match: 1.0000 -> 0.0000" in out, out + err
+    assert lostattn(capsys, "check", run, "--baseline", run)[0] == 0
 
 
 # --- E, F: two runs of the same thing compare clean, under either harness and for a group ------------------------

@@ -485,7 +485,7 @@ def _samples_cut_inside_a_character(folder: pathlib.Path) -> str:
 def _empty(folder: pathlib.Path) -> str:
     for path in folder.iterdir():
         path.unlink()
-    return f"{folder}: no *_results.json"
+    return f"{folder}: no <date>_results.json (lmms-eval) or results_<date>.json"
 
 
 def test_runs_sharing_a_folder_are_read_by_their_results_file(

@@ -4,11 +4,12 @@ statistics, samples logs.
 A run is given as a results JSON or a folder holding exactly one (searched recursively, so either harness's
 ``--output_path`` works). The files of one run share its date id (:class:`Layout`): lmms-eval writes
 ``<date>_results.json``, a ``<date>_lostattn.json`` sidecar with the per-layer statistics and
-``<date>_samples_<task>.jsonl`` logs; lm-eval writes ``results_<date>.json``, whose ``lostattn`` block holds the
-per-layer statistics, and ``samples_<task>_<date>.jsonl``. Sidecar and samples logs are optional (no ``stats``, no
-``--log_samples``). Either harness writes every run of one model into the same folder: the other runs' files are
-left alone, but a samples log or sidecar whose date id matches no results file there, and anything malformed or
-truncated, raises :class:`RunError` naming the file and the problem.
+``<date>_samples_<task>.jsonl`` logs; lm-eval writes ``results_<date>.json`` (``<name>_<date>.json`` for an
+``--output_path`` naming a .json file), whose ``lostattn`` block holds the per-layer statistics, and
+``samples_<task>_<date>.jsonl``. Sidecar and samples logs are optional (no ``stats``, no ``--log_samples``). Either
+harness writes every run of one model into the same folder: the other runs' files are left alone, but a samples log or
+sidecar whose date id matches no results file there, and anything malformed or truncated, raises :class:`RunError`
+naming the file and the problem.
 """
 
 from __future__ import annotations
@@ -29,19 +30,22 @@ RESULTS_SUFFIX = "_results.json"  # lmms-eval's
 
 @dataclass(frozen=True)
 class Layout:
-    """How a harness names the files of one run: templates with ``{date}`` (the run's date id) and ``{task}``."""
+    """How a harness names the files of one run: templates with ``{date}`` (the run's date id, matching the regular
+    expression ``date``), ``{task}`` and ``{stem}`` (a name the user chose)."""
 
     harness: str
     results: str
     samples: str
     sidecar: str | None  # None: the per-layer statistics are in the results JSON's ``lostattn`` block
+    date: str = ".+"
 
     def glob(self, template: str, **known: str) -> str:
-        return template.format(**{"date": "*", "task": "*", **known})
+        return template.format(**{"date": "*", "task": "*", "stem": "*", **known})
 
     def match(self, template: str, name: str, **known: str) -> dict[str, str] | None:
-        """The date id and task a file name holds, or None when it is not named by ``template``."""
-        fields = {key: f"(?P<{key}>.+)" for key in ("date", "task")} | {k: re.escape(v) for k, v in known.items()}
+        """The date id, task and stem a file name holds, or None when it is not named by ``template``."""
+        fields = {"date": f"(?P<date>{self.date})", "task": "(?P<task>.+)", "stem": "(?P<stem>.+)"}
+        fields |= {key: re.escape(value) for key, value in known.items()}
         pattern = re.escape(template).replace(r"\{", "{").replace(r"\}", "}").format(**fields)
         found = re.fullmatch(pattern, name)
         return found.groupdict() if found else None
@@ -49,9 +53,12 @@ class Layout:
 
 LAYOUTS = (
     Layout("lmms-eval", "{date}_results.json", "{date}_samples_{task}.jsonl", "{date}_lostattn.json"),
-    Layout("lm-eval", "results_{date}.json", "samples_{task}_{date}.jsonl", None),
+    # ``<output_path>/<model>/results_<date>.json``, or ``<stem>_<date>.json`` for an --output_path naming a .json
+    # file (its samples logs beside it); the date id is ``datetime.now().isoformat()`` with ``-`` for ``:``
+    Layout("lm-eval", "{stem}_{date}.json", "samples_{task}_{date}.jsonl", None,
+           date=r"\d{4}-\d{2}-\d{2}T\d{2}-\d{2}-\d{2}(?:\.\d+)?"),
 )
-
+RESULTS_NAMES = "<date>_results.json (lmms-eval) or results_<date>.json, <name>_<date>.json (lm-eval)"
 
 STATISTICS_PREFIX = "lostattn_"  # the plugin's statistics rows: each a mean over documents of per-sample values
 
@@ -268,10 +275,10 @@ def find_results(path: pathlib.Path) -> pathlib.Path:
         return path
     if not path.is_dir():
         raise RunError(f"{path}: no such file or folder")
-    found = sorted({p for layout in LAYOUTS for p in path.rglob(layout.glob(layout.results))})
+    found = sorted({p for layout in LAYOUTS for p in path.rglob(layout.glob(layout.results))
+                    if layout.match(layout.results, p.name)})
     if not found:
-        names = " or ".join(layout.glob(layout.results) for layout in LAYOUTS)
-        raise RunError(f"{path}: no {names} in this folder; not an lmms-eval or lm-eval --output_path?")
+        raise RunError(f"{path}: no {RESULTS_NAMES} in this folder; not an lmms-eval or lm-eval --output_path?")
     if len(found) > 1:
         listed = ", ".join(str(p.relative_to(path)) for p in found)
         raise RunError(f"{path}: several results files ({listed}); pass one of them instead of the folder")
@@ -284,8 +291,7 @@ def load_run(path: pathlib.Path) -> LoadedRun:
     results_path = find_results(path)
     named = _layout_of(results_path)
     if named is None:
-        names = " or ".join(layout.glob(layout.results) for layout in LAYOUTS)
-        raise RunError(f"{results_path}: not a results file of lmms-eval or lm-eval (named {names})")
+        raise RunError(f"{results_path}: not a results file of lmms-eval or lm-eval (named {RESULTS_NAMES})")
     layout, date = named
     results = _read_json(results_path)
     for key in ("results", "lostattn", "config"):
@@ -296,7 +302,8 @@ def load_run(path: pathlib.Path) -> LoadedRun:
     if "spec_hash" not in results["lostattn"] or "mode" not in results["lostattn"].get("intervention", {}):
         raise RunError(f"{results_path}: the 'lostattn' block lacks spec_hash or intervention.mode")
     folder = results_path.parent
-    dates = {layout.match(layout.results, other.name)["date"] for other in folder.glob(layout.glob(layout.results))}
+    dates = {found["date"] for other in folder.glob(layout.glob(layout.results))
+             if (found := layout.match(layout.results, other.name))}
     for template in (layout.samples, layout.sidecar):
         for stray in sorted(folder.glob(layout.glob(template))) if template else ():
             if all(layout.match(template, stray.name, date=other) is None for other in dates):
