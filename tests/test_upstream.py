@@ -7,6 +7,7 @@ lmms-eval moves an internal; the rest show that each guard fails loudly instead 
 from __future__ import annotations
 
 import inspect
+import sys
 
 import pytest
 import torch
@@ -207,6 +208,21 @@ def test_doctor_names_a_moved_kernels_internal_and_still_runs_the_model(monkeypa
     failed = [line for line in lines if line.lstrip().startswith("FAILED")]
     assert len(failed) == 2 and all("get_kernelized_layers" in line for line in failed), failed  # point and record
     assert any(line.lstrip().startswith("ok       attn=") for line in lines), lines  # the end-to-end part ran
+
+
+def test_doctor_reports_an_internal_the_mechanism_resolves_on_import(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The attention functions' module resolves transformers' mask functions when it loads: one that moved is a
+    FAILED line of the report (the versions are still listed, the verdict still printed), not a traceback."""
+    import transformers.masking_utils
+
+    monkeypatch.delattr(transformers.masking_utils, "sdpa_mask")
+    for module in ("lmms_lostattn.intervention.contacts", "lmms_lostattn.intervention.kernel"):
+        monkeypatch.delitem(sys.modules, module)
+    lines: list[str] = []
+    assert doctor(echo=lines.append) == 1
+    failed = [line for line in lines if line.lstrip().startswith("FAILED")]
+    assert failed[0].startswith("  FAILED   the intervention's modules: UpstreamError: ") and "sdpa_mask" in failed[0]
+    assert any(line.startswith("  ok       transformers ") for line in lines) and lines[-1].startswith("NOT supported")
 
 
 def test_doctor_catches_a_tracker_that_takes_decoding_steps_for_prompts(monkeypatch: pytest.MonkeyPatch) -> None:

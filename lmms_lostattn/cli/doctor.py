@@ -1,11 +1,11 @@
 """``lostattn doctor``: is this environment one the package is tested on, and does the mechanism work in it?
 
 Four parts, each line ``ok`` or what is wrong: the installed versions against the declared (tested) ranges; every
-contact point with an upstream internal (:data:`lmms_lostattn.intervention.contacts.CONTACT_POINTS`, plus the
-host glue's); the hub kernels setting (:mod:`lmms_lostattn.compat.kernels`) and what a load here runs; and a tiny
-LLaVA, saved and loaded through ``from_pretrained`` as users load checkpoints, through a prefill and cached decoding,
-with edits and statistics, against the same generation recomputed without the KV cache. Ends with ``supported``
-(exit 0) or what to install (exit 1).
+contact point with an upstream internal (:data:`lmms_lostattn.intervention.contacts.CONTACT_POINTS`, plus the host
+glue's; an internal that moved from under the mechanism's modules is reported, not raised); the hub kernels setting
+(:mod:`lmms_lostattn.compat.kernels`) and what a load here runs; and a tiny LLaVA, saved and loaded through
+``from_pretrained`` as users load checkpoints, through a prefill and cached decoding, with edits and statistics, against
+the same generation recomputed without the KV cache. Ends with ``supported`` (exit 0) or what to install (exit 1).
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from lmms_lostattn.compat.kernels import (
     require_reachable_kernels,
 )
 from lmms_lostattn.compat.versions import in_force, install_command, installed, tested_requirements, version_problems
-from lmms_lostattn.intervention.contacts import CONTACT_POINTS
 
 # Interventions run end to end: image keys on the last rows (the paper's edit), and every key (positions matter).
 END_TO_END = (
@@ -203,6 +202,16 @@ def _model_parts(model: Any, processor: Any, echo: Callable[[str], None]) -> int
     return problems
 
 
+def mechanism_points() -> tuple[Sequence[ContactPoint], str | None]:
+    """The intervention's contact points, or why its modules do not load: an internal they resolve on import (the
+    attention and mask interfaces) that has moved."""
+    try:
+        from lmms_lostattn.intervention.contacts import CONTACT_POINTS
+    except Exception as error:  # the finding; the other parts still run
+        return (), f"the intervention's modules: {type(error).__name__}: {error}"
+    return CONTACT_POINTS, None
+
+
 def doctor(host_points: Sequence[ContactPoint] = (), echo: Callable[[str], None] = print) -> int:
     """Print the four parts and the verdict; 0 when supported, 1 otherwise."""
     problems = 0
@@ -213,7 +222,11 @@ def doctor(host_points: Sequence[ContactPoint] = (), echo: Callable[[str], None]
         echo(_status(line, f"{req.name} {installed(req.name)} ({req.specifier or 'any'})"))
     problems += len(outside)
     echo("contact points with upstream internals")
-    for point in (*CONTACT_POINTS, *host_points):
+    points, unloaded = mechanism_points()
+    if unloaded is not None:
+        echo(_status(unloaded, ""))
+        problems += 1
+    for point in (*points, *host_points):
         problem = point.problem()
         echo(_status(problem, point.name))
         problems += problem is not None
