@@ -177,7 +177,7 @@ class LoadedRun:
 # a group's list of members; in the ``lostattn`` block (and lmms-eval's sidecar), the settings and the statistics of
 # each task.
 RESULTS_BLOCKS = {"results": dict, "n-samples": dict, "configs": dict, "higher_is_better": dict, "group_subtasks": list}
-STATISTICS_BLOCKS = {"intervention": object, "stats": object, "tasks": dict}
+STATISTICS_BLOCKS = {"intervention": object, "stats": object, "tasks": dict, "versions": object}
 _HOLDING = {dict: " of objects", list: " of lists", object: ""}
 
 
@@ -188,6 +188,19 @@ def _check_blocks(data: dict[str, Any], blocks: dict[str, type], path: pathlib.P
         if not isinstance(block, dict) or not all(isinstance(value, kind) for value in block.values()):
             raise RunError(f"{path}: {within}{key!r} is not an object{_HOLDING[kind]}; edited, or not a harness's "
                            "output?")
+
+
+def _check_record(block: dict[str, Any], path: pathlib.Path) -> None:
+    """The values of a ``lostattn`` block the commands read besides its blocks: the table's token group (a name) and
+    the hub kernels record (an object whose ``layers`` counts each kernel layer), else :class:`RunError`."""
+    group = block.get("stats", {}).get("table_group")
+    kernels = block.get("kernels")
+    layers = kernels.get("layers", {}) if isinstance(kernels, dict) else None
+    if group is not None and not isinstance(group, str):
+        raise RunError(f"{path}: lostattn.stats.table_group is not a name; edited, or not a harness's output?")
+    if kernels is not None and not (isinstance(layers, dict) and all(isinstance(n, int) for n in layers.values())):
+        raise RunError(f"{path}: lostattn.kernels is not an object whose 'layers' counts kernel layers; edited, or "
+                       "not a harness's output?")
 
 
 def _check_layer_lengths(tasks: dict[str, Any], path: pathlib.Path) -> None:
@@ -299,6 +312,7 @@ def load_run(path: pathlib.Path) -> LoadedRun:
             raise RunError(f"{results_path}: no {key!r} block; not the results of a lostattn model run")
     _check_blocks(results, RESULTS_BLOCKS, results_path)
     _check_blocks(results["lostattn"], STATISTICS_BLOCKS, results_path, "lostattn.")
+    _check_record(results["lostattn"], results_path)
     if "spec_hash" not in results["lostattn"] or "mode" not in results["lostattn"].get("intervention", {}):
         raise RunError(f"{results_path}: the 'lostattn' block lacks spec_hash or intervention.mode")
     folder = results_path.parent
