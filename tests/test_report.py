@@ -123,10 +123,11 @@ def test_module_table_shows_the_ffn_under_both_references_where_both_were_measur
         assert rows[2][f"{task} MixIG"] == rows[1][f"{task} MixIG"]  # of the FFN's own input under either
 
 
-def test_markdown_escapes_a_pipe_in_the_header_as_in_the_cells() -> None:
-    table = Table(["task", "em|strict"], [[text_cell("a|b"), text_cell("1")]])
-    header, separator, row = markdown(table).splitlines()[:3]
-    assert header == "| task | em\\|strict |" and separator == "|---|---|" and row == "| a\\|b | 1 |"
+def test_markdown_shows_every_text_as_written() -> None:
+    table = Table(["task", "em|strict"], [[text_cell("a|b"), text_cell("<i>1")]], ["<b>run</b>: a note"])
+    header, separator, row, _, note = markdown(table).splitlines()
+    assert header == "| task | em\\|strict |" and separator == "|---|---|" and row == "| a\\|b | \\<i>1 |"
+    assert note == "\\<b>run\\</b>: a note  "  # shown as written, not as HTML
 
 
 def test_accuracy_table_puts_vanilla_first_with_each_tasks_headline_metric(report_dir: pathlib.Path) -> None:

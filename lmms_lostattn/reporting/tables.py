@@ -167,14 +167,19 @@ def leaderboard(runs: Sequence[LoadedRun], base: LoadedRun) -> Table:
     return Table(header, rows, notes)
 
 
+def _literal(text: str) -> str:
+    """``text`` as Markdown shows it as written: ``<`` escaped (a run named ``<i>`` is not an HTML tag)."""
+    return text.replace("<", "\\<")
+
+
 def markdown(table: Table) -> str:
-    """The table as GitHub Markdown, notes below it."""
+    """The table as GitHub Markdown, notes below it, every text shown as written."""
     def row(texts: Sequence[str]) -> str:
-        return "| " + " | ".join(text.replace("|", "\\|") for text in texts) + " |"
+        return "| " + " | ".join(_literal(text).replace("|", "\\|") for text in texts) + " |"
 
     lines = [row(table.header), "|" + "---|" * len(table.header)]
     lines += [row([cell.text for cell in cells]) for cells in table.rows]
-    return "\n".join(lines + [""] + [f"{note}  " for note in table.notes]) + "\n"
+    return "\n".join(lines + [""] + [f"{_literal(note)}  " for note in table.notes]) + "\n"
 
 
 def csv_text(table: Table) -> str:
