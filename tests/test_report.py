@@ -124,10 +124,10 @@ def test_module_table_shows_the_ffn_under_both_references_where_both_were_measur
 
 
 def test_markdown_shows_every_text_as_written() -> None:
-    table = Table(["task", "em|strict"], [[text_cell("a|b"), text_cell("<i>1")]], ["<b>run</b>: a note"])
+    table = Table(["task", "em|strict"], [[text_cell("a|b"), text_cell("<i>1")]], ["<b>run</b>: p < 0.05"])
     header, separator, row, _, note = markdown(table).splitlines()
     assert header == "| task | em\\|strict |" and separator == "|---|---|" and row == "| a\\|b | \\<i>1 |"
-    assert note == "\\<b>run\\</b>: a note  "  # shown as written, not as HTML
+    assert note == "\\<b>run\\</b>: p < 0.05  "  # shown as written, not as HTML
 
 
 def test_accuracy_table_puts_vanilla_first_with_each_tasks_headline_metric(report_dir: pathlib.Path) -> None:

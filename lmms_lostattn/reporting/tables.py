@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -168,8 +169,9 @@ def leaderboard(runs: Sequence[LoadedRun], base: LoadedRun) -> Table:
 
 
 def _literal(text: str) -> str:
-    """``text`` as Markdown shows it as written: ``<`` escaped (a run named ``<i>`` is not an HTML tag)."""
-    return text.replace("<", "\\<")
+    """``text`` as Markdown shows it as written: a ``<`` that could open an HTML tag escaped (a run named ``<i>``),
+    ``p < 0.05`` left as it is."""
+    return re.sub(r"<(?=[A-Za-z/!?])", r"\\<", text)
 
 
 def markdown(table: Table) -> str:
