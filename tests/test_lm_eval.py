@@ -21,6 +21,7 @@ from cli_helpers import OFFLINE, results_of, run_cli_batch, run_error, samples_o
 from lm_eval.api.instance import Instance
 from lm_eval.models.hf_vlms import HFMultimodalLM
 from lm_eval.models.huggingface import HFLM
+from lm_eval.utils import get_rolling_token_windows
 from PIL import Image
 
 from lmms_lostattn.cli import main
@@ -175,6 +176,30 @@ def test_lm_evals_padding_on_several_ranks_adds_no_statistics(tiny_model: Callab
     for document, records in alone.items():
         for one, other in zip(records, padded[document], strict=True):
             assert other["values"]["attn"]["all"]["rid"] == pytest.approx(one["values"]["attn"]["all"]["rid"], abs=1e-5)
+
+
+def test_lm_evals_rolling_windows_padding_on_several_ranks_adds_no_statistics(
+    tiny_model: Callable[[str], pathlib.Path],
+) -> None:
+    """On several ranks ``loglikelihood_rolling`` pads a rank that has fewer windows with its first window again:
+    those rows give no document a record (here rank 1 of 2, the other rank holding two more windows)."""
+    texts = ["The car is red and the sky is blue and the grass is green today.", "A cat."]
+    requests = [Instance("loglikelihood_rolling", {}, (text,), 0, ("roll", doc_id, 1))
+                for doc_id, text in enumerate(texts)]
+    records = {}
+    for ranks in (1, 2):
+        lm = LostAttnHFLM(pretrained=str(tiny_model("llama")), batch_size=2, max_length=8, stats="paper", **_CPU)
+        if ranks == 2:
+            windows = sum(len(list(get_rolling_token_windows(lm.tok_encode(text), lm.prefix_token_id, 8, 1)))
+                          for text in texts)
+            lm._world_size, lm._rank = 2, 1
+            lm.all_gather = lambda tensor, windows=windows: torch.tensor([windows + 2, windows])
+        scores = lm.loglikelihood_rolling(requests)
+        records[ranks] = {document: list(rows) for document, rows in lm.lostattn.run.records.items()}
+    assert scores and {doc: len(rows) for doc, rows in records[2].items()} == {doc: len(rows)
+                                                                               for doc, rows in records[1].items()}
+    for document, rows in records[1].items():
+        assert mean_records(records[2][document])["values"] == mean_records(rows)["values"]
 
 
 def test_a_documents_statistics_do_not_depend_on_the_logits_cache(tiny_model: Callable[[str], pathlib.Path]) -> None:

@@ -98,6 +98,13 @@ class LostAttnLMMixin:
         self._padding = frozenset(map(id, copies))
         return [*requests[: len(requests) - len(copies)], *copies]
 
+    def _padding_copy(self, request: Instance) -> Instance:
+        """A copy of ``request`` for a row lm-eval runs only to pad a rank; the statistics skip it (:attr:`_padding`).
+        """
+        padding = copy.copy(request)
+        self._padding |= {id(padding)}
+        return padding
+
     def _loglikelihood_tokens(self, requests: list[Window], *args: Any, **kwargs: Any) -> list[Any]:
         if self._keyed is None:  # not within a scoring call of ours (inactive)
             return super()._loglikelihood_tokens(requests, *args, **kwargs)
@@ -142,16 +149,24 @@ class LostAttnLMMixin:
             ):
                 by_tokens.setdefault((tuple(context), tuple(continuation)), deque()).append(request)
 
+        last_owner: dict[tuple, Instance] = {}
+
         def keyed(windows: list[Window]) -> list[tuple[object, Instance]]:
             pairs = []
             for window in windows:
-                owners = by_tokens.get((tuple(window[1]), tuple(window[2])))
-                if not owners:
+                tokens = (tuple(window[1]), tuple(window[2]))
+                owners = by_tokens.get(tokens)
+                if owners is None or not (owners or self.world_size > 1):
                     raise InterventionError(
                         "lostattn: a loglikelihood_rolling window matches none of the documents' windows as "
-                        "lm_eval.utils.get_rolling_token_windows cuts them (did lm-eval change how it cuts them?)"
+                        "lm_eval.utils.get_rolling_token_windows cuts them, or comes more often than they do (did "
+                        "lm-eval change how it cuts them?)"
                     )
-                pairs.append((window, owners[0] if len(owners) == 1 else owners.popleft()))
+                if owners:
+                    last_owner[tokens] = owners.popleft()
+                    pairs.append((window, last_owner[tokens]))
+                else:  # beyond the documents' windows: on several ranks, lm-eval pads a rank with its first window
+                    pairs.append((window, self._padding_copy(last_owner[tokens])))
             return pairs
 
         return keyed
