@@ -1,8 +1,8 @@
-"""The glue every lmms-eval family wrapper shares: the plugin's ``model_args`` (:mod:`..plugin`), the intervention
-scoped around the base class's own batches (or one request at a time where it cannot follow them), every row named
-by its document (:mod:`..rows`).
+"""The glue every lmms-eval family wrapper shares: the plugin's ``model_args`` (:mod:`..common.plugin`), the
+intervention scoped around the base class's own batches (or one request at a time where it cannot follow them), every
+row named by its document (:mod:`..common.batches`).
 
-A family wrapper is ``class LostAttnX(LostAttnMixin, <lmms-eval's own class>)`` and nothing more (see llava.py).
+A family wrapper is ``class LostAttnX(LostAttnMixin, <lmms-eval's own class>)`` and nothing more (see wrappers.py).
 """
 
 from __future__ import annotations
