@@ -86,9 +86,10 @@ def test_a_padding_copy_of_a_request_gets_no_statistics() -> None:
     assert run.records == {("toy", 0): [{"row": 0}]}
 
 
-def test_a_shared_row_is_measured_once_per_document() -> None:
+def test_a_shared_row_gives_its_record_to_each_request_it_serves() -> None:
     """A row serving several requests (lm-eval's multiple-choice rows: one context, one-token choices) gives its
-    record to their document once; a second row of the same document adds its own."""
+    record to each of them, so that their document's statistics are the mean over its requests, as without the
+    sharing; another document's row gives its own."""
     choices = [SimpleNamespace(task_name="mc", doc_id=7, key=("ctx", f" {c}")) for c in "ABC"]
     other = SimpleNamespace(task_name="mc", doc_id=8, key=("ctx2", " A"))
     run = SimpleNamespace(records=defaultdict(list))
@@ -104,5 +105,5 @@ def test_a_shared_row_is_measured_once_per_document() -> None:
     rows.batched([[c.key for c in choices], [other.key]])
     assert rows.next_prompt(2).names == ["mc/7", "mc/8"]
     rows.finish(ran_all=True)
-    assert run.records == {("mc", 7): [{"row": 0}], ("mc", 8): [{"row": 1}]}
+    assert run.records == {("mc", 7): [{"row": 0}] * 3, ("mc", 8): [{"row": 1}]}
     assert sum(updates) == 4  # the progress bar counts requests

@@ -7,8 +7,8 @@ Every request type runs in the base class's own batches, inside one intervention
   with ``logits_cache``, runs one row for every request sharing ``context + continuation[:-1]`` (multiple choice).
   The glue follows lm-eval's ``Collator`` batches and tells the scope each row's real length and where its
   continuation starts (``attn_rows=last`` edits the rows that predict the continuation; statistics cover real tokens
-  only); a shared row is run, edited and measured once, for its document (requests of different documents never
-  share a row: its draws are its document's);
+  only); a shared row is run, edited and measured once, its record counted for each request it serves (requests of
+  different documents never share a row: its draws are its document's);
 * generation (``generate_until``): left-padded with a mask, as lmms-eval's batching classes.
 
 Rows are named ``task/doc_id`` for the draws. ``batch_size=auto`` is refused under an intervention or statistics: it
