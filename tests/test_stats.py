@@ -220,8 +220,9 @@ def test_mean_records_skips_a_request_that_measured_nothing(unmeasured_first: bo
     assert mean_records([unmeasured, unmeasured])["values"]["attn"]["all"] == {}
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("chained", [True, False], ids=["chained", "deepstack_like"])
-def test_collector_decomposes_each_stream_once(monkeypatch, chained: bool) -> None:
+def test_collector_decomposes_each_stream_once(monkeypatch, chained: bool, dtype: torch.dtype) -> None:
     calls: list[tuple[int, ...]] = []
 
     def counting(x: torch.Tensor):
@@ -238,9 +239,9 @@ def test_collector_decomposes_each_stream_once(monkeypatch, chained: bool) -> No
         sample_key=torch.zeros(1, dtype=torch.long),
     )
     collector = StatsCollector(StatsConfig(kind="all"), layers)
-    x, expected = torch.randn(1, 9, 6, generator=gen), []
+    x, expected = torch.randn(1, 9, 6, generator=gen).to(dtype), []
     for layer in range(layers):
-        d_attn, d_ffn = 0.5 * torch.randn(1, 9, 6, generator=gen), 0.5 * torch.randn(1, 9, 6, generator=gen)
+        d_attn, d_ffn = ((0.5 * torch.randn(1, 9, 6, generator=gen)).to(dtype) for _ in range(2))
         collector(layer, x, d_attn, d_ffn, state)
         expected.append(
             {
@@ -254,10 +255,46 @@ def test_collector_decomposes_each_stream_once(monkeypatch, chained: bool) -> No
     # X, the stream after attention and the stream after the FFN once each; the latter is the next layer's X.
     assert len(calls) == (1 + 2 * layers if chained else 3 * layers)
     values = collector.take()[0]["values"]
+    if dtype != torch.float32:  # the model adds in bfloat16, module_stats in float32: only the count is compared
+        return
     for layer, want in enumerate(expected):
         for module, stats in want.items():
             got = {metric: values[module]["all"][metric][layer] for metric in stats}
             assert got == pytest.approx(stats, abs=1e-5)
+
+
+def _tensors(value: object, seen: set[int] | None = None) -> list[torch.Tensor]:
+    """Every tensor reachable from ``value`` through containers and object attributes."""
+    seen = set() if seen is None else seen
+    if id(value) in seen or isinstance(value, (str, int, float, bool, type(None))):
+        return []
+    seen.add(id(value))
+    if isinstance(value, torch.Tensor):
+        return [value]
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple, set)) else (
+        vars(value).values() if hasattr(value, "__dict__") else ())
+    return [tensor for item in items for tensor in _tensors(item, seen)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_collector_carries_only_what_the_next_layer_reads(dtype: torch.dtype) -> None:
+    """Between layers the collector keeps, per sample and group, the decomposition of the stream after the FFN (the
+    next layer's X, reused only where the next layer's input is that stream): X in float32 and what its subspaces
+    are built from, not the model's raw rows nor TME's normalised rows, each as large as X."""
+    state = PromptState(
+        prompt_ids=torch.zeros(1, 9, dtype=torch.long),
+        is_visual=torch.zeros(1, 9, dtype=torch.bool),
+        first_real=torch.tensor([0]),
+        real_end=torch.tensor([NO_END]),
+        sample_key=torch.zeros(1, dtype=torch.long),
+    )
+    gen = torch.Generator().manual_seed(0)
+    x, d_attn, d_ffn = (torch.randn(1, 9, 6, generator=gen).to(dtype) for _ in range(3))
+    collector = StatsCollector(StatsConfig(kind="all"), num_layers=2)
+    collector(0, x, d_attn, d_ffn, state)
+    shapes = [(tensor.dtype, tuple(tensor.shape)) for tensor in _tensors(collector)]
+    assert shapes.count((torch.float32, (9, 6))) == 1, shapes  # X itself: no second view of the rows, no TME rows
+    assert all(kind != torch.bfloat16 for kind, _ in shapes), shapes  # nor the model's own rows
 
 
 def test_a_non_finite_stream_names_the_layer_and_sample_and_padding_is_ignored() -> None:

@@ -57,7 +57,7 @@ class StatsCollector:
         self._records: list[dict[str, Any]] = []
         self._layers_seen: set[int] = set()
         # (sample, group) -> (layer, stream after its FFN on the group's capped rows, its decomposition)
-        self._carry: dict[tuple[int, str], tuple[int, torch.Tensor, Decomposition]] = {}
+        self._carry: dict[tuple[int, str], tuple[int, Decomposition]] = {}
 
     def __call__(
         self, layer: int, x: torch.Tensor, d_attn: torch.Tensor, d_ffn: torch.Tensor, state: TokenLayout
@@ -88,14 +88,14 @@ class StatsCollector:
     ) -> dict[str, dict[str, float]]:
         """Statistics of both updates of one layer on one sample's rows: X -> mid (attn), mid -> out (ffn)."""
         carried = self._carry.pop(key, None)
-        if carried is not None and carried[0] == layer - 1 and _same(carried[1], x):
-            before = carried[2]
+        if carried is not None and carried[0] == layer - 1 and _same(carried[1].x, x):
+            before = carried[1]
         else:
             before = _decompose_stream(x, "entering", layer, key)
         after_attn = _decompose_stream(mid, "after the attention update of", layer, key)
         after_ffn = _decompose_stream(out, "after the FFN update of", layer, key)
         if layer < self.num_layers - 1:
-            self._carry[key] = (layer, out, after_ffn)
+            self._carry[key] = (layer, after_ffn)
         config = self.config
         kind = "all" if config.kind == "all" else "paper"  # stats=released: the paper's metrics, other definitions
         ffn_reference = before if config.reference == "layer" else None
@@ -122,9 +122,11 @@ class StatsCollector:
         return records
 
 
-def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Bit-identical tensors on one device (a model split over devices hands the next layer a copy)."""
-    return a.device == b.device and torch.equal(a, b)
+def _same(decomposed: torch.Tensor, stream: torch.Tensor) -> bool:
+    """Whether ``stream`` is bit-identical to the rows a decomposition holds, on one device (a model split over
+    devices hands the next layer a copy). The decomposition holds them in float32 or float64, which every stream
+    dtype converts to exactly, so equal there is equal in the stream's own dtype."""
+    return decomposed.device == stream.device and torch.equal(decomposed, stream.to(decomposed.dtype))
 
 
 def _decompose_stream(stream: torch.Tensor, where: str, layer: int, key: tuple[int, str]) -> Decomposition:

@@ -259,15 +259,12 @@ class Decomposition:
             res_r = float(torch.linalg.matrix_norm(x_new - (x_new @ v_r) @ v_r.T))
         return res_c, res_r
 
-    @functools.cached_property
-    def _unit_rows(self) -> torch.Tensor:
-        return _unit_rows(self.x)
-
     def tme(self, alpha: float = 8.0, agg: str = "last") -> float:
-        """``TME(X)``, see :func:`tme` (arguments already checked; ``S >= 2``)."""
+        """``TME(X)``, see :func:`tme` (arguments already checked; ``S >= 2``). The value is kept, the normalised rows
+        are not: a decomposition carried to the next layer keeps only what that layer reads again."""
         key = (alpha, agg)
         if key not in self._tme:
-            self._tme[key] = _tme_from_unit(self._unit_rows, alpha, agg)
+            self._tme[key] = _tme_from_unit(_unit_rows(self.x), alpha, agg)
         return self._tme[key]
 
 
