@@ -18,7 +18,8 @@ from transformers import LlavaForConditionalGeneration
 from lmms_lostattn.config.spec import InterventionSpec, SpecError, spec_hash
 from lmms_lostattn.intervention.attention import EditedAttention
 from lmms_lostattn.intervention.scope import InterventionError
-from lmms_lostattn.model_wrappers.common.plugin import check_implementation
+from lmms_lostattn.model_wrappers.common.plugin import Plugin, check_implementation
+from lmms_lostattn.model_wrappers.lmms_eval import reporting as lmms_eval_reporting
 from lmms_lostattn.model_wrappers.lmms_eval.base import LostAttnMixin, bracket_list_values
 from lmms_lostattn.model_wrappers.lmms_eval.manifests import get_manifests
 from lmms_lostattn.model_wrappers.lmms_eval.wrappers import LostAttnLlavaChat, LostAttnLlavaSimple
@@ -30,6 +31,26 @@ DOCS = [
     {"question": "Is there a blue star?", "image": Image.new("RGB", (48, 48), (30, 60, 210))},
     {"question": "Say hello.", "image": None},
 ]
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_an_evaluation_keeps_no_statistics_records_after_it(tiny_model, fails: bool) -> None:
+    """A document's records are in lmms-eval's per-sample metrics once its evaluation has scored it; the model keeps
+    none of them afterwards (a run of thousands of documents), whether the evaluation ended or failed."""
+    plugin = Plugin.from_model_kwargs({"pretrained": str(tiny_model("llava")), "stats": "paper"}, {}, "lmms_eval")
+    lm = type("Model", (), {"lostattn": plugin})()
+
+    def evaluate(lm: object) -> None:  # lmms-eval's, which generates and scores every document
+        lm.lostattn.run.records["task", 0].append({"layers": 1, "values": {}})
+        if fails:
+            raise RuntimeError("a failed evaluation")
+
+    if fails:
+        with pytest.raises(RuntimeError):
+            lmms_eval_reporting._evaluate(evaluate, lm)
+    else:
+        lmms_eval_reporting._evaluate(evaluate, lm)
+    assert not plugin.run.records
 
 
 def test_list_values_can_be_written_plainly() -> None:

@@ -62,14 +62,17 @@ def _evaluate(original: Any, *args: Any, **kwargs: Any) -> Any:
     run = run_of(argument(original, "lm", args, kwargs))
     if run is None:
         return original(*args, **kwargs)
-    if run.stats.kind == "none":
-        results = original(*args, **kwargs)
-    else:
-        def with_statistics(process: Any) -> Any:
-            return functools.partial(_process_document_results, process, run)
-
-        with swapped([evaluator], "_process_document_results", with_statistics):
+    try:
+        if run.stats.kind == "none":
             results = original(*args, **kwargs)
+        else:
+            def with_statistics(process: Any) -> Any:
+                return functools.partial(_process_document_results, process, run)
+
+            with swapped([evaluator], "_process_document_results", with_statistics):
+                results = original(*args, **kwargs)
+    finally:  # in lmms-eval's results now; a run of thousands of documents keeps none of them for the process
+        run.records.clear()
     if results is not None:  # rank 0
         per_task = {}
         for metrics in results.get("groups", {}).values():
