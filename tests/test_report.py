@@ -373,8 +373,9 @@ def test_a_drop_of_exactly_the_bound_passes(capsys: pytest.CaptureFixture[str], 
 
 
 def test_a_run_without_statistics_is_named_as_such(capsys: pytest.CaptureFixture[str], tmp_path: pathlib.Path) -> None:
-    """Against a run with ``stats=none`` a statistics row is not "defined differently": that run measured none."""
-    unmeasured = copy_run("none", tmp_path, "unmeasured")
+    """Against a run with ``stats=none`` a statistics row is not "defined differently": that run measured none. Two
+    runs without statistics compare with no note about them."""
+    unmeasured, other = copy_run("none", tmp_path, "unmeasured"), copy_run("gaussian", tmp_path, "other")
 
     def without_statistics(results: dict) -> None:
         results["lostattn"]["stats"].update({"stats": "none", "table_group": None})
@@ -382,11 +383,14 @@ def test_a_run_without_statistics_is_named_as_such(capsys: pytest.CaptureFixture
             for key in [key for key in task if key.startswith("lostattn_")]:
                 del task[key]
 
-    edit_json(next(unmeasured.glob("*_results.json")), without_statistics)
-    next(unmeasured.glob("*_lostattn.json")).unlink()
+    for run in (unmeasured, other):
+        edit_json(next(run.glob("*_results.json")), without_statistics)
+        next(run.glob("*_lostattn.json")).unlink()
     code, _, err = lostattn(capsys, "check", unmeasured, "--baseline", RUNS / "none", "--metrics", "lostattn_rid_attn")
     assert code == 2 and f"no statistics measured in {next(unmeasured.glob('*_results.json'))} (stats=none)" in err
     assert "defined differently" not in err
+    code, _, err = lostattn(capsys, "compare", unmeasured, other, "-o", tmp_path / "board")
+    assert code == 0 and "no statistics measured" not in (tmp_path / "board" / "leaderboard.md").read_text(), err
 
 
 def test_statistics_rows_defined_differently_get_no_delta_and_cannot_be_checked(

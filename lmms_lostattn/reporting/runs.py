@@ -429,12 +429,12 @@ STATISTICS_DEFINITIONS = ("table_group", "stats_max_tokens", "token_cap_rule", "
 
 
 def statistics_difference(base: LoadedRun, other: LoadedRun) -> str | None:
-    """Why the statistics rows of ``other`` measure something else than ``base``'s (None when they do not): a run
-    that measured none, or the :data:`STATISTICS_DEFINITIONS` both runs record, where they differ."""
+    """Why the statistics rows of ``other`` measure something else than ``base``'s (None when they do not): one of
+    the runs measured none, or the :data:`STATISTICS_DEFINITIONS` both runs record differ."""
     old, new = (run.block.get("stats", {}) for run in (base, other))
     unmeasured = [str(run.path) for run, settings in ((base, old), (other, new)) if settings.get("stats") == "none"]
-    if unmeasured:
-        return f"no statistics measured in {' and '.join(unmeasured)} (stats=none)"
+    if len(unmeasured) == 1:  # both: neither run has statistics rows to compare
+        return f"no statistics measured in {unmeasured[0]} (stats=none)"
     differ = [f"{key} {old[key]} vs {new[key]}" for key in STATISTICS_DEFINITIONS
               if key in old and key in new and old[key] != new[key]]
     return f"statistics defined differently ({'; '.join(differ)})" if differ else None
