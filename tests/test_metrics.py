@@ -442,6 +442,15 @@ def test_tme_depends_on_each_rows_direction_only(dtype: torch.dtype, scales: tup
         assert tme(x, agg=agg) == pytest.approx(expected, abs=1e-5), (row, scale)
 
 
+def test_tme_normalises_a_row_of_subnormal_numbers() -> None:
+    """A float64 row of small integers times 2^-1070 (subnormal, held exactly) is normalised like the integers."""
+    x = _rand((6, 5), 63, dtype=torch.float64)
+    x[-1] = torch.tensor([3.0, -1.0, 2.0, 0.0, 5.0], dtype=torch.float64)
+    expected = {agg: tme(x, agg=agg) for agg in ("last", "mean")}
+    x[-1] *= 2.0**-1070
+    assert {agg: tme(x, agg=agg) for agg in ("last", "mean")} == pytest.approx(expected, abs=1e-12)
+
+
 def test_tme_closed_form_two_orthogonal_rows() -> None:
     # Orthogonal rows: w = [1, (1/2)^alpha] for each row, so H = entropy of that normalised pair, over log 2.
     x = torch.eye(2, 5)

@@ -74,7 +74,6 @@ RANK_EPS = float(torch.finfo(torch.float32).eps)
 """Machine epsilon of float32; the default rank tolerance is ``max(S, H) * RANK_EPS`` relative to ``sigma_max``."""
 
 _EPS64 = float(torch.finfo(torch.float64).eps)
-_NORM_EPS = 1e-12  # clamp on row norms in TME: an all-zero row stays a zero vector instead of dividing by zero
 
 
 # --------------------------------------------------------------------------------------------------- internals
@@ -113,7 +112,8 @@ def _unit_rows(x: torch.Tensor) -> torch.Tensor:
     """The rows of ``x`` L2-normalised, each scaled by its own :func:`_unit_factor` first, so that a row far smaller
     than the others is normalised like any other (a zero row stays zero)."""
     x = x * _unit_factor(x, dim=1)
-    return x / torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min(_NORM_EPS)
+    norms = torch.linalg.vector_norm(x, dim=1, keepdim=True)
+    return x / torch.where(norms > 0, norms, 1.0)
 
 
 def _tme_from_unit(xn: torch.Tensor, alpha: float, agg: str) -> float:
