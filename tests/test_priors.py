@@ -3,6 +3,7 @@ tokens, cached decoding, batch invariance and refusal for families without one t
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -172,12 +173,13 @@ def test_families_without_one_token_per_patch_are_refused(model_type: str) -> No
     adapter_for(config).check_mode(config, "gaussian")
 
 
+@pytest.mark.parametrize("mode", ["vision_attention", "complexity"])
 @pytest.mark.parametrize("strategy", ["full", "default"])
-def test_a_tower_without_a_class_token_gives_every_patch_the_model_sees_its_prior(strategy: str) -> None:
+def test_a_tower_without_a_class_token_gives_every_patch_the_model_sees_its_prior(strategy: str, mode: str) -> None:
     """LLaVA with a SigLIP tower (no class token): with ``vision_feature_select_strategy=full`` (llava-interleave)
     the prompt's P image tokens get softmax over all P patches of the attention each receives (mean over heads and
-    queries of HF's eager vision attention), the first patch included; with ``default`` the model drops the first
-    patch, and the P - 1 tokens get the prior over the P - 1 patches it keeps."""
+    queries of HF's eager vision attention) or of their complexity, the first patch included; with ``default`` the
+    model drops the first patch, and the P - 1 tokens get the prior over the P - 1 patches it keeps."""
     from transformers import (
         LlamaConfig,
         LlavaConfig,
@@ -207,14 +209,21 @@ def test_a_tower_without_a_class_token_gives_every_patch_the_model_sees_its_prio
     model = LlavaForConditionalGeneration(config).eval()
     model.set_attn_implementation({"text_config": "eager", "vision_config": "eager"})
     prompt = f"USER: {IMAGE_TOKEN}\nIs it red? ASSISTANT:"
-    inputs = processor(text=prompt, images=[Image.new("RGB", (32, 32), "red")], return_tensors="pt")
+    noise = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)  # patches of unequal complexity
+    inputs = processor(text=prompt, images=[Image.fromarray(noise)], return_tensors="pt")
     image = inputs["input_ids"][0] == config.image_token_index
     assert int(image.sum()) == patches - first
-    edit = _resolve(model, attn="vision_attention", attn_space="probs", attn_layers="0")
+    edit = _resolve(model, attn=mode, attn_space="probs", attn_layers="0")
+    mean_std = (processor.image_processor.image_mean, processor.image_processor.image_std)
     with torch.no_grad():
         vision = model.model.vision_tower(inputs["pixel_values"], output_attentions=True).attentions[-1][0]
-        with intervene(model, edit, adapter_for(config)):
+        with intervene(model, edit, adapter_for(config), image_mean_std=mean_std):
             weights = model(**inputs, output_attentions=True).attentions[0][0, :, -1]
     on_image = weights[:, image]
-    expected = vision[:, first:, first:].mean(dim=(0, 1)).softmax(-1)  # (H, P, P): mean over heads and queries
+    if mode == "vision_attention":
+        expected = vision[:, first:, first:].mean(dim=(0, 1)).softmax(-1)  # (H, P, P): mean over heads and queries
+    else:
+        mean, std = (torch.tensor(values).view(1, -1, 1, 1) for values in mean_std)
+        side = VISION["image_size"] // VISION["patch_size"]
+        expected = priors.patch_complexity(inputs["pixel_values"] * std + mean, (side, side))[0, first:].softmax(-1)
     torch.testing.assert_close(on_image / on_image.sum(-1, keepdim=True), expected.expand_as(on_image))

@@ -26,13 +26,14 @@ def prior_hook(
     recording_errors: Callable[[], AbstractContextManager[None]],
 ) -> torch.utils.hooks.RemovableHandle:
     """A hook on the vision tower that computes each image's prior when the tower runs (before the prefill or in
-    it) and hands it to the tracker's next prompt; the tower's own kernel and outputs stay as they are."""
+    it) and hands it to the tracker's next prompt, over the patches the model keeps; the tower's own kernel and
+    outputs stay as they are."""
     tower, last_attention = adapter.vision_modules(model)
+    # LLaVA's "default" feature selection drops the tower's first token: CLIP's class token, SigLIP's first patch
+    drops_first = getattr(model.config, "vision_feature_select_strategy", "default") == "default"
 
     if mode == "vision_attention":
         patches = (tower.config.image_size // tower.config.patch_size) ** 2
-        # LLaVA's "default" feature selection drops the tower's first token: CLIP's class token, SigLIP's first patch
-        drops_first = getattr(model.config, "vision_feature_select_strategy", "default") == "default"
 
         def attention_prior(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
             with recording_errors():
@@ -56,14 +57,16 @@ def prior_hook(
     mean, std = (torch.tensor(values, dtype=torch.float32).view(1, -1, 1, 1) for values in image_mean_std)
     patch = tower.config.patch_size
 
-    def complexity_prior(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+    def complexity_prior(module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
         with recording_errors():
             pixels = forward_input(module, args, kwargs, "pixel_values").float()
             images = pixels * std.to(pixels.device) + mean.to(pixels.device)
             grid = (pixels.shape[-2] // patch, pixels.shape[-1] // patch)
-            prompts.pending_priors.append(priors.complexity_prior(images, grid))
+            tokens = output[0].shape[1]  # the tower's last hidden state: a class token first, or the patches alone
+            first = 1 if drops_first and tokens == grid[0] * grid[1] else 0  # a first patch the model never sees
+            prompts.pending_priors.append(priors.complexity_prior(images, grid, first))
 
-    return tower.register_forward_pre_hook(complexity_prior, with_kwargs=True)
+    return tower.register_forward_hook(complexity_prior, with_kwargs=True)
 
 
 def prior_at(state: PromptState, keys: range, device: torch.device, mode: str) -> torch.Tensor:

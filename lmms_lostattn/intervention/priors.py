@@ -56,6 +56,7 @@ def patch_complexity(images: torch.Tensor, grid: tuple[int, int]) -> torch.Tenso
     return (score - low) / (high - low + MINMAX_EPS)
 
 
-def complexity_prior(images: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """``(N, P)`` prior: softmax of :func:`patch_complexity`."""
-    return patch_complexity(images, grid).softmax(dim=-1)
+def complexity_prior(images: torch.Tensor, grid: tuple[int, int], first: int = 0) -> torch.Tensor:
+    """``(N, P - first)`` prior: softmax of :func:`patch_complexity` over the patches ``first``.. (``first`` = 1
+    drops a first patch the model never sees, as in :func:`vision_attention_prior`)."""
+    return patch_complexity(images, grid)[:, first:].softmax(dim=-1)
