@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from siglip_llava import PATCHES, siglip_llava
 from transformers import AutoConfig
 
 from lmms_lostattn.config.spec import InterventionSpec, SpecError
@@ -14,6 +15,8 @@ from lmms_lostattn.families import adapter_for
 from lmms_lostattn.intervention import priors
 from lmms_lostattn.intervention.scope import InterventionError, intervene
 from lmms_lostattn.testing import make_tiny_model
+from lmms_lostattn.testing.common import VISION
+from lmms_lostattn.testing.tokenizer import IMAGE_TOKEN
 
 QUESTIONS = ["Is there a red circle?", "What colour is the big square in the picture on the left?"]
 
@@ -180,41 +183,15 @@ def test_a_tower_without_a_class_token_gives_every_patch_the_model_sees_its_prio
     the prompt's P image tokens get softmax over all P patches of the attention each receives (mean over heads and
     queries of HF's eager vision attention) or of their complexity, the first patch included; with ``default`` the
     model drops the first patch, and the P - 1 tokens get the prior over the P - 1 patches it keeps."""
-    from transformers import (
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-        SiglipImageProcessor,
-        SiglipVisionConfig,
-    )
-
-    from lmms_lostattn.testing.common import VISION, text_kwargs
-    from lmms_lostattn.testing.tokenizer import IMAGE_TOKEN, LLAVA_CHAT_TEMPLATE, build_tokenizer
-
-    tokenizer = build_tokenizer()
-    patches = (VISION["image_size"] // VISION["patch_size"]) ** 2
-    first = 1 if strategy == "default" else 0  # the patches the model drops
-    config = LlavaConfig(
-        vision_config=SiglipVisionConfig(**VISION), text_config=LlamaConfig(**text_kwargs(tokenizer, 2)),
-        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), vision_feature_select_strategy=strategy,
-        vision_feature_layer=-1, image_seq_length=patches - first, pad_token_id=tokenizer.pad_token_id,
-    )  # fmt: skip
-    processor = LlavaProcessor(
-        image_processor=SiglipImageProcessor(size={"height": VISION["image_size"], "width": VISION["image_size"]}),
-        tokenizer=tokenizer, patch_size=VISION["patch_size"], vision_feature_select_strategy=strategy,
-        num_additional_image_tokens=0, image_token=IMAGE_TOKEN, chat_template=LLAVA_CHAT_TEMPLATE,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    model = LlavaForConditionalGeneration(config).eval()
-    model.set_attn_implementation({"text_config": "eager", "vision_config": "eager"})
+    model, processor = siglip_llava(strategy)
+    config, first = model.config, 1 if strategy == "default" else 0  # the patches the model drops
     prompt = f"USER: {IMAGE_TOKEN}\nIs it red? ASSISTANT:"
     noise = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)  # patches of unequal complexity
     inputs = processor(text=prompt, images=[Image.fromarray(noise)], return_tensors="pt")
     image = inputs["input_ids"][0] == config.image_token_index
-    assert int(image.sum()) == patches - first
+    assert int(image.sum()) == PATCHES - first
     edit = _resolve(model, attn=mode, attn_space="probs", attn_layers="0")
-    mean_std = (processor.image_processor.image_mean, processor.image_processor.image_std)
+    mean_std = _mean_std(processor)
     with torch.no_grad():
         vision = model.model.vision_tower(inputs["pixel_values"], output_attentions=True).attentions[-1][0]
         with intervene(model, edit, adapter_for(config), image_mean_std=mean_std):

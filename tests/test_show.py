@@ -18,6 +18,7 @@ import pandas as pd
 import pytest
 import torch
 from PIL import Image
+from siglip_llava import siglip_llava
 from transformers import LlavaForConditionalGeneration
 
 from lmms_lostattn import tasks
@@ -113,6 +114,23 @@ def test_the_map_is_the_eager_attention_on_the_image_tokens(scenes: list[Scene])
     assert [bool(layer.band_heads) for layer in maps] == [False, True, True, True]  # the p0.3-0.6 band of 4 heads
     np.testing.assert_allclose(maps[0].edited, maps[0].learned, rtol=1e-5, atol=1e-7)
     assert not np.allclose(maps[1].edited, maps[1].learned)
+
+
+def test_a_first_patch_the_model_drops_is_drawn_at_zero(tmp_path: pathlib.Path, scenes: list[Scene]) -> None:
+    """LLaVA with a SigLIP tower and the default feature selection sees every patch but the first: the map lays the
+    last prompt token's weights on the other patches, row-major, and the first holds 0."""
+    model, processor = siglip_llava("default")
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    inspector = load(tmp_path, {})
+    inputs = inspector.inputs(scenes[0].image, "Is there a circle?")
+    with torch.no_grad():
+        row = model(**inputs, output_attentions=True).attentions[1][0, :, -1]
+    image = inputs["input_ids"][0] == model.config.image_token_index
+    (layer,) = inspector.maps(scenes[0].image, "Is there a circle?", [1])
+    expected = np.concatenate([[0.0], row[:, image].mean(0).numpy()])
+    np.testing.assert_allclose(layer.learned.flatten(), expected, rtol=1e-5, atol=1e-7)
+    assert layer.class_token == (0.0, None)
 
 
 def test_knockout_leaves_no_attention_on_the_image(scenes: list[Scene]) -> None:

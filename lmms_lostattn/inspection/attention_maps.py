@@ -78,10 +78,14 @@ class Inspector:
         ids = set(self.adapter.visual_token_ids(self.model.config))
         visual = torch.tensor([int(token) in ids for token in inputs["input_ids"][0]]).nonzero().flatten()
         grid = patch_grid(self.model.config)
-        if visual.numel() not in (grid[0] * grid[1], grid[0] * grid[1] + 1):
+        patches = grid[0] * grid[1]
+        # LLaVA's "default" feature selection drops the tower's first token: a tower without a class token loses its
+        # first patch, which the map shows at 0
+        drops_first = getattr(self.model.config, "vision_feature_select_strategy", "default") == "default"
+        if visual.numel() not in (patches - drops_first, patches, patches + 1):
             raise SpecError(
                 f"lostattn show: the prompt holds {visual.numel()} image tokens for a {grid[0]}x{grid[1]} patch grid "
-                f"(expected {grid[0] * grid[1]}, or one more with the class token); give one image per prompt"
+                f"(expected {patches}, or one more with the class token); give one image per prompt"
             )
         learned = last_row_attention(self.model, inputs)
         edited, band = None, {}
@@ -159,11 +163,13 @@ def last_row_attention(model: nn.Module, inputs: Mapping[str, torch.Tensor]) -> 
 
 def image_map(row: torch.Tensor, visual: torch.Tensor, grid: tuple[int, int]) -> tuple[np.ndarray, float]:
     """``(H, K)`` weights -> the mean over heads on the image patches as a ``(rows, columns)`` grid, and the mean
-    mass on a leading class token (0 without one)."""
+    mass on a leading class token (0 without one); a first patch the model dropped (one token short) holds 0."""
     on_image = row[:, visual].mean(dim=0)
     cls = 0.0
     if on_image.numel() == grid[0] * grid[1] + 1:
         cls, on_image = float(on_image[0]), on_image[1:]
+    elif on_image.numel() == grid[0] * grid[1] - 1:
+        on_image = torch.cat([on_image.new_zeros(1), on_image])
     return on_image.reshape(grid).numpy(), cls
 
 
