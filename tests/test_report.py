@@ -480,22 +480,14 @@ def _task_results_as_text(folder: pathlib.Path) -> str:
     return f"{path}: 'results' is not an object of objects"
 
 
-def _versions_as_text(folder: pathlib.Path) -> str:
-    (path,) = folder.glob("*_results.json")
-    edit_json(path, lambda r: r["lostattn"].update({"versions": "2.15"}))
-    return f"{path}: lostattn.'versions' is not an object"
+def _lostattn_value(edit: Callable[[dict], object], message: str) -> Callable[[pathlib.Path], str]:
+    """A damage: a value of the results file's ``lostattn`` block changed by ``edit`` to another kind."""
+    def damage(folder: pathlib.Path) -> str:
+        (path,) = folder.glob("*_results.json")
+        edit_json(path, lambda results: edit(results["lostattn"]))
+        return f"{path}: {message}"
 
-
-def _kernels_as_text(folder: pathlib.Path) -> str:
-    (path,) = folder.glob("*_results.json")
-    edit_json(path, lambda r: r["lostattn"].update({"kernels": "none"}))
-    return f"{path}: lostattn.kernels is not an object whose 'layers' counts kernel layers"
-
-
-def _table_group_as_a_list(folder: pathlib.Path) -> str:
-    (path,) = folder.glob("*_results.json")
-    edit_json(path, lambda r: r["lostattn"]["stats"].update({"table_group": ["all"]}))
-    return f"{path}: lostattn.stats.table_group is not a name"
+    return damage
 
 
 def _one_layer_short(folder: pathlib.Path) -> str:
@@ -554,7 +546,12 @@ def test_runs_sharing_a_folder_are_read_by_their_results_file(
 @pytest.mark.parametrize("damage", [_truncate_results, _truncate_samples, _drop_last_sample, _foreign_sidecar,
                                     _stray_file, _counts_as_a_list, _task_results_as_text, _one_layer_short,
                                     _two_results, _not_lostattn, _samples_cut_inside_a_character, _empty,
-                                    _versions_as_text, _kernels_as_text, _table_group_as_a_list])
+                                    _lostattn_value(lambda block: block.update(versions="2.15"),
+                                                    "lostattn.'versions' is not an object"),
+                                    _lostattn_value(lambda block: block.update(kernels="none"),
+                                                    "lostattn.kernels is not an object whose 'layers' counts"),
+                                    _lostattn_value(lambda block: block["stats"].update(table_group=["all"]),
+                                                    "lostattn.stats.table_group is not a name")])
 def test_damaged_folders_give_a_clear_error_naming_the_file(
     damage: Callable[[pathlib.Path], str], capsys: pytest.CaptureFixture[str], tmp_path: pathlib.Path
 ) -> None:

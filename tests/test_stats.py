@@ -220,6 +220,17 @@ def test_mean_records_skips_a_request_that_measured_nothing(unmeasured_first: bo
     assert mean_records([unmeasured, unmeasured])["values"]["attn"]["all"] == {}
 
 
+def _text_prompt(first_real: int) -> PromptState:
+    """One left-padded prompt of 9 tokens, no image, its first ``first_real`` tokens padding."""
+    return PromptState(
+        prompt_ids=torch.zeros(1, 9, dtype=torch.long),
+        is_visual=torch.zeros(1, 9, dtype=torch.bool),
+        first_real=torch.tensor([first_real]),
+        real_end=torch.tensor([NO_END]),
+        sample_key=torch.zeros(1, dtype=torch.long),
+    )
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("chained", [True, False], ids=["chained", "deepstack_like"])
 def test_collector_decomposes_each_stream_once(monkeypatch, chained: bool, dtype: torch.dtype) -> None:
@@ -231,13 +242,7 @@ def test_collector_decomposes_each_stream_once(monkeypatch, chained: bool, dtype
 
     monkeypatch.setattr(stats_module, "decompose", counting)
     layers, gen = 4, torch.Generator().manual_seed(0)
-    state = PromptState(
-        prompt_ids=torch.zeros(1, 9, dtype=torch.long),
-        is_visual=torch.zeros(1, 9, dtype=torch.bool),
-        first_real=torch.tensor([1]),
-        real_end=torch.tensor([NO_END]),
-        sample_key=torch.zeros(1, dtype=torch.long),
-    )
+    state = _text_prompt(first_real=1)
     collector = StatsCollector(StatsConfig(kind="all"), layers)
     x, expected = torch.randn(1, 9, 6, generator=gen).to(dtype), []
     for layer in range(layers):
@@ -281,13 +286,7 @@ def test_the_collector_carries_only_what_the_next_layer_reads(dtype: torch.dtype
     """Between layers the collector keeps, per sample and group, the decomposition of the stream after the FFN (the
     next layer's X, reused only where the next layer's input is that stream): X in float32 and what its subspaces
     are built from, not the model's raw rows nor TME's normalised rows, each as large as X."""
-    state = PromptState(
-        prompt_ids=torch.zeros(1, 9, dtype=torch.long),
-        is_visual=torch.zeros(1, 9, dtype=torch.bool),
-        first_real=torch.tensor([0]),
-        real_end=torch.tensor([NO_END]),
-        sample_key=torch.zeros(1, dtype=torch.long),
-    )
+    state = _text_prompt(first_real=0)
     gen = torch.Generator().manual_seed(0)
     x, d_attn, d_ffn = (torch.randn(1, 9, 6, generator=gen).to(dtype) for _ in range(3))
     collector = StatsCollector(StatsConfig(kind="all"), num_layers=2)
