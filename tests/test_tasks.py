@@ -160,6 +160,28 @@ def test_tasks_path_without_pope_yaml(tmp_path: Path, monkeypatch: pytest.Monkey
         tasks_path(tmp_path / "cache")
 
 
+def test_the_colour_task_scores_an_answer_alike_on_both_hosts(rendered: Path) -> None:
+    """lm-eval's ``lostattn_shapes_color`` stops generating at a newline or period and compares without case,
+    punctuation or spaces; lmms-eval's, which generates on, scores the same answers the same (a generation that
+    starts with a newline aside: lmms-eval strips it first, lm-eval stops there)."""
+    from lm_eval.tasks import TaskManager, get_task_dict
+    from lmms_eval.tasks import TaskManager as LmmsTaskManager
+    from lmms_eval.tasks import get_task_dict as lmms_task_dict
+
+    lm_task = get_task_dict(["lostattn_shapes_color"], TaskManager(include_path=str(tasks_path(host="lm_eval")),
+                                                                    include_defaults=False))["lostattn_shapes_color"]
+    lmms_task = lmms_task_dict(["lostattn_shapes_color"], LmmsTaskManager(include_path=[str(rendered)],
+                                                                          include_defaults=False))["lostattn_shapes_color"]
+    until = lm_task.config.generation_kwargs["until"]
+    doc = lm_task.test_docs()[0]
+    answer = doc["answer"]
+    for response in (answer, answer.upper() + ".", f" {answer}, ", f"{answer}\nblue", f"{answer}. It is blue.",
+                     f"{answer}!", f"re {answer}", "blue", f"{answer} and blue"):
+        generated = re.split("|".join(map(re.escape, until)), response, maxsplit=1)[0]  # what lm-eval generates
+        expected = lm_task.process_results(doc, [generated])["exact_match"]
+        assert lmms_task.process_results(doc, [response])["exact_match"] == expected, response
+
+
 def test_tasks_load_with_task_manager(rendered: Path, offline_env: dict[str, str]) -> None:
     from lmms_eval.tasks import TaskManager, get_task_dict
 
@@ -183,7 +205,8 @@ def test_tasks_load_with_task_manager(rendered: Path, offline_env: dict[str, str
     assert color.doc_to_visual(doc)[0].mode == "RGB"
     assert color.doc_to_target(doc) == doc["answer"]
     assert color.process_results(doc, [f" {doc['answer'].upper()}\n"]) == {"exact_match": 1.0}
-    assert color.process_results(doc, [f"{doc['answer']}."]) == {"exact_match": 0.0}
+    assert color.process_results(doc, [f"{doc['answer']}."]) == {"exact_match": 1.0}  # lm-eval stops at "."
+    assert color.process_results(doc, [f"{doc['answer']}ish"]) == {"exact_match": 0.0}
 
 
 # --- lmms-eval command line ---------------------------------------------------------------------------------
