@@ -7,12 +7,14 @@ lmms-eval moves an internal; the rest show that each guard fails loudly instead 
 from __future__ import annotations
 
 import inspect
+import pathlib
 import sys
 
 import pytest
 import torch
 import transformers.integrations.sdpa_attention as sdpa_attention
 from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 from packaging.version import Version
 from transformers import DynamicCache, LlavaForConditionalGeneration
 
@@ -30,6 +32,8 @@ from lmms_lostattn.model_wrappers.lmms_eval.contacts import CONTACT_POINTS as HO
 from lmms_lostattn.testing import FAMILY_VARIANTS, make_tiny_model
 
 ALL_POINTS = (*CONTACT_POINTS, *HOST_POINTS, *LM_EVAL_POINTS)
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("point", ALL_POINTS, ids=[point.name for point in ALL_POINTS])
@@ -135,6 +139,17 @@ def test_the_declared_ranges_bound_transformers_and_torch_and_pin_the_host() -> 
     assert all(declared["torch"].contains(tested) for tested in ("2.14.1", "2.15.0"))
     assert not declared["torch"].contains("2.16.0") and not declared["torch"].contains("2.13.0")
     assert not declared["filelock"].contains("4.3.1")
+
+
+def test_every_declared_range_ends_and_holds_the_locked_version() -> None:
+    """A new major release of any dependency is untested until the suite has run on it: every range the package
+    declares ends (or pins one release), and the version the lock holds (what the suite passed on) lies in it."""
+    pins = (line.split("==") for line in (ROOT / "constraints.txt").read_text().splitlines() if "==" in line)
+    lock = {canonicalize_name(name): version for name, version in pins}
+    for requirement in versions.tested_requirements():
+        locked = lock[canonicalize_name(requirement.name)]
+        assert any(spec.operator in ("<", "<=", "==", "~=") for spec in requirement.specifier), requirement
+        assert requirement.specifier.contains(locked), (requirement, locked)
 
 
 def test_a_version_outside_its_range_names_package_and_range(monkeypatch: pytest.MonkeyPatch) -> None:
