@@ -142,6 +142,12 @@ class FamilyAdapter:
             "transformers", f"{type(tower).__name__} encoder layers", f"them under one of {self.vision_layers}"
         )
 
+    @staticmethod
+    def drops_first_vision_token(config: PretrainedConfig) -> bool:
+        """Whether the model drops the vision tower's first token before the language model (LLaVA's ``default``
+        feature selection): CLIP's class token, or, from a tower without one (SigLIP), the first patch."""
+        return getattr(config, "vision_feature_select_strategy", "default") == "default"
+
     def attention_module(self, layer: nn.Module) -> nn.Module:
         return getattr(layer, self.attention)
 

@@ -79,9 +79,7 @@ class Inspector:
         visual = torch.tensor([int(token) in ids for token in inputs["input_ids"][0]]).nonzero().flatten()
         grid = patch_grid(self.model.config)
         patches = grid[0] * grid[1]
-        # LLaVA's "default" feature selection drops the tower's first token: a tower without a class token loses its
-        # first patch, which the map shows at 0
-        drops_first = getattr(self.model.config, "vision_feature_select_strategy", "default") == "default"
+        drops_first = self.adapter.drops_first_vision_token(self.model.config)  # SigLIP's first patch: shown at 0
         if visual.numel() not in (patches - drops_first, patches, patches + 1):
             raise SpecError(
                 f"lostattn show: the prompt holds {visual.numel()} image tokens for a {grid[0]}x{grid[1]} patch grid "

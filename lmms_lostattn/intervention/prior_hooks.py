@@ -29,8 +29,7 @@ def prior_hook(
     it) and hands it to the tracker's next prompt, over the patches the model keeps; the tower's own kernel and
     outputs stay as they are."""
     tower, last_attention = adapter.vision_modules(model)
-    # LLaVA's "default" feature selection drops the tower's first token: CLIP's class token, SigLIP's first patch
-    drops_first = getattr(model.config, "vision_feature_select_strategy", "default") == "default"
+    drops_first = adapter.drops_first_vision_token(model.config)
 
     if mode == "vision_attention":
         patches = (tower.config.image_size // tower.config.patch_size) ** 2

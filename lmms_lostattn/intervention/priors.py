@@ -10,7 +10,8 @@ Pure tensor functions. For an image of P patches (row-major over the patch grid)
 * ``complexity``: on the gray image g = 0.299 r + 0.587 g + 0.114 b (values in [0, 1]), each patch scores
   c = mean |g[y, x+1] - g[y, x]| + mean |g[y+1, x] - g[y, x]| + var(g) (population variance, within the patch);
   the scores are min-max normalised over the image's patches, c' = (c - min) / (max - min + 1e-8), and
-  prior = softmax(c').
+  prior = softmax(c') over the patches that reach the language model (the first dropped where the model drops the
+  tower's first token and the tower has no class token).
 """
 
 from __future__ import annotations

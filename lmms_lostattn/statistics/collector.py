@@ -56,7 +56,7 @@ class StatsCollector:
         self.num_layers = num_layers
         self._records: list[dict[str, Any]] = []
         self._layers_seen: set[int] = set()
-        # (sample, group) -> (layer, stream after its FFN on the group's capped rows, its decomposition)
+        # (sample, group) -> (layer, decomposition of the stream after its FFN on the group's capped rows)
         self._carry: dict[tuple[int, str], tuple[int, Decomposition]] = {}
 
     def __call__(

@@ -94,8 +94,8 @@ class LostAttnLMMixin:
         trailing = next((index for index, request in enumerate(reversed(requests)) if request is not last),
                         len(requests))
         extra = trailing - (last.repeats or 1) if last is not None else 0
-        copies = [copy.copy(last) for _ in range(max(extra, 0))]
-        self._padding = frozenset(map(id, copies))
+        self._padding = frozenset()
+        copies = [self._padding_copy(last) for _ in range(max(extra, 0))]
         return [*requests[: len(requests) - len(copies)], *copies]
 
     def _padding_copy(self, request: Instance) -> Instance:

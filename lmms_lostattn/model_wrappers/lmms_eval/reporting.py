@@ -41,6 +41,7 @@ from lmms_lostattn.model_wrappers.common.results import (
     aggregate_layers,
     document_metrics,
 )
+from lmms_lostattn.reporting.runs import RESULTS_SUFFIX
 
 _AGGREGATIONS = {SAMPLES_METRIC: sum, LAYERS_METRIC: aggregate_layers}  # the table rows: mean
 
@@ -107,7 +108,7 @@ def _save_results_aggregated(
     if tracker.output_path and sidecar["tasks"]:
         folder = pathlib.Path(tracker.output_path) / tracker.general_config_tracker.model_name_sanitized
         date_id = getattr(tracker, "date_id", None)  # set by a save that got as far as the file
-        if date_id is None or not (folder / f"{date_id}_results.json").is_file():
+        if date_id is None or not (folder / f"{date_id}{RESULTS_SUFFIX}").is_file():
             logger.warning("lostattn: lmms-eval saved no results file, so the per-layer statistics sidecar was not "
                            "written either")
             return saved
