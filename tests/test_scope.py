@@ -230,6 +230,23 @@ def test_cached_decoding_equals_recomputation(model, batch, args: dict) -> None:
     assert torch.equal(with_cache, generate(model, batch, use_cache=False, **args))
 
 
+@pytest.mark.parametrize("extension", [1, 4], ids=["one-token-longer", "four-tokens-longer"])
+def test_a_forward_extending_the_last_prompt_is_a_new_prompt(model, singles, extension: int) -> None:
+    """Scoring a longer option right after a shorter one in the same scope (the direct API, no ``set_samples``)
+    gives the longer option's logits scored alone: only ``generate(use_cache=False)`` recomputes a prompt."""
+    adapter, inter = adapter_for(model.config), resolve(model, attn="gaussian")
+    shorter = singles[0]
+    longer = {**shorter, "input_ids": torch.cat([shorter["input_ids"], torch.full((1, extension), 7)], dim=1),
+              "attention_mask": torch.ones(1, shorter["input_ids"].shape[1] + extension, dtype=torch.long)}
+    with torch.no_grad():
+        with intervene(model, inter, adapter):
+            alone = model(**longer).logits
+        with intervene(model, inter, adapter):
+            model(**shorter)
+            after_shorter = model(**longer).logits
+    assert torch.equal(after_shorter, alone)
+
+
 @pytest.mark.parametrize("args", CASES, ids=lambda args: "-".join(map(str, args.values())))
 def test_batch_of_two_equals_two_batches_of_one(model, batch, singles, args: dict) -> None:
     together = logits(model, batch, **args)[:, -1]

@@ -80,26 +80,46 @@ def _tiny_causal_lm() -> Any:
         return internal("transformers", "LlamaForCausalLM")(config).eval()
 
 
-def _generate_calls() -> None:
-    """``generate`` runs a prefill, then decoding steps whose forward gets the cache under a known name holding
-    every earlier position."""
+def _forwards_of_generate(use_cache: bool) -> list[tuple[int, int | None, Any]]:
+    """(input length, cached length or None, ``use_cache`` argument) of each forward of a 3-token greedy
+    ``generate`` from a 4-token prompt."""
     model = _tiny_causal_lm()
-    calls: list[tuple[int, int | None]] = []
+    calls: list[tuple[int, int | None, Any]] = []
 
     def record(module: Any, args: tuple, kwargs: dict) -> None:
         cache = forward_cache(kwargs)
         ids = kwargs.get("input_ids", args[0] if args else None)
-        calls.append((ids.shape[1], None if cache is None else cache.get_seq_length()))
+        calls.append((ids.shape[1], None if cache is None else cache.get_seq_length(), kwargs.get("use_cache")))
 
     handle = model.register_forward_pre_hook(record, with_kwargs=True)
     try:
-        model.generate(torch.tensor([[1, 5, 6, 7]]), max_new_tokens=3, min_new_tokens=3, do_sample=False)
+        model.generate(
+            torch.tensor([[1, 5, 6, 7]]), max_new_tokens=3, min_new_tokens=3, do_sample=False, use_cache=use_cache
+        )
     finally:
         handle.remove()
+    return calls
+
+
+def _generate_calls() -> None:
+    """``generate`` runs a prefill, then decoding steps whose forward gets the cache under a known name holding
+    every earlier position."""
+    calls = [(length, cached) for length, cached, _ in _forwards_of_generate(use_cache=True)]
     expect(calls[0][0] == 4 and not calls[0][1], f"first forward {calls[0]}, expected the 4-token prompt, no cache")
     expect(
         calls[1:] == [(1, 4), (1, 5)],
         f"decoding steps (input length, cached length) {calls[1:]}, expected [(1, 4), (1, 5)]",
+    )
+
+
+def _generate_calls_without_cache() -> None:
+    """``generate(use_cache=False)`` runs the whole sequence again at each step, one token longer, with
+    ``use_cache=False`` and no cache: how the scope tells such a step from a new prompt."""
+    calls = _forwards_of_generate(use_cache=False)
+    expect(
+        calls == [(4, None, False), (5, None, False), (6, None, False)],
+        f"forwards (input length, cached length, use_cache) {calls}, expected [(4, None, False), (5, None, False), "
+        "(6, None, False)]",
     )
 
 
@@ -113,5 +133,10 @@ CONTACT_POINTS: tuple[ContactPoint, ...] = (
     ContactPoint("transformers.cache_utils.DynamicCache.get_seq_length", "transformers", _dynamic_cache),
     ContactPoint("PretrainedConfig.get_text_config / sub_configs", "transformers", _text_sub_config),
     ContactPoint("GenerationMixin.generate: prefill, then forwards with the KV cache", "transformers", _generate_calls),
+    ContactPoint(
+        "GenerationMixin.generate(use_cache=False): the whole sequence again, under use_cache=False",
+        "transformers",
+        _generate_calls_without_cache,
+    ),
     *KERNELS_POINTS,
 )

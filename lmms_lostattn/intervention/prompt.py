@@ -162,20 +162,25 @@ class PromptTracker:
                     f"it to hold the {state.length} positions the scope has seen, it holds {cached}",
                 )
             state.is_visual = torch.cat([state.is_visual, is_visual], dim=1)
-        elif cache is None and state is not None and self._continues(state, input_ids):
-            state.is_visual = is_visual  # decoding without a KV cache: the whole sequence again (an empty cache
-            # starts a prompt, even one that extends the last: the next batch a host runs may)
+        elif cache is None and state is not None and self._recomputes(state, input_ids, kwargs):
+            state.is_visual = is_visual
         else:
             refuse_hidden_cache(kwargs.get("position_ids"))
             self.state = self._new_prompt(input_ids, is_visual, kwargs.get("attention_mask"), kwargs.get("labels"))
             self.prefill = True
 
     @staticmethod
-    def _continues(state: PromptState, input_ids: torch.Tensor) -> bool:
+    def _recomputes(state: PromptState, input_ids: torch.Tensor, kwargs: dict[str, Any]) -> bool:
+        """Whether a forward without a cache is a decoding step of ``generate(use_cache=False)``: the whole sequence
+        again, one token longer than the last forward, under ``use_cache=False`` and without labels. Any other
+        forward starts a prompt, even one that extends the last (a host's next batch, a longer option scored after
+        a shorter one)."""
         prompt = state.prompt_ids
         return (
-            input_ids.shape[0] == prompt.shape[0]
-            and input_ids.shape[1] > prompt.shape[1]
+            kwargs.get("use_cache") is False
+            and kwargs.get("labels") is None
+            and input_ids.shape[0] == prompt.shape[0]
+            and input_ids.shape[1] == state.length + 1
             and bool((input_ids[:, : prompt.shape[1]] == prompt).all())
         )
 
