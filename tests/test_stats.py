@@ -316,9 +316,12 @@ def test_a_non_finite_stream_names_the_layer_and_sample_and_padding_is_ignored()
     )
     assert math.isfinite(records[1]["values"]["ffn"]["all"]["rid"][0])
     d_ffn[1, 5, 2] = float("inf")
-    message = r"after the FFN update of decoder layer 2 is not finite \(sample 1 .*bfloat16"
+    message = r"after the FFN update of decoder layer 2 is not finite \(sample 1 .*in float32: its weights or inputs"
     with pytest.raises(ValueError, match=message):
         StatsCollector(StatsConfig(kind="paper"), num_layers=4)(2, x, d_attn, d_ffn, state)
+    half = (t.half() for t in (x, d_attn, d_ffn))
+    with pytest.raises(ValueError, match=r"in float16: float16 overflows where bfloat16 and float32 do not"):
+        StatsCollector(StatsConfig(kind="paper"), num_layers=4)(2, *half, state)
 
 
 def test_recorded_input_is_on_the_device_of_its_layers_updates() -> None:

@@ -138,8 +138,16 @@ def _decompose_stream(stream: torch.Tensor, where: str, layer: int, key: tuple[i
         raise NonFiniteError(
             f"lostattn stats: the residual stream {where} decoder layer {layer} is not finite (sample {sample} of the "
             f"batch, {group} tokens: {error}), so RID/MixIG are undefined there. The model's own forward pass "
-            "overflowed or produced NaN: run it in bfloat16 or float32 (the base wrapper's dtype argument)."
+            f"produced it, in {str(stream.dtype).removeprefix('torch.')}: {_remedy(stream.dtype)}"
         ) from error
+
+
+def _remedy(dtype: torch.dtype) -> str:
+    """What to try when the model's own forward gave a non-finite stream in ``dtype``."""
+    if dtype == torch.float16:
+        return "float16 overflows where bfloat16 and float32 do not; run it in one of them (the base wrapper's dtype "\
+               "argument)."
+    return "its weights or inputs hold NaN or inf, or produce them."
 
 
 def table_row(metric: str, module: str, reference: str = "module", combine: str = "mean") -> str:

@@ -340,8 +340,9 @@ def rid(x: torch.Tensor, x_new: torch.Tensor, rtol: float | None = None, combine
 def tme(x: torch.Tensor, alpha: float = 8.0, agg: str = "last") -> float:
     """Token-mixing entropy, in ``[0, 1]``.
 
-    Rows are L2-normalised to ``x̃_t`` (norm clamped below at 1e-12, so an all-zero row stays zero and has cosine 0
-    with every row, itself included), ``w_tj = ((x̃_t · x̃_j + 1) / 2)^alpha``, ``P_t = w_t / sum_j w_tj`` and
+    Rows are L2-normalised to ``x̃_t`` (each row first scaled by a power of two, so a row of any nonzero size gets
+    the direction of its larger copies; an all-zero row stays zero and has cosine 0 with every row, itself
+    included), ``w_tj = ((x̃_t · x̃_j + 1) / 2)^alpha``, ``P_t = w_t / sum_j w_tj`` and
     ``H(P_t) = -sum_j P_tj log P_tj`` (natural log). ``agg="last"``: ``TME = H(P_S) / log S`` (final token's row);
     ``agg="mean"``: ``TME = mean_t H(P_t) / log S``. Identical rows give 1. Needs ``S >= 2`` (ValueError otherwise).
     """
