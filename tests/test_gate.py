@@ -178,6 +178,28 @@ def test_only_metrics_declared_as_a_per_sample_mean_are_tested_whatever_the_valu
     assert code == 2 and "pope_f1_score: cannot be tested per sample (aggregate is not a per-sample mean)" in err
 
 
+@pytest.mark.parametrize(("config", "tested"), [
+    ({"metric_list": [{"metric": "exact_match"}], "output_type": "generate_until"}, True),  # as boolq lists acc
+    ({"output_type": "generate_until"}, True),  # no metric_list: the output type's default metrics
+    ({"metric_list": [{"metric": "other"}], "output_type": "generate_until"}, False),  # not listed: the task's code
+    ({"output_type": "multiple_choice"}, False),  # not a default metric of its output type
+], ids=["listed-without-aggregation", "no-metric-list", "not-listed", "not-a-default"])
+def test_a_metric_without_a_declared_aggregation_is_tested_when_the_harness_default_is_the_mean(
+    capsys: pytest.CaptureFixture[str], tmp_path: pathlib.Path, config: dict, tested: bool
+) -> None:
+    """Both harnesses aggregate a metric listed without ``aggregation``, or a default metric of a config without
+    ``metric_list``, by the metric's registered default: the mean for exact_match (SPEC §6: two identical runs
+    compare clean)."""
+    runs = [copy_run("none", tmp_path, name) for name in ("a", "b")]
+    for run in runs:
+        edit_json(next(run.glob("*_results.json")), lambda r: r["configs"].update({"lostattn_shapes_color": config}))
+    code, out, _ = lostattn(capsys, "check", runs[1], "--baseline", runs[0])
+    assert code == 0
+    expected = "ok      lostattn_shapes_color/exact_match" if tested else \
+        "skipped lostattn_shapes_color/exact_match: aggregate is not a per-sample mean"
+    assert expected in out, out
+
+
 def _drop_exact_match(results: dict) -> None:
     del results["results"]["lostattn_shapes_color"]["exact_match,none"]
 

@@ -6,6 +6,7 @@ lmms-eval moves an internal; the rest show that each guard fails loudly instead 
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import pathlib
 import sys
@@ -52,6 +53,20 @@ def test_a_broken_contact_point_is_named(monkeypatch: pytest.MonkeyPatch) -> Non
     point = next(p for p in CONTACT_POINTS if p.name.endswith("sdpa_attention_forward"))
     problem = point.problem()
     assert problem is not None and "sdpa_attention_forward" in problem and "transformers" in problem
+
+
+@pytest.mark.parametrize("package", ["lm_eval", "lmms_eval"])
+def test_a_changed_default_aggregation_is_named(monkeypatch: pytest.MonkeyPatch, package: str) -> None:
+    """A release whose registry aggregates a metric otherwise by default than the reports assume fails its contact
+    point, naming the registry."""
+    registry = importlib.import_module(f"{package}.api.registry")
+    importlib.import_module(f"{package}.api.metrics")
+    aggregations = dict(registry.METRIC_AGGREGATION_REGISTRY.items())
+    monkeypatch.setattr(registry, "METRIC_AGGREGATION_REGISTRY", aggregations | {"exact_match": aggregations["f1"]})
+    point = next(p for p in ALL_POINTS if p.name == f"{package}.api.registry default aggregations (report, compare, "
+                                                   "check)")
+    problem = point.problem()
+    assert problem is not None and "'exact_match': 'f1'" in problem, problem
 
 
 def test_a_missing_internal_is_named_with_the_version() -> None:

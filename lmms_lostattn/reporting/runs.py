@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from lmms_lostattn.compat.kernels import describe_layers
+from lmms_lostattn.reporting.aggregations import default_aggregation
 from lmms_lostattn.statistics.collector import table_row
 
 RESULTS_SUFFIX = "_results.json"  # lmms-eval's
@@ -155,15 +156,19 @@ class LoadedRun:
         return {name: list(tasks) for name, tasks in self.results.get("group_subtasks", {}).items() if tasks}
 
     def aggregation(self, task: str, name: str) -> str | None:
-        """How the task's config declares metric ``name`` aggregated: ``mean``, an aggregation function's name (as
-        either harness records it: its repr or its source), or None when the config does not say."""
+        """How the harness aggregated metric ``name`` of ``task``: as the task's config declares it (``mean``, an
+        aggregation function's name as either harness records it: its repr or its source), else the metric's
+        registered default where the harness uses it (:func:`default_aggregation`), else None (not known)."""
         metric = split_metric(name)[0]
-        for entry in self.results.get("configs", {}).get(task, {}).get("metric_list") or ():
-            declared = entry.get("aggregation") if isinstance(entry, dict) and entry.get("metric") == metric else None
+        config = self.results.get("configs", {}).get(task, {})
+        entries = [entry for entry in config.get("metric_list") or () if isinstance(entry, dict)]
+        for entry in entries:
+            declared = entry.get("aggregation") if entry.get("metric") == metric else None
             if isinstance(declared, str):
                 function = re.match(r"\s*(?:<function |def )(\w+)", declared)
                 return function.group(1) if function else declared.strip()
-        return None
+        listed = any(entry.get("metric") == metric and entry.get("aggregation") is None for entry in entries)
+        return default_aggregation(self.layout.harness, config, metric, listed)
 
     def metrics(self, task: str, numbers_only: bool = True) -> list[str]:
         """Metric ids (:func:`metric_id`) of ``task`` in the results JSON's order (no stderr rows, no

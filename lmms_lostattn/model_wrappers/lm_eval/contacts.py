@@ -10,6 +10,7 @@ import inspect
 from lmms_lostattn.compat.contacts import ContactPoint, expect
 from lmms_lostattn.compat.internals import internal
 from lmms_lostattn.model_wrappers.common.patching import swapped
+from lmms_lostattn.reporting.aggregations import check_registry
 
 
 def _collator_batches() -> None:
@@ -108,6 +109,8 @@ def _simple_evaluate() -> None:
 
 
 CONTACT_POINTS: tuple[ContactPoint, ...] = (
+    ContactPoint("lm_eval.api.registry default aggregations (report, compare, check)", "lm_eval",
+                 lambda: check_registry("lm-eval", "lm_eval")),
     ContactPoint("lm_eval Collator batches (followed under the plugin)", "lm_eval", _collator_batches),
     ContactPoint("HFLM._loglikelihood_tokens scoring rows", "lm_eval", _scoring_rows),
     ContactPoint("HFLM.loglikelihood_rolling windows", "lm_eval", _rolling_windows),

@@ -14,6 +14,7 @@ from importlib.metadata import entry_points
 
 from lmms_lostattn.compat.contacts import ContactPoint, expect
 from lmms_lostattn.compat.internals import internal
+from lmms_lostattn.reporting.aggregations import check_registry
 
 
 def _process_document_results() -> None:
@@ -159,6 +160,8 @@ def _cli_evaluate_single() -> None:
 
 
 CONTACT_POINTS: tuple[ContactPoint, ...] = (
+    ContactPoint("lmms_eval.api.registry default aggregations (report, compare, check)", "lmms_eval",
+                 lambda: check_registry("lmms-eval", "lmms_eval")),
     ContactPoint("lmms_eval.evaluator.evaluate", "lmms_eval", _evaluate),
     ContactPoint("lmms_eval.evaluator._process_document_results", "lmms_eval", _process_document_results),
     ContactPoint("EvaluationTracker.save_results_aggregated", "lmms_eval", _save_results_aggregated),
