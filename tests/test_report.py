@@ -496,6 +496,20 @@ def _one_layer_short(folder: pathlib.Path) -> str:
     return f"{path}: per-layer statistics of different lengths (3, 4)"
 
 
+def _per_layer_rid(edit: Callable[[dict], object], message: str) -> Callable[[pathlib.Path], str]:
+    """A damage: the sidecar's per-layer RID of the attention on POPE changed by ``edit``."""
+    def damage(folder: pathlib.Path) -> str:
+        (path,) = folder.glob("*_lostattn.json")
+        edit_json(path, lambda s: edit(s["tasks"]["lostattn_pope"]["per_layer"]["attn"]["all"]["rid"]["layers"]))
+        return f"{path}: {message}"
+
+    return damage
+
+
+NOT_NESTED = "the per-layer statistics are not nested as a run writes them"
+NOT_A_NUMBER = "a per-layer mean or stderr is neither a number nor null, or a count is not a non-negative integer"
+
+
 def _two_results(folder: pathlib.Path) -> str:
     shutil.copytree(RUNS / "gaussian", folder / "again")
     return f"{folder}: several results files"
@@ -551,7 +565,11 @@ def test_runs_sharing_a_folder_are_read_by_their_results_file(
                                     _lostattn_value(lambda block: block.update(kernels="none"),
                                                     "lostattn.kernels is not an object whose 'layers' counts"),
                                     _lostattn_value(lambda block: block["stats"].update(table_group=["all"]),
-                                                    "lostattn.stats.table_group is not a name")])
+                                                    "lostattn.stats.table_group is not a name"),
+                                    _per_layer_rid(lambda layers: layers.pop("n"), NOT_NESTED),
+                                    _per_layer_rid(lambda layers: layers.update(mean=3), NOT_NESTED),
+                                    _per_layer_rid(lambda layers: layers["mean"].__setitem__(0, "x"), NOT_A_NUMBER),
+                                    _per_layer_rid(lambda layers: layers["n"].__setitem__(0, 2.5), NOT_A_NUMBER)])
 def test_damaged_folders_give_a_clear_error_naming_the_file(
     damage: Callable[[pathlib.Path], str], capsys: pytest.CaptureFixture[str], tmp_path: pathlib.Path
 ) -> None:

@@ -208,16 +208,29 @@ def _check_record(block: dict[str, Any], path: pathlib.Path) -> None:
                        "not a harness's output?")
 
 
-def _check_layer_lengths(tasks: dict[str, Any], path: pathlib.Path) -> None:
-    """Every per-layer list of the per-task statistics (mean, stderr, n of each module, group and metric) has one
-    value per decoder layer: the same length throughout."""
+def _is_number_or_null(value: Any) -> bool:
+    return value is None or (isinstance(value, int | float) and not isinstance(value, bool))
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_per_layer(tasks: dict[str, Any], path: pathlib.Path) -> None:
+    """Every per-layer entry of the per-task statistics (each module, group and metric) holds ``mean`` and
+    ``stderr`` (numbers, or null where a layer has too few samples) and ``n`` (counts), one value per decoder layer:
+    the same length throughout."""
     try:
-        lengths = {len(values) for entry in tasks.values() for groups in entry.get("per_layer", {}).values()
-                   for metrics in groups.values() for metric in metrics.values()
-                   for values in metric.get("layers", {}).values()}
-    except (AttributeError, TypeError):
-        raise RunError(f"{path}: the per-layer statistics are not nested as a run writes them "
-                       "(task -> per_layer -> module -> group -> metric -> layers); edited?") from None
+        entries = [metric["layers"] for entry in tasks.values() for groups in entry.get("per_layer", {}).values()
+                   for metrics in groups.values() for metric in metrics.values() if "layers" in metric]
+        lengths = {len(entry[key]) for entry in entries for key in ("mean", "stderr", "n")}
+    except (AttributeError, TypeError, KeyError):
+        raise RunError(f"{path}: the per-layer statistics are not nested as a run writes them (task -> per_layer -> "
+                       "module -> group -> metric -> layers -> mean, stderr, n); edited?") from None
+    if not all(_is_number_or_null(value) for entry in entries for key in ("mean", "stderr") for value in entry[key]) \
+            or not all(_is_count(value) for entry in entries for value in entry["n"]):
+        raise RunError(f"{path}: a per-layer mean or stderr is neither a number nor null, or a count is not a "
+                       "non-negative integer; edited?")
     if len(lengths) > 1:
         raise RunError(f"{path}: per-layer statistics of different lengths ({', '.join(map(str, sorted(lengths)))}); "
                        "edited, or files of different models mixed up?")
@@ -339,7 +352,7 @@ def load_run(path: pathlib.Path) -> LoadedRun:
         if sidecar is not None:
             _check_blocks(sidecar, STATISTICS_BLOCKS, sidecar_path)
     if sidecar is not None:
-        _check_layer_lengths(sidecar.get("tasks", {}), sidecar_path if layout.sidecar else results_path)
+        _check_per_layer(sidecar.get("tasks", {}), sidecar_path if layout.sidecar else results_path)
     samples, filtered = {}, {}
     for path_ in sorted(folder.glob(layout.glob(layout.samples, date=date))):
         task = layout.match(layout.samples, path_.name, date=date)["task"]
