@@ -95,6 +95,8 @@ def test_parse_heads() -> None:
         ({"attn": "noise_qkv", "attn_heads": "0"}, r"attn_heads has no effect with attn=noise_qkv"),
         ({"attn": "noise_delta", "attn_keys": "all"}, r"attn_keys has no effect"),
         ({"attn": "knockout", "attn_space": "logits"}, r"knockout.*accepted: probs"),
+        ({"attn": "identity", "attn_space": "logits", "attn_keys": "all"}, r"identity puts all.*accepted: probs"),
+        ({"attn": "sink", "attn_space": "logits"}, r"sink puts all of the edited mass.*accepted: probs"),
         ({"attn": "identity", "attn_keys": "image"}, r"identity.*attn_keys=all"),
         ({"attn": "gaussian", "attn_sigma": 2}, r"attn_sigma only shapes attn_dist=normal"),
         ({"attn": "gaussian", "attn_scale": "logits"}, r"attn_scale='logits'.*none \| scores"),

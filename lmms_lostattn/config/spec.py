@@ -384,10 +384,11 @@ class InterventionSpec:
                     f"lostattn: {name} has no effect with attn={self.attn}; it is read by attn="
                     f"{', '.join(readers)}. Remove it or pick one of those modes."
                 )
-        if self.attn == "knockout" and self.attn_space == "logits":
+        if self.attn in _WEIGHT_MODES and self.attn_space == "logits":
             raise SpecError(
-                "lostattn: attn=knockout zeroes post-softmax weights without renormalising; "
-                "attn_space=logits is not defined for it (accepted: probs)"
+                f"lostattn: attn={self.attn} {_WEIGHT_MODES[self.attn]}, which only post-softmax weights can do "
+                "(blended into the logits, softmax would spread the row over every key); attn_space=logits is not "
+                "defined for it (accepted: probs)"
             )
         if self.attn == "identity" and self.attn_keys not in (None, "all"):
             raise SpecError(
@@ -462,6 +463,14 @@ class InterventionSpec:
             if heads.kind == "band"
             else "pooled",
         )
+
+
+# The modes whose edit is a set of post-softmax weights, and what it does.
+_WEIGHT_MODES = {
+    "knockout": "zeroes the edited weights without renormalising",
+    "identity": "puts all of each edited row's mass on the row's own key",
+    "sink": "puts all of the edited mass on the first edited key",
+}
 
 
 def _default_space(mode: str) -> str:
