@@ -67,3 +67,16 @@ def test_a_misspelt_list_argument_keeps_its_list_so_the_spec_names_the_misspelli
     assert bracket_list_values("attn_layer=1,2,Stats_groups=all,text", lambda text: text.split(",")) == (
         "attn_layer=[1,2],Stats_groups=[all,text]"
     )
+
+
+@pytest.mark.parametrize("arg_string", ["attn=gaussian,attn_layers=²", "attn=gaussian,attn_seed=١", "atn_layers=٣"])
+def test_a_plugin_value_that_is_not_ascii_is_refused_before_the_hosts_parser(arg_string: str) -> None:
+    """lmms-eval's parser calls ``int`` on any ``str.isnumeric`` value: ``²`` crashed it (exit 1, no argument named),
+    ``١`` became 1."""
+    from lmms_eval.utils import _smart_comma_split
+
+    with pytest.raises(SpecError, match=r"=\S+ is not valid; accepted: ASCII text"):
+        bracket_list_values(arg_string, _smart_comma_split)
+    assert bracket_list_values("pretrained=/models/modèle,attn=uniform", _smart_comma_split) == (
+        "pretrained=/models/modèle,attn=uniform"
+    )

@@ -54,7 +54,7 @@ def test_parse_layers(text: object, expected: tuple[int, ...]) -> None:
 
 
 @pytest.mark.parametrize(
-    "text", ["40", "30-33", "-33", "5-3", "x", "", "40:", "-40:", "0:40", ":-33", "1.5", "-:", ":-", "1:-"]
+    "text", ["40", "30-33", "-33", "5-3", "x", "", "40:", "-40:", "0:40", ":-33", "1.5", "-:", ":-", "1:-", "١-٣", "١:"]
 )
 def test_parse_layers_rejects_and_names_the_range(text: str) -> None:
     with pytest.raises(SpecError, match=r"attn_layers=.*layers 0-31"):
@@ -97,6 +97,8 @@ def test_parse_heads() -> None:
         ({"attn": "knockout", "attn_space": "logits"}, r"knockout.*accepted: probs"),
         ({"attn": "identity", "attn_space": "logits", "attn_keys": "all"}, r"identity puts all.*accepted: probs"),
         ({"attn": "sink", "attn_space": "logits"}, r"sink puts all of the edited mass.*accepted: probs"),
+        ({"attn": "gaussian", "attn_seed": "١"}, r"attn_seed='١' is not valid; accepted: ASCII text"),
+        ({"attn": "uniform", "attn_heads": "١"}, r"attn_heads='١' is not valid; accepted: ASCII text"),
         ({"attn": "identity", "attn_keys": "image"}, r"identity.*attn_keys=all"),
         ({"attn": "gaussian", "attn_sigma": 2}, r"attn_sigma only shapes attn_dist=normal"),
         ({"attn": "gaussian", "attn_scale": "logits"}, r"attn_scale='logits'.*none \| scores"),

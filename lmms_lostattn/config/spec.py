@@ -70,8 +70,8 @@ _USES: dict[str, frozenset[str]] = {
     "noise_qkv": frozenset({"attn_layers", "attn_sigma", "attn_seed"}),
 }
 
-_LAYER_ITEM = re.compile(r"^(-?\d+)$|^(\d+)-(\d+)$|^(-?\d+)?:(-?\d+)?$")
-_HEAD_BAND = re.compile(r"^p(\d*\.?\d+)-(\d*\.?\d+)$")
+_LAYER_ITEM = re.compile(r"^(-?\d+)$|^(\d+)-(\d+)$|^(-?\d+)?:(-?\d+)?$", re.ASCII)
+_HEAD_BAND = re.compile(r"^p(\d*\.?\d+)-(\d*\.?\d+)$", re.ASCII)
 
 
 class SpecError(ValueError):
@@ -80,6 +80,13 @@ class SpecError(ValueError):
 
 def _fail(arg: str, value: object, accepted: str) -> SpecError:
     return SpecError(f"lostattn: {arg}={value!r} is not valid; accepted: {accepted}")
+
+
+def check_ascii(arg: str, value: object) -> None:
+    """Every value of the plugin's arguments is ASCII text: ``²`` or ``١`` pass ``str.isdigit`` and Python's
+    ``int``, and crash lmms-eval's argument parser."""
+    if isinstance(value, str) and not value.isascii():
+        raise _fail(arg, value, "ASCII text (digits 0-9; see the argument's accepted values)")
 
 
 def _choice(arg: str, value: object, choices: tuple[str, ...]) -> str:
@@ -148,7 +155,7 @@ def parse_heads(value: object) -> HeadSelection:
             raise _fail("attn_heads", value, accepted)
         return HeadSelection("band", band=(low, high))
     items = text.split(",")
-    if not text or not all(item.isascii() and item.isdigit() for item in items):  # not "²", which int() refuses
+    if not text or not all(item.isascii() and item.isdigit() for item in items):
         raise _fail("attn_heads", value, accepted)
     return HeadSelection("indices", indices=tuple(sorted({int(item) for item in items})))
 
@@ -339,6 +346,8 @@ class InterventionSpec:
             )
             raise SpecError(f"lostattn: unknown argument(s) {named}; accepted: {', '.join(cls.ARGS)}")
         given = {key: "none" if value is None else value for key, value in args.items()}  # lm-eval reads none as None
+        for key, value in given.items():
+            check_ascii(key, value)
         mode = _choice("attn", given.get("attn", "none"), ATTN_MODES)
         fields: dict[str, Any] = {"attn": mode}
         if "attn_space" in given:

@@ -23,7 +23,14 @@ from transformers import AutoConfig, AutoImageProcessor
 
 from lmms_lostattn.compat.kernels import kernels_record, require_reachable_kernels
 from lmms_lostattn.compat.versions import require_tested_versions
-from lmms_lostattn.config.spec import Intervention, InterventionSpec, SpecError, StatsConfig, spec_hash
+from lmms_lostattn.config.spec import (
+    Intervention,
+    InterventionSpec,
+    SpecError,
+    StatsConfig,
+    check_ascii,
+    spec_hash,
+)
 from lmms_lostattn.families import FamilyAdapter, adapter_for
 from lmms_lostattn.intervention.kernel import ROUTABLE
 from lmms_lostattn.intervention.scope import Scope, intervene
@@ -61,6 +68,8 @@ def bracket_list_values(arg_string: str, split: Callable[[str], list[str]]) -> s
     bracketed = []
     for piece in pieces:
         name, _, value = piece.partition("=")
+        if looks_like_plugin_arg(name.strip()):
+            check_ascii(name.strip(), value.strip())
         if "," in value and value[:1] not in "[{\"'":
             value = f"[{value}]"
         bracketed.append(f"{name}={value}" if _ else piece)
