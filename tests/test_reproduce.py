@@ -62,6 +62,7 @@ def _argv(
         ({"model_args": "pretrained=/no/such/checkpoint"}, r"pretrained=/no/such/checkpoint: "),
         ({"tasks": "lostattn_pope,no_such_task"}, r"--tasks: lmms-eval knows no task no_such_task"),
         ({"model_args": f"{BASE},attn=uniform"}, r"--model_args sets attn, which the runs set themselves"),
+        ({"model_args": f"{BASE},atn_seed=3"}, r"--model_args: .*unknown argument\(s\) atn_seed \(did you mean"),
         ({"sap": "attn_layers=1:,attn_seed=3"}, r"--sap-args: attn_seed cannot be given; accepted: attn_space"),
         ({"sap": ""}, r"the sap_seed0 run cannot run on this model: .*selects layers 18-23 .* --sap-args"),
     ],

@@ -259,13 +259,13 @@ def test_the_command_draws_a_run_s_documents_with_its_intervention(
     tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The run's model, its attn* arguments (the edited map beside the learned one; the host's attn_implementation
-    left out) and every task of the run."""
+    and a device map with commas inside braces, read as lmms-eval reads them, left out) and every task of the run."""
     run = pathlib.Path(shutil.copytree(RUNS / "gaussian", tmp_path / "run"))
     (results,) = run.rglob("*_results.json")
     raw = json.loads(results.read_text())
     pretrained = raw["config"]["model_args"].split(",")[0]
     model_args = raw["config"]["model_args"].replace(pretrained, f"pretrained={SHAPES_LLAVA_DIR}")
-    raw["config"]["model_args"] = f"{model_args},attn_implementation=sdpa"
+    raw["config"]["model_args"] = f'{model_args},attn_implementation=sdpa,device_map={{"":"cpu","vision":"cpu"}}'
     results.write_text(json.dumps(raw))
     code, out, err = _show(capsys, "--run", str(run), "--doc-ids", "1", "--layers", "3", "-o", str(tmp_path / "out"))
     assert code == 0, err
@@ -290,6 +290,8 @@ def _learned_only(tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]) ->
         (["--task", "nosuch_task"], "no lmms-eval task 'nosuch_task'"),
         (["--task", "lostattn_pope", "--image", "x.png", "--question", "q"], "give the documents one way"),
         ([], "give the documents one way: --image/--question, --task or --run (got none)"),
+        (["--task", "lostattn_pope", "--model_args", "attn=gaussian,stats=paper"],
+         "--model_args stats: show draws attention maps and takes only the attn* arguments"),
     ],
 )
 def test_documents_that_cannot_be_drawn_are_refused(

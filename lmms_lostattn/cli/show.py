@@ -5,7 +5,6 @@ documents are image files with questions, documents of an lmms-eval task, or tho
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from pathlib import Path
 
@@ -16,15 +15,14 @@ from lmms_lostattn.families import UnsupportedFamilyError
 from lmms_lostattn.inspection.attention_maps import load
 from lmms_lostattn.inspection.figures import save_figure
 from lmms_lostattn.intervention.prompt import InterventionError
-from lmms_lostattn.model_wrappers.common.plugin import bracket_list_values
 
 
 def _model_args(text: str) -> dict[str, str]:
-    """``attn=gaussian,attn_layers=18,19`` -> ``{"attn": "gaussian", "attn_layers": "[18,19]"}``."""
-    if not text.strip():
-        return {}
-    pieces = bracket_list_values(text, lambda whole: re.split(r",(?![^\[]*\])", whole))
-    pairs = [piece.partition("=") for piece in re.split(r",(?![^\[]*\])", pieces)]
+    """``attn=gaussian,attn_layers=18,19`` -> ``{"attn": "gaussian", "attn_layers": "[18,19]"}``, split as
+    lmms-eval splits ``model_args``."""
+    from lmms_lostattn.model_wrappers.lmms_eval.base import model_args_pieces
+
+    pairs = model_args_pieces(text)
     bad = [name for name, equals, _ in pairs if not equals]
     if bad:
         raise SpecError(f"lostattn show: --model_args pieces without '=': {', '.join(bad)}")
@@ -80,6 +78,10 @@ def _sources(args: argparse.Namespace) -> tuple[str, dict[str, str], list[tuple[
         got = ", ".join(given) or "none"
         raise SpecError(f"lostattn show: give the documents one way: --image/--question, --task or --run (got {got})")
     pretrained, attn_args = args.pretrained, _model_args(args.model_args)
+    unused = [name for name in attn_args if name in InterventionSpec.ARGS and not name.startswith("attn")]
+    if unused:
+        raise SpecError(f"lostattn show: --model_args {', '.join(unused)}: show draws attention maps and takes only "
+                        "the attn* arguments")
     if args.run is not None:
         run_pretrained, run_args, tasks = _run_model(args.run)
         pretrained, attn_args = pretrained or run_pretrained, {**run_args, **attn_args}

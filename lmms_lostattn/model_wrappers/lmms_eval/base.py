@@ -58,6 +58,14 @@ def bracket_list_values(arg_string: str) -> str:
     return _bracket_list_values(arg_string, _smart_comma_split)
 
 
+def model_args_pieces(arg_string: str) -> list[tuple[str, str, str]]:
+    """``model_args`` split as lmms-eval splits it (list values may be written plainly), each piece partitioned at
+    its first ``=``; a :class:`SpecError` for what lmms-eval would not read."""
+    if not arg_string.strip():
+        return []
+    return [piece.partition("=") for piece in _smart_comma_split(bracket_list_values(arg_string)) if piece]
+
+
 def request_name(request: Instance) -> str:
     """A request's row name for the draws: ``task/split/doc_id``."""
     return f"{request.task_name}/{request.metadata.get('split')}/{request.doc_id}"

@@ -28,7 +28,8 @@ from transformers import AutoConfig
 from lmms_lostattn.compat.internals import internal
 from lmms_lostattn.config.spec import InterventionSpec, SpecError
 from lmms_lostattn.families import adapter_for
-from lmms_lostattn.model_wrappers.lmms_eval.base import bracket_list_values
+from lmms_lostattn.model_wrappers.common.plugin import looks_like_plugin_arg
+from lmms_lostattn.model_wrappers.lmms_eval.base import model_args_pieces
 from lmms_lostattn.model_wrappers.lmms_eval.launch import run_lmms_eval
 from lmms_lostattn.reporting.paper import reproduction_table1, reproduction_table2
 from lmms_lostattn.reporting.runs import LoadedRun, RunError, load_run, version_changes
@@ -81,10 +82,9 @@ def _pieces(text: str) -> list[tuple[str, str, str]]:
     """``key=value,...`` as lmms-eval splits ``--model_args`` (list values may be written plainly), each piece
     partitioned at its first ``=``."""
     try:
-        pieces = internal("lmms_eval.utils", "_smart_comma_split")(bracket_list_values(text)) if text else []
+        return model_args_pieces(text)
     except SpecError as error:
         raise ReproduceError(str(error)) from None
-    return [piece.partition("=") for piece in pieces if piece]
 
 
 def _arguments(text: str) -> dict[str, str]:
@@ -120,6 +120,13 @@ def make_plan(
     given = _arguments(model_args)
     if "pretrained" not in given:
         raise ReproduceError("--model_args needs pretrained=<model id or directory>")
+    misspelt = {key: value for key, value in given.items() if looks_like_plugin_arg(key) and key not in
+                InterventionSpec.ARGS}
+    if misspelt:
+        try:
+            InterventionSpec.from_model_args(misspelt)
+        except SpecError as error:
+            raise ReproduceError(f"--model_args: {error}") from None
     taken = [key for key in given if key in InterventionSpec.ARGS]
     if taken:
         raise ReproduceError(
