@@ -241,3 +241,20 @@ def test_build_tiny_names_the_variants_for_an_unknown_one(capsys: pytest.Capture
     err = capsys.readouterr().err
     assert stopped.value.code == 2 and err.count("\n") == 1
     assert "unknown --variant 'nope'; one of llava, llava_next" in err
+
+
+@pytest.mark.parametrize("command", ["build-tiny", "tasks-path"])
+def test_an_output_path_that_cannot_be_written_exits_2_naming_it(
+    command: str, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A file where the folder goes: a message and status 2, as report, demo and the others give, not a traceback."""
+    from lmms_lostattn.cli import main
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("LOSTATTN_CACHE", str(blocker))
+    argv = ["build-tiny", str(blocker / "llama"), "--variant", "llama"] if command == "build-tiny" else [command]
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and err.startswith(f"lostattn {command}: ") and str(blocker) in err, err

@@ -31,7 +31,7 @@ import pathlib
 import sys
 import tempfile
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 
 def _positive_int(text: str) -> int:
@@ -153,7 +153,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     elif args.command == "tasks-path":
         from lmms_lostattn.tasks import tasks_path
 
-        print(tasks_path(host=args.host))
+        print(_written(args.command, lambda: tasks_path(host=args.host)))
     elif args.command == "shapes-llava-path":
         from lmms_lostattn.models import SHAPES_LLAVA_DIR
 
@@ -195,5 +195,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         if args.variant not in FAMILY_VARIANTS:
             accepted = ", ".join(FAMILY_VARIANTS)
             parser.exit(2, f"lostattn build-tiny: unknown --variant {args.variant!r}; one of {accepted}\n")
-        print(build_tiny_model(args.directory, args.variant))
+        print(_written(args.command, lambda: build_tiny_model(args.directory, args.variant)))
+
+
+def _written(command: str, write: Callable[[], pathlib.Path]) -> pathlib.Path:
+    """What ``write`` wrote, or exit 2 with a message where it could not write it (a file where its folder goes, a
+    read-only or full disk)."""
+    try:
+        return write()
+    except OSError as error:
+        print(f"lostattn {command}: {error}", file=sys.stderr)
+        sys.exit(2)
 
