@@ -18,6 +18,7 @@ BASE_ARGS = {"pretrained": None, "device": None, "attn_implementation": None, "k
         ({"attn_layer": "1"}, r"attn_layer \(did you mean attn_layers\?\); accepted"),
         ({"stat": "paper", "stats_group": "image"}, r"stat \(did you mean stats\?\), stats_group \(did you mean "),
         ({"attn_zzzzzzzz": "1"}, r"unknown argument\(s\) attn_zzzzzzzz; accepted"),
+        ({"attn_seed ": "1"}, r"unknown argument\(s\) 'attn_seed ' \(did you mean attn_seed\?\)"),
     ],
 )
 def test_unknown_arguments_name_the_closest_one(args: dict[str, str], message: str) -> None:

@@ -340,8 +340,10 @@ class InterventionSpec:
         """Validate the plugin's arguments (only those named in :attr:`ARGS`) and their combination."""
         unknown = [key for key in args if key not in cls.ARGS]
         if unknown:
+            shown = {key: key if str(key).isidentifier() else repr(key) for key in unknown}  # a stray space shows
             named = ", ".join(
-                f"{key} (did you mean {close[0]}?)" if (close := get_close_matches(key, cls.ARGS, 1)) else key
+                f"{shown[key]} (did you mean {close[0]}?)" if (close := get_close_matches(key, cls.ARGS, 1))
+                else shown[key]
                 for key in unknown
             )
             raise SpecError(f"lostattn: unknown argument(s) {named}; accepted: {', '.join(cls.ARGS)}")
