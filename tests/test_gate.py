@@ -146,6 +146,14 @@ def test_statistics_rows_fail_on_a_significant_change_either_way(capsys: pytest.
     assert code == 0 and "ok      lostattn_pope/lostattn_mixig_attn" in out
 
 
+def test_a_failing_line_shows_a_change_too_small_for_four_decimals(capsys: pytest.CaptureFixture[str]) -> None:
+    """The regression a line names is visible on it: -3.9e-06, not -0.0000."""
+    code, out, _ = lostattn(capsys, "check", RUNS / "gaussian", "--baseline", RUNS / "none", "--max-drop", "0",
+                            "--metrics", "lostattn_pope/lostattn_mixig_attn")
+    (line,) = [line for line in out.splitlines() if "lostattn_mixig_attn" in line]
+    assert code == 1 and line.startswith("FAILED") and "(changed -3.9e-06, band ±0.0," in line, out
+
+
 def _set_pope(folder: pathlib.Path, scores: list[float], aggregates: dict[str, float]) -> None:
     """Every POPE metric's per-sample score (by doc_id) and the given aggregates, in a run copy."""
     (log,) = folder.glob("*_samples_lostattn_pope.jsonl")

@@ -278,6 +278,20 @@ def test_runs_with_a_different_limit_are_flagged_not_compared(
     assert f"versions differ from the baseline (torch {results('none')['lostattn']['versions']['torch']} -> 0.0)" in out
 
 
+def test_a_metric_the_baseline_lacks_is_shown_as_such_not_as_not_comparable(
+    capsys: pytest.CaptureFixture[str], tmp_path: pathlib.Path
+) -> None:
+    base = copy_run("none", tmp_path)
+    edit_json(next(base.glob("*_results.json")),
+              lambda raw: raw["results"]["lostattn_shapes_color"].pop("exact_match,none"))
+    code, out, _ = lostattn(capsys, "compare", base, RUNS / "gaussian", "-o", tmp_path / "out")
+    assert code == 0
+    row = read_csv(tmp_path / "out" / "leaderboard.csv")[1]
+    assert row["lostattn_shapes_color/exact_match delta"] == ""
+    assert "exact_match missing from" in row["lostattn_shapes_color/exact_match test"]
+    assert "(no baseline)" in out and "(†)" not in out, out
+
+
 def test_runs_on_different_hub_kernels_are_noted(capsys: pytest.CaptureFixture[str], tmp_path: pathlib.Path) -> None:
     base, other = copy_run("none", tmp_path / "base"), copy_run("gaussian", tmp_path / "other")
     for run, layers in ((base, {"LigerRMSNorm": 9, "Silu": 4}), (other, {})):

@@ -6,7 +6,7 @@ import math
 from collections.abc import Sequence
 
 from lmms_lostattn.reporting.runs import STATISTICS_PREFIX, LoadedRun, RunError, comparability
-from lmms_lostattn.reporting.significance import difference, per_sample_mean
+from lmms_lostattn.reporting.significance import difference, per_sample_mean, shown_change
 
 
 def check_max_drop(value: float) -> float:
@@ -100,10 +100,10 @@ def regressions(base: LoadedRun, run: LoadedRun, max_drop: float, metrics: Seque
             continue
         higher = None if metric.startswith(STATISTICS_PREFIX) else base.higher_is_better(task, metric)
         if higher is None:
-            beyond, change = _beyond(abs(diff.delta), max_drop), f"changed {diff.delta:+.4f}, band ±{max_drop}"
+            beyond, change = _beyond(abs(diff.delta), max_drop), f"changed {shown_change(diff.delta)}, band ±{max_drop}"
         else:
             drop = 0.0 - diff.delta if higher else diff.delta  # 0.0 - 0.0 is 0.0, not -0.0
-            beyond, change = _beyond(drop, max_drop), f"drop {drop:+.4f}, bound {max_drop}"
+            beyond, change = _beyond(drop, max_drop), f"drop {shown_change(drop)}, bound {max_drop}"
         line = (f"{task}/{metric}: {base.metric(task, metric):.4f} -> {run.metric(task, metric):.4f} "
                 f"({change}, {diff.test} p={diff.p:.4g})")
         if beyond and not diff.can_be_significant:

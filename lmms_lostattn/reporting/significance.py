@@ -95,6 +95,12 @@ def per_sample_mean(run: LoadedRun, task: str, metric: str) -> bool:
     return metric.startswith(STATISTICS_PREFIX) or run.aggregation(task, metric) in MEAN_AGGREGATIONS
 
 
+def shown_change(delta: float) -> str:
+    """A change as tables and ``check`` lines show it: ``+0.0150``, or ``-3.9e-06`` where four decimals would
+    show none."""
+    return f"{delta:+.4f}" if delta == 0 or abs(delta) >= 1e-3 else f"{delta:+.1e}"
+
+
 @dataclass(frozen=True)
 class Difference:
     """``other − base`` on one task metric, with its paired test; ``delta`` is None when not comparable."""
@@ -104,6 +110,7 @@ class Difference:
     test: str = ""  # "McNemar", "permutation", or why there is no test
     by_design: bool = False  # no test because the aggregate is not a per-sample mean (not a fault of the runs)
     documents: int = 0  # paired documents tested
+    comparable: bool = True  # False: the runs differ in what they measured (tasks, documents, statistics)
 
     @property
     def significant(self) -> bool:
@@ -122,7 +129,7 @@ def difference(base: LoadedRun, other: LoadedRun, task: str, metric: str) -> Dif
     if problem is None and metric.startswith(STATISTICS_PREFIX):
         problem = statistics_difference(base, other)
     if problem:
-        return Difference(None, test=f"not comparable: {problem}")
+        return Difference(None, test=f"not comparable: {problem}", comparable=False)
     values = base.metric(task, metric), other.metric(task, metric)
     if None in values:
         lacking = " and ".join(str(run.path) for run, value in zip((base, other), values, strict=True) if value is None)

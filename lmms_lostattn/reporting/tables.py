@@ -21,7 +21,7 @@ from lmms_lostattn.reporting.runs import (
     statistics_difference,
     version_changes,
 )
-from lmms_lostattn.reporting.significance import ALPHA, TESTS, difference
+from lmms_lostattn.reporting.significance import ALPHA, TESTS, difference, shown_change
 
 MODULE_ROWS = {"none": (("attention", "attn"), ("FFN", "ffn")), "noise_delta": (("Noise Δ", "attn"),),
                "noise_qkv": (("Noise QKV", "attn"),)}
@@ -138,10 +138,9 @@ def _difference_cell(run: LoadedRun, base: LoadedRun, task: str, metric: str) ->
         return Cell(f"{value:.4f}", {**fields, "test": "baseline"})
     diff = difference(base, run, task, metric)
     fields.update(delta=diff.delta, p=diff.p, test=diff.test)
-    if diff.delta is None:
-        return Cell(f"{value:.4f} (†)", fields)
-    shown = f"{diff.delta:+.4f}" if diff.delta == 0 or abs(diff.delta) >= 1e-3 else f"{diff.delta:+.1e}"
-    return Cell(f"{value:.4f} ({shown}{'*' if diff.significant else ''})", fields)
+    if diff.delta is None:  # not comparable, or no value in the baseline
+        return Cell(f"{value:.4f} ({'no baseline' if diff.comparable else '†'})", fields)
+    return Cell(f"{value:.4f} ({shown_change(diff.delta)}{'*' if diff.significant else ''})", fields)
 
 
 def leaderboard(runs: Sequence[LoadedRun], base: LoadedRun) -> Table:
@@ -155,7 +154,8 @@ def leaderboard(runs: Sequence[LoadedRun], base: LoadedRun) -> Table:
         [text_cell(r.model), text_cell(r.label), text_cell(r.name)] + [_difference_cell(r, base, *c) for c in columns]
         for r in ordered
     ]
-    notes = [f"baseline: {base.name} ({base.label}); cells: value (delta vs baseline)",
+    notes = [f"baseline: {base.name} ({base.label}); cells: value (delta vs baseline, or no baseline where the "
+             "baseline has no value)",
              f"* paired test p < {ALPHA} ({TESTS}); no mark: not significant, or no per-sample test",
              "† not comparable with the baseline (different tasks, documents or --limit, or statistics rows defined "
              "differently): no delta"]
