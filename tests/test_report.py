@@ -124,10 +124,15 @@ def test_module_table_shows_the_ffn_under_both_references_where_both_were_measur
 
 
 def test_markdown_shows_every_text_as_written() -> None:
-    table = Table(["task", "em|strict"], [[text_cell("a|b"), text_cell("<i>1")]], ["<b>run</b>: p < 0.05"])
-    header, separator, row, _, note = markdown(table).splitlines()
-    assert header == "| task | em\\|strict |" and separator == "|---|---|" and row == "| a\\|b | \\<i>1 |"
+    names = ["a|b", "<i>1", "**best**", "__cand__", "run_2 [x] `y` ~z~ \\"]
+    table = Table(["task", "em|strict", "c", "d", "e"], [[text_cell(name) for name in names]],
+                  ["<b>run</b>: p < 0.05", "* marked"])
+    header, separator, row, _, note, marked = markdown(table).splitlines()
+    assert header == "| task | em\\|strict | c | d | e |" and separator == "|---|---|---|---|---|"
+    assert row == ("| a\\|b | \\<i>1 | \\*\\*best\\*\\* | \\_\\_cand\\_\\_ | "
+                   "run_2 \\[x\\] \\`y\\` \\~z\\~ \\\\ |")
     assert note == "\\<b>run\\</b>: p < 0.05  "  # shown as written, not as HTML
+    assert marked == "\\* marked  "  # not a list item
 
 
 def test_accuracy_table_puts_vanilla_first_with_each_tasks_headline_metric(report_dir: pathlib.Path) -> None:
@@ -234,7 +239,7 @@ def test_leaderboard_deltas_are_against_the_vanilla_baseline(compare_dir: pathli
     noise = rows[3]
     # the paper's Noise Δ: attention's MixIG collapses, far beyond sampling noise, and the cell is marked
     assert float(noise["lostattn_pope/lostattn_mixig_attn p"]) < 0.05
-    assert f"{float(noise['lostattn_pope/lostattn_mixig_attn delta']):+.4f}*)" in markdown
+    assert f"{float(noise['lostattn_pope/lostattn_mixig_attn delta']):+.4f}\\*)" in markdown
 
 
 def test_significance_mark_follows_the_p_value(compare_dir: pathlib.Path) -> None:

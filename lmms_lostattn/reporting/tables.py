@@ -168,10 +168,16 @@ def leaderboard(runs: Sequence[LoadedRun], base: LoadedRun) -> Table:
     return Table(header, rows, notes)
 
 
+# What Markdown would read as markup: backslashes, code, emphasis and link brackets, strikethrough, an underscore
+# that is not inside a word (``lostattn_pope`` stays as it is), and a ``<`` that could open an HTML tag (``p < 0.05``
+# stays as it is).
+_MARKUP = re.compile(r"[\\`*\[\]~]|(?<![A-Za-z0-9])_|_(?![A-Za-z0-9])|<(?=[A-Za-z/!?])")
+
+
 def _literal(text: str) -> str:
-    """``text`` as Markdown shows it as written: a ``<`` that could open an HTML tag escaped (a run named ``<i>``),
-    ``p < 0.05`` left as it is."""
-    return re.sub(r"<(?=[A-Za-z/!?])", r"\\<", text)
+    """``text`` as Markdown shows it as written: each character it would read as markup (:data:`_MARKUP`)
+    backslash-escaped (a run named ``<i>`` or ``**best**``, the notes' leading ``*``)."""
+    return _MARKUP.sub(lambda found: "\\" + found.group(0), text)
 
 
 def markdown(table: Table) -> str:
