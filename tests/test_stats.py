@@ -349,3 +349,23 @@ def test_recorded_input_is_on_the_device_of_its_layers_updates() -> None:
     with record_residuals(layers, adapter, on_layer, lambda: True):
         layers[0](torch.zeros(1, 3, 4))
     assert seen == [(torch.device("meta"),) * 3]
+
+
+def test_a_document_without_values_in_the_table_group_is_not_counted_as_covered() -> None:
+    """``lostattn_samples`` counts the documents the rows average: one image token (``stats_groups=image``) gives the
+    document no values, so it counts 0 beside a document with three."""
+    from lmms_lostattn.model_wrappers.common.results import SAMPLES_METRIC, document_metrics
+
+    is_visual = torch.zeros(2, 9, dtype=torch.bool)
+    is_visual[0, 2:5] = True
+    is_visual[1, 2] = True
+    state = PromptState(prompt_ids=torch.zeros(2, 9, dtype=torch.long), is_visual=is_visual,
+                        first_real=torch.zeros(2, dtype=torch.long), real_end=torch.tensor([NO_END, NO_END]),
+                        sample_key=torch.arange(2))
+    gen = torch.Generator().manual_seed(0)
+    config = StatsConfig(kind="paper", groups=("image",))
+    collector = StatsCollector(config, num_layers=1)
+    collector(0, *(torch.randn(2, 9, 6, generator=gen) for _ in range(3)), state)
+    covered, uncovered = (document_metrics([record], config) for record in collector.take())
+    assert covered[SAMPLES_METRIC] == 1 and math.isfinite(covered["lostattn_rid_attn"])
+    assert uncovered[SAMPLES_METRIC] == 0 and "lostattn_rid_attn" not in uncovered

@@ -2,7 +2,8 @@
 
 Rows per task: ``lostattn_{rid,mixig}_{attn,ffn}`` (mean over samples of each sample's layer mean; RID rows named
 by their definition where it is not the paper's, see :func:`lmms_lostattn.statistics.collector.table_row`) and
-``lostattn_samples`` (documents with statistics; fewer than the task's when a request cache answered some), plus
+``lostattn_samples`` (documents the rows cover; fewer than the task's when a request cache answered some, or a
+document has fewer than two tokens of the table's group, e.g. ``stats_groups=image`` on a text-only one), plus
 the per-layer record behind them (:data:`LAYERS_METRIC`, for the sidecar).
 """
 
@@ -20,13 +21,15 @@ FILTER = "none"  # the statistics rows' filter in both hosts' results, whatever 
 
 
 def document_metrics(records: list[dict[str, Any]], stats: StatsConfig) -> dict[str, Any]:
-    """The per-document metric values: table rows, coverage, and the per-layer record for the sidecar."""
+    """The per-document metric values: table rows, coverage (1 where the rows have values), and the per-layer
+    record for the sidecar."""
     if not records:
         return {SAMPLES_METRIC: 0}
     record = mean_records(records)
     group = table_group(stats)
     values = {row: layer_mean(record, module, group, metric) for (metric, module), row in table_rows(stats).items()}
-    return {**{k: v for k, v in values.items() if v is not None}, SAMPLES_METRIC: 1, LAYERS_METRIC: record}
+    defined = {row: value for row, value in values.items() if value is not None}
+    return {**defined, SAMPLES_METRIC: int(bool(defined)), LAYERS_METRIC: record}
 
 
 def aggregate_layers(items: list[dict[str, Any]]) -> dict[str, Any]:

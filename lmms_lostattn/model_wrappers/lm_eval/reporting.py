@@ -140,14 +140,15 @@ def check_response_cache(lm: Any, run: RunRecords) -> None:
 
 
 def _warn_uncovered(results: dict[str, Any]) -> None:
-    """Say which tasks had documents answered from ``--use_cache`` (they have no statistics); inert on results
-    without statistics rows."""
+    """Say which tasks have documents without statistics (answered from ``--use_cache``, or too short in the table's
+    token group); inert on results without statistics rows."""
     for task, counts in results.get("n-samples", {}).items():
         covered = results["results"].get(task, {}).get(f"{SAMPLES_METRIC},{FILTER}")
         if covered is not None and covered < counts["effective"]:
             logger.warning(
-                f"lostattn: {counts['effective'] - covered} of {counts['effective']} documents of {task} were "
-                f"answered from --use_cache: its statistics rows cover the other {covered}"
+                f"lostattn: {counts['effective'] - covered} of {counts['effective']} documents of {task} have no "
+                "statistics (answered from --use_cache, or fewer than two tokens of the table's token group): its "
+                f"statistics rows cover the other {covered}"
             )
 
 
