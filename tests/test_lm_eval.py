@@ -543,7 +543,8 @@ def test_use_cache_answers_are_counted_and_the_group_pools_its_tasks(
         failing=("refused",),
     )
     assert "SystemExit: 2" in run_error(tmp_path / "refused") and "holds responses computed under the" in log
-    assert f"{CACHED} of {LIMIT} documents of lostattn_shapes_text_mc have no statistics (answered from --use_cache" in log
+    assert (f"{CACHED} of {LIMIT} documents of lostattn_shapes_text_mc have no statistics (answered from "
+            "--use_cache") in log
     (results, samples), (uncached, uncached_samples) = _outputs(tmp_path / "second"), _outputs(cli_runs["none", 4])
     pooled: dict[str, list[float]] = {row: [] for row in TABLE_ROWS}
     for task in TASKS:

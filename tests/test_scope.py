@@ -386,6 +386,12 @@ def test_a_prompt_without_image_tokens_is_refused_where_the_edit_needs_them(mode
     refused = pytest.raises(InterventionError, match=r"image tokens, but sample\(s\) \[0\] of this batch have none")
     with torch.no_grad(), intervene(model, resolve(model, **args), adapter_for(model.config)), refused:
         model(**text_only)
+    mixed = processor(images=images(1), text=[prompt(processor, QUESTIONS[0]), prompt(processor, QUESTIONS[1], False)],
+                      padding=True, return_tensors="pt")
+    named = pytest.raises(InterventionError, match=r"image tokens, but sample\(s\) pope/test/7 have none")
+    with torch.no_grad(), intervene(model, resolve(model, **args), adapter_for(model.config)) as scope, named:
+        scope.set_samples(["pope/test/3", "pope/test/7"])  # a host's rows are named by their documents
+        model(**mixed)
 
 
 def test_a_prepared_attention_mask_is_refused_by_name(tiny_model) -> None:

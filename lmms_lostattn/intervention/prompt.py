@@ -222,9 +222,11 @@ class PromptTracker:
         inter = self.intervention
         if inter.image_args() and not bool(is_visual.any(dim=1).all()):
             missing = (~is_visual.any(dim=1)).nonzero().flatten().tolist()
+            which = (", ".join(_repeated(list(names), batch, "sample ids")[row] for row in missing) if names
+                     else f"{missing} of this batch")
             raise InterventionError(
-                f"lostattn: attn_keys={inter.keys}, attn_rows={inter.rows} edit image tokens, but sample(s) {missing} "
-                f"of this batch have none (image token ids {self.visual_ids.tolist()}). Use attn_keys=text|all and "
+                f"lostattn: attn_keys={inter.keys}, attn_rows={inter.rows} edit image tokens, but sample(s) {which} "
+                f"have none (image token ids {self.visual_ids.tolist()}). Use attn_keys=text|all and "
                 "attn_rows=last|text|all for text-only prompts."
             )
         continuation_start = None
