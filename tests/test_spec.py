@@ -276,6 +276,22 @@ def test_hash_is_stable_and_tracks_every_choice() -> None:
     assert spec_hash(args.resolve(4, 4), args.stats) == hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
+def test_spellings_of_one_setting_share_a_hash() -> None:
+    """Settings that compute the same numbers, spelt differently, share the record's hash; the table's group still
+    tells image,text from text,image."""
+    def hashed(**args: object) -> str:
+        given = spec(**args)
+        return spec_hash(given.resolve(4, 4), given.stats)
+
+    assert hashed(attn="uniform", attn_heads="0,1,2,3") == hashed(attn="uniform")
+    assert spec(attn="uniform", attn_heads="0,1,2,3").resolve(4, 4).heads == HeadSelection("all")
+    assert hashed(attn="uniform", attn_heads="0,1,2") != hashed(attn="uniform")
+    assert hashed(stats="paper", stats_groups="image,all") == hashed(stats="paper", stats_groups="all,image")
+    assert hashed(stats="paper", stats_groups="text,image") != hashed(stats="paper", stats_groups="image,text")
+    assert hashed(stats="paper", stats_groups="image,text,all") == hashed(stats="paper", stats_groups="all,text,image")
+    assert hashed(stats="released") == hashed(stats="paper", stats_reference="layer", stats_combine="l2")
+
+
 def test_head_bands_are_recorded_exactly() -> None:
     """Bands that keep different heads never share a record (and hash); every record reads back as its band."""
     close = [spec(attn="gaussian", attn_heads=band).resolve(4, 4) for band in ("p0.3333333-1", "p0.3333334-1")]
@@ -312,7 +328,7 @@ def test_stats_definitions_default_per_kind_and_enter_the_spec_hash() -> None:
         spec_hash(intervention, config)
         for config in (
             stats(stats="paper"),
-            stats(stats="released"),
+            stats(stats="paper", stats_combine="l2", stats_reference="layer"),
             stats(stats="paper", stats_combine="l2"),
             stats(stats="paper", stats_reference="layer"),
             StatsConfig(),

@@ -262,6 +262,11 @@ class StatsConfig:
     reference: str = "module"
     combine: str = "mean"
 
+    @property
+    def table_group(self) -> str:
+        """The token group the table rows report: ``all`` when measured, else the first group asked for."""
+        return "all" if "all" in self.groups else self.groups[0]
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "stats": self.kind,
@@ -273,11 +278,16 @@ class StatsConfig:
 
 
 def spec_hash(intervention: Intervention, stats: StatsConfig) -> str:
-    """Stable 12-hex-digit hash of every choice a run's numbers depend on: the resolved intervention and the
-    statistics settings (independent of dict order and Python version)."""
-    canonical = json.dumps(
-        {"intervention": intervention.to_dict(), "stats": stats.to_dict()}, sort_keys=True, separators=(",", ":")
-    )
+    """Stable 12-hex-digit hash of every choice a run's numbers depend on: the resolved intervention (with the name
+    of the preset it was asked for by) and the statistics settings, however they were spelt (independent of dict
+    order and Python version). Spellings of one setting are hashed one way: the statistics groups after the table's
+    in sorted order, ``stats=released`` as ``paper`` with its reference and combination (and every head listed as
+    ``all``, by :meth:`InterventionSpec.resolve`)."""
+    others = sorted(group for group in stats.groups if group != stats.table_group)
+    measured = stats.to_dict() | {"stats": "paper" if stats.kind == "released" else stats.kind,
+                                  "stats_groups": [stats.table_group, *others]}
+    canonical = json.dumps({"intervention": intervention.to_dict(), "stats": measured}, sort_keys=True,
+                           separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:12]
 
 
@@ -395,9 +405,9 @@ class InterventionSpec:
                     f"lostattn: {name} has no effect with attn={self.attn}; it is read by attn="
                     f"{', '.join(readers)}. Remove it or pick one of those modes."
                 )
-        if self.attn in _WEIGHT_MODES and self.attn_space == "logits":
+        if self.attn in _POST_SOFTMAX_EDITS and self.attn_space == "logits":
             raise SpecError(
-                f"lostattn: attn={self.attn} {_WEIGHT_MODES[self.attn]}, which only post-softmax weights can do "
+                f"lostattn: attn={self.attn} {_POST_SOFTMAX_EDITS[self.attn]}, which only post-softmax weights can do "
                 "(blended into the logits, softmax would spread the row over every key); attn_space=logits is not "
                 "defined for it (accepted: probs)"
             )
@@ -436,6 +446,8 @@ class InterventionSpec:
         heads = self.attn_heads or (parse_heads(preset.heads) if use_paper else HeadSelection("all"))
         if heads.kind == "indices" and heads.indices[-1] >= num_heads:
             raise _fail("attn_heads", heads.describe(), f"head indices 0-{num_heads - 1} (this model has {num_heads})")
+        if heads.kind == "indices" and heads.indices == tuple(range(num_heads)):
+            heads = HeadSelection("all")  # the same edit, recorded and hashed one way
         low, high = heads.band
         if heads.kind == "band" and not any(low <= rank_quantile(rank, num_heads) <= high for rank in range(num_heads)):
             where = f"this model's {num_heads} heads sit at rank quantiles k/{max(num_heads - 1, 1)}"
@@ -477,7 +489,7 @@ class InterventionSpec:
 
 
 # The modes whose edit is a set of post-softmax weights, and what it does.
-_WEIGHT_MODES = {
+_POST_SOFTMAX_EDITS = {
     "knockout": "zeroes the edited weights without renormalising",
     "identity": "puts all of each edited row's mass on the row's own key",
     "sink": "puts all of the edited mass on the first edited key",

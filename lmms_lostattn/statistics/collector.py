@@ -170,11 +170,6 @@ def table_rows(config: StatsConfig) -> dict[tuple[str, str], str]:
     }
 
 
-def table_group(config: StatsConfig) -> str:
-    """The token group the table rows report: ``all`` when measured, else the first group asked for."""
-    return "all" if "all" in config.groups else config.groups[0]
-
-
 def _series(record: dict[str, Any], module: str, group: str, metric: str) -> list[float | None]:
     """One metric's per-layer values in one record (empty when the group or metric was not measured)."""
     return record["values"][module].get(group, {}).get(metric, [])

@@ -34,7 +34,7 @@ from lmms_lostattn.config.spec import (
 from lmms_lostattn.families import FamilyAdapter, adapter_for
 from lmms_lostattn.intervention.kernel import ROUTABLE
 from lmms_lostattn.intervention.scope import Scope, intervene
-from lmms_lostattn.statistics.collector import StatsCollector, table_group
+from lmms_lostattn.statistics.collector import StatsCollector
 from lmms_lostattn.statistics.metrics import RANK_EPS
 
 _PLUGIN_PREFIXES = ("attn", "stats")
@@ -143,7 +143,7 @@ class RunRecords:
     def describe(self) -> dict[str, Any]:
         settings = {
             **self.stats.to_dict(),
-            "table_group": table_group(self.stats) if self.stats.kind != "none" else None,
+            "table_group": self.stats.table_group if self.stats.kind != "none" else None,
             "mixig": {"alpha": 8.0, "agg": "last"},
             "mixig_mean": {"alpha": 1.0, "agg": "mean"} if self.stats.kind == "all" else None,
             "rank_tolerance": f"max(S, H) * {RANK_EPS:.6g} * sigma_max",

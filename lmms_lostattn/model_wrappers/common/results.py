@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from lmms_lostattn.config.spec import StatsConfig
-from lmms_lostattn.statistics.collector import aggregate, layer_mean, mean_records, table_group, table_rows
+from lmms_lostattn.statistics.collector import aggregate, layer_mean, mean_records, table_rows
 
 PREFIX = "lostattn_"  # of every row the plugin adds
 LAYERS_METRIC = f"{PREFIX}layers"
@@ -26,7 +26,7 @@ def document_metrics(records: list[dict[str, Any]], stats: StatsConfig) -> dict[
     if not records:
         return {SAMPLES_METRIC: 0}
     record = mean_records(records)
-    group = table_group(stats)
+    group = stats.table_group
     values = {row: layer_mean(record, module, group, metric) for (metric, module), row in table_rows(stats).items()}
     defined = {row: value for row, value in values.items() if value is not None}
     return {**defined, SAMPLES_METRIC: int(bool(defined)), LAYERS_METRIC: record}
