@@ -28,6 +28,7 @@ from lmms_lostattn.tasks.generate_shapes import (
     make_scenes,
     write_parquet,
 )
+from lmms_lostattn.tasks.generate_shapes import main as generate_shapes_main
 
 POPE_PARQUET = DATA_DIR / "lostattn_pope.parquet"
 COLOR_PARQUET = DATA_DIR / "lostattn_shapes_color.parquet"
@@ -134,6 +135,14 @@ def test_write_parquet_roundtrip(tmp_path: Path) -> None:
     path = write_parquet(tmp_path / "sub" / "p.parquet", 8, 7)
     _assert_same_rows(_read(path), make_pope_rows(8, 7))
     assert b"Image" in pq.read_schema(path).metadata[b"huggingface"]
+
+
+@pytest.mark.parametrize("n", ["0", "-3"])
+def test_the_generator_refuses_no_rows(tmp_path: Path, capsys: pytest.CaptureFixture[str], n: str) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        generate_shapes_main(["--out", str(tmp_path / "p.parquet"), "--n", n])
+    assert stopped.value.code == 2 and f"--n {n}: give the number of rows" in capsys.readouterr().err
+    assert not (tmp_path / "p.parquet").exists()
 
 
 # --- tasks_path ---------------------------------------------------------------------------------------------

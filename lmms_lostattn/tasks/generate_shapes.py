@@ -229,6 +229,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--kind", choices=sorted(ROW_MAKERS), default="pope")
     args = parser.parse_args(argv)
+    if args.n < 1:
+        parser.error(f"--n {args.n}: give the number of rows to write (>= 1)")
     print(write_parquet(args.out, args.n, args.seed, args.kind))
 
 
