@@ -21,6 +21,7 @@ import argparse
 import contextlib
 import hashlib
 import json
+import math
 import pathlib
 import platform
 import statistics
@@ -29,6 +30,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from importlib import metadata
 from typing import Any
 
 import numpy as np
@@ -302,9 +304,9 @@ def summarise(rounds: list[dict[str, dict[str, float]]], new_tokens: int) -> dic
                 if ref is not None:
                     stats[f"x_{label}_min"] = stats["min"] / summary[ref][key]["min"]
                     stats[f"x_{label}_median"] = stats["median"] / summary[ref][key]["median"]
-                    stats[f"x_{label}_paired"] = statistics.median(
-                        value(r[setting.name], key) / value(r[ref], key) for r in rounds
-                    )
+                    within = [value(r[setting.name], key) / value(r[ref], key) for r in rounds
+                              if value(r[setting.name], key) > 0 and value(r[ref], key) > 0]  # a time, not noise
+                    stats[f"x_{label}_paired"] = statistics.median(within) if within else math.nan
     return summary
 
 
@@ -325,14 +327,14 @@ def verdicts(summary: dict[str, dict[str, dict[str, float]]], same_ops: list[str
     lines = []
     for setting in SETTINGS:
         for key in setting.target_on:
-            stats = summary[setting.name][key]
+            stats, reference = summary[setting.name][key], summary[setting.reference][key]
             paired = stats["x_ref_paired"]
             if setting.name in same_ops:
                 met = "MET by construction: same aten op sequence as the reference, the ratio is noise"
-            elif paired > 0:
+            elif paired > 0 and min(stats["min"], stats["median"], reference["min"], reference["median"]) > 0:
                 met = "MET" if paired <= setting.target else "MISSED"
             else:
-                met = "NOT MEASURED (too noisy)"
+                met = "NOT MEASURED (too noisy: a per-token time at or below 0)"
             lines.append(
                 f"- {setting.name}, {key.replace('_', '-')}: {ratios_text(stats, 'ref')} of {setting.reference}; "
                 f"target <= {setting.target:g}x: **{met}**"
@@ -415,7 +417,7 @@ def run(cfg: BenchConfig, rounds: int, new_tokens: int, workdir: pathlib.Path) -
         "new_tokens": new_tokens,
         "threads": torch.get_num_threads(),
         "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],
-        "versions": {"torch": torch.__version__, "device": describe_device(cfg.device)},
+        "versions": versions(cfg.device),
         "wall_s": time.perf_counter() - started,
         "load_average_1_5_15": {"before": load_before, "after": os.getloadavg()},
         "ops": {
@@ -428,6 +430,12 @@ def run(cfg: BenchConfig, rounds: int, new_tokens: int, workdir: pathlib.Path) -
         "raw_s": records,
         "summary_s": summarise(records, new_tokens),
     }
+
+
+def versions(device: str) -> dict[str, str]:
+    """The releases the timings come from, and the machine."""
+    return {**{name: metadata.version(name) for name in ("torch", "transformers", "lmms-eval")},
+            "device": describe_device(device)}
 
 
 def describe_device(device: str) -> str:

@@ -109,7 +109,7 @@ def make_requests(count: int, cfg: BenchConfig) -> tuple[list[Instance], list[di
         }
         for i in range(count)
     ]
-    gen_kwargs = {"max_new_tokens": cfg.new_tokens, "min_new_tokens": cfg.new_tokens, "temperature": 0}
+    gen_kwargs = {"max_new_tokens": cfg.new_tokens, "temperature": 0}  # the class passes no min_new_tokens on
 
     def to_messages(doc: dict) -> list[dict]:
         return [
@@ -153,6 +153,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=16)
     parser.add_argument("--json", type=pathlib.Path)
     options = parser.parse_args()
+    if options.rounds < 1 or options.requests < 1:
+        parser.error("--rounds and --requests must be >= 1")
     cfg = CONFIGS[options.config]
     if cfg.device == "cuda" and not torch.cuda.is_available():
         sys.exit(f"--config {cfg.name} runs on a CUDA device, and torch sees none")

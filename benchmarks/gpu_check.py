@@ -11,7 +11,8 @@ tokens): lmms-eval's ``llava_hf``, the plugin with ``attn=none`` and the plugin 
 
 Exit status 1 when an answer differs from the base's, a logit gap between base and ``attn=none`` is not 0, the
 three loads run different kernels, or a statistic is not finite. Without a hub (no network) the kernels are not
-fetched: the run sets ``HF_HUB_OFFLINE=1`` when the hub is unreachable and the kernels rows then say ``none``.
+fetched: when the hub is unreachable the script starts again with ``HF_HUB_OFFLINE=1`` (read once, when
+huggingface_hub is imported), and the kernels rows then say ``none``.
 
     python benchmarks/gpu_check.py [--device cuda] [--dtypes float16,bfloat16] [--json out.json]
 """
@@ -25,6 +26,7 @@ import math
 import os
 import pathlib
 import statistics
+import sys
 import tempfile
 from typing import Any
 
@@ -99,8 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("gpu_check.py: no CUDA device is visible (--device cpu runs the same check on the CPU)")
-    if hub_problem() is not None:
-        os.environ["HF_HUB_OFFLINE"] = "1"
+    if os.environ.get("HF_HUB_OFFLINE") is None and hub_problem() is not None:
+        # huggingface_hub reads HF_HUB_OFFLINE once, when imported (above): start again with it set
+        command = [sys.executable, __file__, *(sys.argv[1:] if argv is None else argv)]
+        os.execve(sys.executable, command, {**os.environ, "HF_HUB_OFFLINE": "1"})
     cfg = dataclasses.replace(CONFIGS["cpu"], name="gpu-check", device="cpu", threads=None)
     cells, failures = {}, []
     with tempfile.TemporaryDirectory() as workdir:

@@ -44,7 +44,8 @@ SETTINGS = {  # name -> the plugin's model_args (None: lm-eval's own HFLM), targ
     "lostattn-hf last-row edit": ({"attn": "gaussian", "attn_keys": "all", "attn_rows": "last"}, 0.95),
     "lostattn-hf stats=paper": ({"stats": "paper"}, None),
 }
-CHOICES = [" red", " green and blue", " a small white cat", " the car"]  # multi-token: one row per request
+# 1, 5, 8 and 2 tokens: no two requests of a document share context + continuation[:-1], so each has its own row
+CHOICES = [" red", " green and blue", " a small white cat", " the car"]
 
 
 def build_checkpoint(out: pathlib.Path) -> pathlib.Path:
@@ -65,7 +66,7 @@ def build_checkpoint(out: pathlib.Path) -> pathlib.Path:
 
 
 def make_requests(documents: int) -> list[Instance]:
-    """Four choices per document over contexts of 100-250 tokens cut from the built-in corpus."""
+    """Four choices per document over contexts of 105-348 tokens (16 documents) cut from the built-in corpus."""
     lines = CORPUS.splitlines()
     requests = []
     for doc_id in range(documents):
@@ -81,6 +82,8 @@ def main() -> None:
     parser.add_argument("--documents", type=int, default=16)
     parser.add_argument("--json", type=pathlib.Path)
     options = parser.parse_args()
+    if options.rounds < 1 or options.documents < 1:
+        parser.error("--rounds and --documents must be >= 1")
     torch.set_num_threads(THREADS)
     transformers_logging.set_verbosity_error()
     started = time.perf_counter()

@@ -24,11 +24,12 @@ import math
 import pathlib
 import statistics
 import tempfile
+import time
 from typing import Any
 
 import numpy as np
 import torch
-from attn_overhead import CONFIGS, IMAGE_TOKEN, QUESTION, BenchConfig, build_checkpoint, timed
+from attn_overhead import CONFIGS, IMAGE_TOKEN, QUESTION, BenchConfig, build_checkpoint, timed, versions
 from lmms_eval.api.instance import Instance
 from PIL import Image
 
@@ -110,12 +111,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--json", type=pathlib.Path, default=None)
     args = parser.parse_args(argv)
+    if args.rounds < 1 or args.new_tokens < 1:
+        parser.error("--rounds and --new-tokens must be >= 1")
     cfg = CONFIGS[args.config]
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--config 7b needs a CUDA device; none is visible")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    results = {}
+    results, started, load_before = {}, time.perf_counter(), os.getloadavg()
     with tempfile.TemporaryDirectory() as workdir:
         for length in map(int, args.prompt_lengths.split(",")):
             results[length] = measure(cfg, length, args.rounds, args.new_tokens, pathlib.Path(workdir))
@@ -134,8 +137,13 @@ def main(argv: list[str] | None = None) -> None:
         memory = "not measured (CPU)" if row["added_gib"] is None else f"{row['added_gib']:+.3f} GiB"
         met = row["ratio"] <= TARGET_RATIO and (row["added_gib"] is None or row["added_gib"] <= TARGET_GIB)
         print(f"- {length} image tokens: {row['ratio']:.3f}x, {memory}: {'met' if met else 'NOT met'}")
+    wall, load = time.perf_counter() - started, {"before": load_before, "after": os.getloadavg()}
+    print(f"\nwall {wall:.0f} s; load averages (1, 5, 15 min) {load}; {versions(cfg.device)}")
     if args.json:
-        args.json.write_text(json.dumps({"config": cfg.name, "results": results}, indent=2))
+        args.json.write_text(json.dumps({
+            "config": cfg.name, "rounds": args.rounds, "new_tokens": args.new_tokens, "versions": versions(cfg.device),
+            "wall_s": wall, "load_average_1_5_15": load, "results": results,
+        }, indent=2))
 
 
 if __name__ == "__main__":
