@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pathlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -45,3 +45,14 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], path
     """``tiny_model(variant)``: directory of a tiny model of any ``lmms_lostattn.testing.FAMILY_VARIANTS``, built
     once per session."""
     return lambda variant: _tiny_model(tmp_path_factory, variant)
+
+
+@pytest.fixture
+def logged_warnings() -> Iterator[list[str]]:
+    """The warnings the package logs meanwhile (loguru, as the hosts log; lmms-eval silences the warnings module)."""
+    from loguru import logger
+
+    messages: list[str] = []
+    handle = logger.add(lambda message: messages.append(str(message)), level="WARNING", format="{message}")
+    yield messages
+    logger.remove(handle)

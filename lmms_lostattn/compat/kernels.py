@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import os
 import socket
-import warnings
 from collections import Counter
 from typing import Any
 from urllib.parse import urlsplit
 
+from loguru import logger
 from packaging.version import Version
 
 from lmms_lostattn.compat.contacts import ContactPoint, expect
@@ -108,10 +108,9 @@ def require_reachable_kernels(device: Any = None, device_map: Any = None, use_ke
     how = "by default" if use_kernels is None else "with use_kernels=True"
     default = f"transformers {installed('transformers')} loads hub kernels on {accelerator} {how}"
     if constants.is_offline_mode():
-        warnings.warn(
+        logger.warning(
             f"lmms-lostattn: {default}; in offline mode (HF_HUB_OFFLINE) kernels missing from the local cache fall "
-            f"back to PyTorch's layers (the results record which ran). {ENV}=0 loads PyTorch's layers throughout.",
-            stacklevel=2,
+            f"back to PyTorch's layers (the results record which ran). {ENV}=0 loads PyTorch's layers throughout."
         )
         return
     problem = hub_problem()

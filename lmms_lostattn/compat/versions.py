@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import functools
 import os
-import warnings
 from importlib.metadata import PackageNotFoundError, requires, version
 
+from loguru import logger
 from packaging.requirements import Requirement
 
 DISTRIBUTION = "lmms-lostattn"
@@ -104,7 +104,7 @@ def require_tested_versions() -> None:
     fix = install_command()
     message = "; ".join(problems) + f". Install the tested versions ({fix}), or run `lostattn doctor`."
     if os.environ.get(ALLOW_UNTESTED) == "1":
-        warnings.warn(f"lmms-lostattn: running outside the tested versions: {message}", stacklevel=2)
+        logger.warning(f"lmms-lostattn: running outside the tested versions: {message}")
         return
     raise UpstreamError(f"lmms-lostattn: {message} ({ALLOW_UNTESTED}=1 runs anyway, untested.)")
 
