@@ -106,7 +106,9 @@ def test_kernels_off_or_the_offline_cache_need_no_hub(monkeypatch: pytest.Monkey
     kernels.require_reachable_kernels(use_kernels=True)  # transformers reads the variable first
     monkeypatch.delenv(kernels.ENV)
     kernels.require_reachable_kernels(use_kernels=False)
-    kernels.require_reachable_kernels(use_kernels="False")  # as a command line's model_args may carry it
+    for text in ("False", "no", " off"):  # from_pretrained reads any text as true
+        with pytest.raises(kernels.HubKernelsError, match=f"use_kernels={text!r} turns hub kernels on"):
+            kernels.require_reachable_kernels(use_kernels=text)
     with pytest.raises(kernels.HubKernelsError, match="with use_kernels=True"):
         kernels.require_reachable_kernels(use_kernels=True)
     monkeypatch.setattr(constants, "is_offline_mode", lambda: True)
@@ -135,3 +137,23 @@ def test_pre_releases_of_the_first_kernelizing_transformers_kernelize(
     assert kernels.kernels_by_default()
     monkeypatch.setattr(kernels, "installed", lambda name: "5.24.9")
     assert not kernels.kernels_by_default()
+
+
+def test_the_hub_is_probed_as_huggingface_hub_reaches_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through huggingface_hub's own HTTP session (its proxies included), not a bare connection: a host that only a
+    proxy reaches is reachable."""
+    import huggingface_hub.utils
+
+    asked: list[str] = []
+
+    class Session:
+        def head(self, url: str, timeout: float) -> None:
+            asked.append(url)
+            if "down" in url:
+                raise ConnectionError("no route")
+
+    monkeypatch.setattr(huggingface_hub.utils, "get_session", Session)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://only-through-the-proxy.invalid")
+    assert kernels.hub_problem() is None and asked == ["http://only-through-the-proxy.invalid"]
+    monkeypatch.setattr(constants, "ENDPOINT", "http://down.invalid")
+    assert kernels.hub_problem() == "http://down.invalid is unreachable (ConnectionError: no route)"

@@ -20,7 +20,7 @@ from packaging.version import Version
 from transformers import DynamicCache, LlavaForConditionalGeneration
 
 from lmms_lostattn.cli import main
-from lmms_lostattn.cli.doctor import doctor
+from lmms_lostattn.cli.doctor import doctor, kernels_lines
 from lmms_lostattn.compat import contacts, internals, kernels, versions
 from lmms_lostattn.compat.versions import UpstreamError
 from lmms_lostattn.config.spec import InterventionSpec
@@ -212,7 +212,8 @@ def test_doctor_says_supported_here(capsys: pytest.CaptureFixture) -> None:
         main(["doctor"])
     out = capsys.readouterr().out
     assert exit_info.value.code == 0, out
-    assert out.rstrip().endswith("supported") and "FAILED" not in out
+    untested = versions.version_problems()  # only under LOSTATTN_ALLOW_UNTESTED=1 (conftest stops the run otherwise)
+    assert out.rstrip().endswith(f"({versions.ALLOW_UNTESTED}=1)" if untested else "supported") and "FAILED" not in out
     assert f"transformers {versions.installed('transformers')}" in out
     assert "tiny LLaVA loaded here (cpu): use_kernels=" in out and "kernelizes at load by default" in out
 
@@ -227,7 +228,42 @@ def test_doctor_fails_with_a_clear_line_when_a_contact_point_breaks(monkeypatch:
     assert doctor(echo=lines.append) == 1
     failed = [line for line in lines if line.lstrip().startswith("FAILED")]
     assert failed and all("KV-cache" in line for line in failed), failed
-    assert lines[-1].startswith("NOT supported") and "pip install" in lines[-1]
+    assert lines[-1].startswith("NOT supported") and "pip install" not in lines[-1]  # the versions are the tested ones
+
+
+@pytest.mark.parametrize("allowed", [False, True], ids=["refused", "allowed-untested"])
+def test_doctor_on_an_untested_version_says_what_to_install_or_that_it_runs_untested(
+    monkeypatch: pytest.MonkeyPatch, allowed: bool
+) -> None:
+    """The maintainer's routine (.ci/latest) runs doctor on the newest releases with LOSTATTN_ALLOW_UNTESTED=1: an
+    untested version is then a line of its own, not a failure, so that only a moved internal fails."""
+    real = versions.installed
+    monkeypatch.setattr(versions, "installed", lambda name: "2.99.0" if name == "torch" else real(name))
+    if allowed:
+        monkeypatch.setenv(versions.ALLOW_UNTESTED, "1")
+    else:
+        monkeypatch.delenv(versions.ALLOW_UNTESTED, raising=False)
+    lines: list[str] = []
+    assert doctor(echo=lines.append) == (0 if allowed else 1)
+    torch_line = next(line for line in lines if "torch 2.99.0" in line)
+    if allowed:
+        assert torch_line.startswith("  untested torch 2.99.0 is installed") and not any("FAILED" in x for x in lines)
+        assert lines[-1] == ("works here, untested: 1 version(s) outside the tested ranges "
+                             f"({versions.ALLOW_UNTESTED}=1)")
+    else:
+        assert torch_line.startswith("  FAILED   torch 2.99.0 is installed")
+        assert lines[-1].startswith("NOT supported: 1 problem(s) above. Install the tested versions: pip install")
+
+
+def test_doctor_on_an_offline_gpu_says_only_cached_kernels_load(monkeypatch: pytest.MonkeyPatch, tiny) -> None:
+    monkeypatch.setattr("lmms_lostattn.cli.doctor.accelerator_load", lambda: "cuda")
+    monkeypatch.setattr("lmms_lostattn.cli.doctor.kernels_by_default", lambda: True)
+    monkeypatch.setattr("lmms_lostattn.cli.doctor.hub_offline", lambda: True)
+    lines, problems = kernels_lines(tiny[0])
+    assert problems == 0 and lines[-1] == (
+        "  ok       cuda: offline (HF_HUB_OFFLINE): a load here runs the hub kernels in the local cache; missing ones "
+        "fall back to PyTorch's layers"
+    )
 
 
 @pytest.mark.skipif(not kernels.DEFAULT_ON_FROM.release <= Version(versions.installed("transformers")).release,

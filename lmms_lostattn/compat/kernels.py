@@ -15,10 +15,8 @@ fetched from the hub at load time (attention does not; on the CPU nothing is swa
 from __future__ import annotations
 
 import os
-import socket
 from collections import Counter
 from typing import Any
-from urllib.parse import urlsplit
 
 from loguru import logger
 from packaging.version import Version
@@ -30,7 +28,7 @@ from lmms_lostattn.compat.versions import UpstreamError, installed
 ENV = "USE_HUB_KERNELS"
 DEFAULT_ON_FROM = Version("5.25")  # the first transformers whose from_pretrained kernelizes by default
 PROBE_TIMEOUT_S = 5.0
-FALSE_WORDS = ("false", "0", "no", "off")  # how a switch is turned off in a variable or a command line's model_args
+FALSE_WORDS = ("false", "0", "no", "off")  # how a variable is turned off (and a use_kernels text meant as off)
 
 
 class HubKernelsError(UpstreamError):
@@ -80,15 +78,22 @@ def accelerator_load(device: Any = None, device_map: Any = None) -> str | None:
     return torch.accelerator.current_accelerator().type
 
 
-def hub_problem(timeout: float = PROBE_TIMEOUT_S) -> str | None:
-    """Why the hub (``HF_ENDPOINT``) cannot be reached from here, or None when a connection opens."""
+def hub_offline() -> bool:
+    """Whether huggingface_hub is in offline mode (``HF_HUB_OFFLINE``, which it reads when imported)."""
     from huggingface_hub import constants
 
-    url = urlsplit(constants.ENDPOINT)
-    port = url.port or (443 if url.scheme == "https" else 80)
+    return constants.is_offline_mode()
+
+
+def hub_problem(timeout: float = PROBE_TIMEOUT_S) -> str | None:
+    """Why the hub (``HF_ENDPOINT``) cannot be reached from here, or None when it answers: a HEAD request through
+    huggingface_hub's own HTTP session, which fetches the kernels (so through the same proxies)."""
+    from huggingface_hub import constants
+
+    session = internal("huggingface_hub.utils", "get_session")()
     try:
-        socket.create_connection((url.hostname, port), timeout=timeout).close()
-    except OSError as error:
+        session.head(constants.ENDPOINT, timeout=timeout)
+    except Exception as error:  # whatever the HTTP client raises for a host it cannot reach
         return f"{constants.ENDPOINT} is unreachable ({type(error).__name__}: {error})"
     return None
 
@@ -98,16 +103,17 @@ def require_reachable_kernels(device: Any = None, device_map: Any = None, use_ke
     ``from_pretrained``; None: transformers' default): refuse when the hub cannot be reached; in the hub's offline
     mode, warn that kernels missing from the local cache fall back to PyTorch's layers."""
     accelerator = accelerator_load(device, device_map)
-    if isinstance(use_kernels, str):  # as a command line's model_args may carry it
-        use_kernels = use_kernels.strip().lower() not in FALSE_WORDS
+    if isinstance(use_kernels, str) and use_kernels.strip().lower() in FALSE_WORDS:
+        raise HubKernelsError(
+            f"lmms-lostattn: use_kernels={use_kernels!r} turns hub kernels on: from_pretrained tests the value for "
+            "truth, and any text is true. Give use_kernels=False (or set USE_HUB_KERNELS=0)."
+        )
     kernelizes = kernels_by_default() if use_kernels is None else bool(use_kernels) and _variable_allows()
     if accelerator is None or not kernelizes:
         return
-    from huggingface_hub import constants
-
     how = "by default" if use_kernels is None else "with use_kernels=True"
     default = f"transformers {installed('transformers')} loads hub kernels on {accelerator} {how}"
-    if constants.is_offline_mode():
+    if hub_offline():
         logger.warning(
             f"lmms-lostattn: {default}; in offline mode (HF_HUB_OFFLINE) kernels missing from the local cache fall "
             f"back to PyTorch's layers (the results record which ran). {ENV}=0 loads PyTorch's layers throughout."
