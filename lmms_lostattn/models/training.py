@@ -218,7 +218,8 @@ def accuracy(model, processor, rows: Sequence[dict], post_prompt: str) -> float:
 
 
 def validation_accuracy(model, processor, n: int) -> dict[str, float]:
-    """Held-out accuracy on ``n`` POPE-format and ``n // 2`` colour rows of :data:`VALIDATION_SEED` scenes."""
+    """Validation accuracy on ``n`` POPE-format and ``n // 2`` colour rows of :data:`VALIDATION_SEED` scenes (drawn
+    apart from training, though some scenes recur there by chance: see the model card)."""
     was_training = model.training
     model.eval()
     result = {
@@ -316,7 +317,7 @@ def train(out: pathlib.Path, config: TrainConfig = TrainConfig(), log: Callable[
         if done % config.eval_every == 0 or done == config.steps:
             scores = validation_accuracy(model, processor, config.eval_rows)
             history.append({"step": done, **scores})
-            log(f"step {done}: held-out accuracy " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
+            log(f"step {done}: validation accuracy " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
     model.eval()
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
