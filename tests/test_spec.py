@@ -97,6 +97,8 @@ def test_parse_heads() -> None:
         ({"attn": "knockout", "attn_space": "logits"}, r"knockout.*accepted: probs"),
         ({"attn": "identity", "attn_space": "logits", "attn_keys": "all"}, r"identity puts all.*accepted: probs"),
         ({"attn": "sink", "attn_space": "logits"}, r"sink puts all of the edited mass.*accepted: probs"),
+        ({"attn": "identity", "attn_scale": "scores"}, r"attn_scale has no effect with attn=identity"),
+        ({"attn": "sink", "attn_scale": "scores"}, r"attn_scale has no effect with attn=sink"),
         ({"attn": "gaussian", "attn_seed": "١"}, r"attn_seed='١' is not valid; accepted: ASCII text"),
         ({"attn": "uniform", "attn_heads": "١"}, r"attn_heads='١' is not valid; accepted: ASCII text"),
         ({"attn": "identity", "attn_keys": "image"}, r"identity.*attn_keys=all"),

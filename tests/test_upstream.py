@@ -10,6 +10,7 @@ import importlib
 import inspect
 import pathlib
 import sys
+import tomllib
 
 import pytest
 import torch
@@ -161,7 +162,9 @@ def test_every_declared_range_ends_and_holds_the_locked_version() -> None:
     declares ends (or pins one release), and the version the lock holds (what the suite passed on) lies in it."""
     pins = (line.split("==") for line in (ROOT / "constraints.txt").read_text().splitlines() if "==" in line)
     lock = {canonicalize_name(name): version for name, version in pins}
-    for requirement in versions.tested_requirements():
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    tools = [Requirement(line) for line in extras["test"] if Requirement(line).name != versions.DISTRIBUTION]
+    for requirement in (*versions.tested_requirements(), *tools):
         locked = lock[canonicalize_name(requirement.name)]
         assert any(spec.operator in ("<", "<=", "==", "~=") for spec in requirement.specifier), requirement
         assert requirement.specifier.contains(locked), (requirement, locked)

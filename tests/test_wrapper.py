@@ -67,6 +67,19 @@ def test_model_id_resolves_to_chat_and_simple_classes() -> None:
     assert issubclass(LostAttnLlavaChat, LlavaHfChat) and issubclass(LostAttnLlavaSimple, LlavaHfSimple)
 
 
+def test_the_model_ids_resolve_whatever_module_is_imported_first() -> None:
+    """lmms-eval builds its model registry on its first import, loading the manifests' entry point: a process whose
+    first import is the manifests module itself must not leave the registry without the lostattn models."""
+    import subprocess
+    import sys
+
+    code = ("import lmms_lostattn.model_wrappers.lmms_eval.manifests\n"
+            "from lmms_eval.models import get_model\n"
+            "print(get_model('lostattn_llava').__name__)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "LostAttnLlavaChat", done.stderr[-2000:]
+
+
 def _requests(kind: str, doc_ids: list[int]) -> list[Instance]:
     gen_kwargs = {"max_new_tokens": 5, "temperature": 0, "until": ["\n\n"]}
 

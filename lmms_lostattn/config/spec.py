@@ -63,7 +63,8 @@ _EDITS = frozenset(  # what every attention-weight mode reads
 _USES: dict[str, frozenset[str]] = {
     "none": frozenset(),
     "gaussian": _EDITS | {"attn_dist", "attn_sigma", "attn_seed", "attn_scale", "attn_draw"},
-    **dict.fromkeys((*PRIOR_MODES, "uniform", "identity", "sink"), _EDITS | {"attn_scale"}),  # a fixed p
+    **dict.fromkeys((*PRIOR_MODES, "uniform"), _EDITS | {"attn_scale"}),  # a fixed p
+    **dict.fromkeys(("identity", "sink"), _EDITS),  # a fixed p, in probs space only (no scale to the scores)
     "shuffle": _EDITS | {"attn_seed"},
     "knockout": _EDITS,
     "noise_delta": frozenset({"attn_layers", "attn_rows", "attn_sigma", "attn_seed"}),

@@ -55,7 +55,7 @@ class LostAttnLMMixin:
         if self.lostattn.active and str(kwargs.get("batch_size", 1)).startswith("auto"):
             raise SpecError(
                 f"lostattn: batch_size={kwargs['batch_size']} probes memory with dummy batches through the model, "
-                "which an intervention or statistics would take for requests; give a number (e.g. batch_size=8)"
+                "which an intervention or statistics would take for requests; give a number (e.g. --batch_size 8)"
             )
         self._keyed: Callable[[list[Window]], list[tuple[object, Instance]]] | None = None  # see _scoring
         self._padding: frozenset[int] = frozenset()  # see _with_padding_copies

@@ -1,18 +1,24 @@
 """lmms-eval model manifests, loaded through the ``lmms_eval.models`` entry-point group.
 
-Kept import-light: lmms-eval imports this while it builds its model registry (the wrapper classes are built when
-lmms-eval first loads one).
+Imports nothing at module level: lmms-eval loads this entry point while it builds its model registry, on its first
+import, and importing lmms-eval (or the wrapper classes, which import it) from here would load this module again
+half-made (a process whose first import is this module).
 """
 
 from __future__ import annotations
 
-from lmms_eval.models.registry_v2 import ModelManifest
+from typing import TYPE_CHECKING
 
-from lmms_lostattn.model_wrappers.lmms_eval import wrappers
+if TYPE_CHECKING:
+    from lmms_eval.models.registry_v2 import ModelManifest
 
 
 def get_manifests() -> list[ModelManifest]:
     """``lostattn_<name>`` for each row of :data:`~lmms_lostattn.model_wrappers.lmms_eval.wrappers.WRAPPED`."""
+    from lmms_eval.models.registry_v2 import ModelManifest
+
+    from lmms_lostattn.model_wrappers.lmms_eval import wrappers
+
     return [
         ModelManifest(
             model_id=f"lostattn_{row.name}",
