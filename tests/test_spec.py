@@ -9,17 +9,8 @@ import json
 import pytest
 import torch
 
-from lmms_lostattn.config.spec import (
-    FamilyPreset,
-    HeadSelection,
-    Intervention,
-    InterventionSpec,
-    SpecError,
-    StatsConfig,
-    parse_heads,
-    parse_layers,
-    spec_hash,
-)
+from lmms_lostattn.config.spec import FamilyPreset, Intervention, InterventionSpec, SpecError, StatsConfig, spec_hash
+from lmms_lostattn.config.values import HeadSelection, parse_heads, parse_layers
 from lmms_lostattn.families import adapter_for
 from lmms_lostattn.intervention.patterns import band_heads
 

@@ -11,12 +11,24 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from decimal import Decimal
 from difflib import get_close_matches
 from typing import Any
+
+from lmms_lostattn.config.values import (
+    HeadSelection,
+    SpecError,
+    check_ascii,
+    check_layers_syntax,
+    choice,
+    list_text,
+    number_value,
+    parse_heads,
+    parse_layers,
+    rank_quantile,
+    refusal,
+)
 
 PRIOR_MODES = ("vision_attention", "complexity")  # the released code's image priors (lmms_lostattn.intervention.priors)
 ATTN_MODES = (
@@ -70,144 +82,6 @@ _USES: dict[str, frozenset[str]] = {
     "noise_delta": frozenset({"attn_layers", "attn_rows", "attn_sigma", "attn_seed"}),
     "noise_qkv": frozenset({"attn_layers", "attn_sigma", "attn_seed"}),
 }
-
-_LAYER_ITEM = re.compile(r"^(-?\d+)$|^(\d+)-(\d+)$|^(-?\d+)?:(-?\d+)?$", re.ASCII)
-_HEAD_BAND = re.compile(r"^p(\d*\.?\d+)-(\d*\.?\d+)$", re.ASCII)
-
-
-class SpecError(ValueError):
-    """A plugin argument has a bad value or makes no sense with the others."""
-
-
-def _fail(arg: str, value: object, accepted: str) -> SpecError:
-    return SpecError(f"lostattn: {arg}={value!r} is not valid; accepted: {accepted}")
-
-
-def check_ascii(arg: str, value: object) -> None:
-    """Every value of the plugin's arguments is ASCII text: ``²`` or ``١`` pass ``str.isdigit`` and Python's
-    ``int``, and crash lmms-eval's argument parser."""
-    if isinstance(value, str) and not value.isascii():
-        raise _fail(arg, value, "ASCII text (digits 0-9; see the argument's accepted values)")
-
-
-def _choice(arg: str, value: object, choices: tuple[str, ...]) -> str:
-    text = str(value).strip().lower()
-    if text not in choices:
-        raise _fail(arg, value, " | ".join(choices))
-    return text
-
-
-def _number(arg: str, value: object, kind: type, accepted: str) -> Any:
-    if isinstance(value, bool):
-        raise _fail(arg, value, accepted)
-    try:
-        number = kind(value)
-    except (TypeError, ValueError, OverflowError):
-        raise _fail(arg, value, accepted) from None
-    if kind is int and isinstance(value, float) and value != number:
-        raise _fail(arg, value, accepted)
-    if number != number or number in (float("inf"), float("-inf")):
-        raise _fail(arg, value, accepted)
-    return number
-
-
-def _list_text(value: object) -> str:
-    """Normalise a list-valued argument: ``[1,2]``, ``"1,2"``, ``1;2`` and ``1 2`` all become ``1,2`` (and a whole
-    float, as lmms-eval's argument parser reads ``-1``, its integer); a list or tuple item by item (JSON values)."""
-    if isinstance(value, list | tuple):
-        return ",".join(_list_text(item) for item in value)
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    text = str(value).strip().strip("'\"").strip("[]()")
-    return ",".join(part for part in re.split(r"[,;\s]+", text) if part)
-
-
-@dataclass(frozen=True)
-class HeadSelection:
-    """Which heads are edited: all of them, an explicit list, or the SAP percentile band ``pA-B``."""
-
-    kind: str  # "all" | "indices" | "band"
-    indices: tuple[int, ...] = ()
-    band: tuple[float, float] = (0.0, 1.0)
-
-    def describe(self) -> str:
-        if self.kind == "indices":
-            return ",".join(map(str, self.indices))
-        if self.kind == "band":  # each bound exactly, positional, as parse_heads reads it back
-            return "p" + "-".join(f"{Decimal(repr(bound)).normalize():f}" for bound in self.band)
-        return "all"
-
-
-def rank_quantile(rank: Any, num_heads: int) -> Any:
-    """SAP's rank quantile of a head, ``rank / (H - 1)`` (0 for a single head); ``rank`` an int or a tensor."""
-    return rank / max(num_heads - 1, 1)
-
-
-def parse_heads(value: object) -> HeadSelection:
-    """Parse ``all``, ``p0.3-0.9`` or ``0,5,7`` (syntax only; the range is checked by :meth:`resolve`)."""
-    text = _list_text(value).lower()
-    accepted = "all | pA-B with 0 <= A <= B <= 1 (e.g. p0.3-0.9) | head indices (e.g. 0,5,7)"
-    if text == "all":
-        return HeadSelection("all")
-    band = _HEAD_BAND.match(text)
-    if band:
-        low, high = float(band.group(1)), float(band.group(2))
-        if not 0.0 <= low <= high <= 1.0:
-            raise _fail("attn_heads", value, accepted)
-        return HeadSelection("band", band=(low, high))
-    items = text.split(",")
-    if not text or not all(item.isascii() and item.isdigit() for item in items):
-        raise _fail("attn_heads", value, accepted)
-    return HeadSelection("indices", indices=tuple(sorted({int(item) for item in items})))
-
-
-_LAYERS_SYNTAX = "all | an index | A-B (inclusive) | Python slice like -6: or 1: | a list like 18,19,20"
-
-
-def check_layers_syntax(value: object) -> str:
-    """The normalised ``attn_layers`` text, or a :class:`SpecError` if it is not one of the accepted forms."""
-    text = _list_text(value).lower()
-    if text != "all" and not all(_LAYER_ITEM.match(item) for item in text.split(",")):
-        raise _fail("attn_layers", value, _LAYERS_SYNTAX)
-    return text
-
-
-def parse_layers(value: object, num_layers: int, arg: str = "attn_layers") -> tuple[int, ...]:
-    """Parse ``all``, ``18``, ``1-31`` (inclusive), ``18,19,20``, ``-6:`` or ``2:10`` (Python slices) into indices.
-
-    Every index and slice bound must lie inside the model (a slice bound may also be ``num_layers``): ``-40:`` on
-    a 32-layer model is an error, not ``all``. ``arg``: the argument the errors name.
-    """
-    accepted = f"{_LAYERS_SYNTAX}; this model has layers 0-{num_layers - 1}"
-    try:
-        text = check_layers_syntax(value)
-    except SpecError:
-        raise _fail(arg, value, accepted) from None
-    if text == "all":
-        return tuple(range(num_layers))
-    chosen: set[int] = set()
-    for item in text.split(","):
-        single, first, last, start, stop = _LAYER_ITEM.match(item).groups()
-        if single is not None:
-            index = int(single)
-            if not -num_layers <= index < num_layers:
-                raise _fail(arg, value, accepted)
-            chosen.add(index % num_layers)
-        elif first is not None:
-            low, high = int(first), int(last)
-            if low > high or high >= num_layers:
-                raise _fail(arg, value, accepted)
-            chosen.update(range(low, high + 1))
-        else:
-            begin, end = (int(bound) if bound else None for bound in (start, stop))
-            if any(bound is not None and not -num_layers <= bound <= num_layers for bound in (begin, end)):
-                raise _fail(arg, value, accepted)
-            span = range(num_layers)[begin:end]
-            if not span:
-                raise _fail(arg, value, accepted)
-            chosen.update(span)
-    return tuple(sorted(chosen))
-
 
 @dataclass(frozen=True)
 class Intervention:
@@ -361,37 +235,37 @@ class InterventionSpec:
         given = {key: "none" if value is None else value for key, value in args.items()}  # lm-eval reads none as None
         for key, value in given.items():
             check_ascii(key, value)
-        mode = _choice("attn", given.get("attn", "none"), ATTN_MODES)
+        mode = choice("attn", given.get("attn", "none"), ATTN_MODES)
         fields: dict[str, Any] = {"attn": mode}
         if "attn_space" in given:
-            fields["attn_space"] = _choice("attn_space", given["attn_space"], SPACES)
+            fields["attn_space"] = choice("attn_space", given["attn_space"], SPACES)
         if "attn_layers" in given:
             fields["attn_layers"] = check_layers_syntax(given["attn_layers"])  # the range is checked by resolve()
         if "attn_heads" in given:
             fields["attn_heads"] = parse_heads(given["attn_heads"])
         if "attn_rows" in given:
-            fields["attn_rows"] = _choice("attn_rows", given["attn_rows"], ROWS)
+            fields["attn_rows"] = choice("attn_rows", given["attn_rows"], ROWS)
         if "attn_keys" in given:
-            fields["attn_keys"] = _choice("attn_keys", given["attn_keys"], KEYS)
+            fields["attn_keys"] = choice("attn_keys", given["attn_keys"], KEYS)
         if "attn_lambda" in given:
-            lam = _number("attn_lambda", given["attn_lambda"], float, "a number in [0, 1]")
+            lam = number_value("attn_lambda", given["attn_lambda"], float, "a number in [0, 1]")
             if not 0.0 <= lam <= 1.0:
-                raise _fail("attn_lambda", given["attn_lambda"], "a number in [0, 1]")
+                raise refusal("attn_lambda", given["attn_lambda"], "a number in [0, 1]")
             fields["attn_lambda"] = lam + 0.0  # -0.0 is 0
         if "attn_dist" in given:
-            fields["attn_dist"] = _choice("attn_dist", given["attn_dist"], DISTS)
+            fields["attn_dist"] = choice("attn_dist", given["attn_dist"], DISTS)
         if "attn_sigma" in given:
-            sigma = _number("attn_sigma", given["attn_sigma"], float, _SIGMAS)
+            sigma = number_value("attn_sigma", given["attn_sigma"], float, _SIGMAS)
             if not 0 < sigma <= MAX_SIGMA:
-                raise _fail("attn_sigma", given["attn_sigma"], _SIGMAS)
+                raise refusal("attn_sigma", given["attn_sigma"], _SIGMAS)
             fields["attn_sigma"] = sigma
         if "attn_seed" in given:
-            fields["attn_seed"] = _number("attn_seed", given["attn_seed"], int, "an integer")
+            fields["attn_seed"] = number_value("attn_seed", given["attn_seed"], int, "an integer")
         if "attn_preset" in given:
-            fields["attn_preset"] = _choice("attn_preset", given["attn_preset"], PRESETS)
+            fields["attn_preset"] = choice("attn_preset", given["attn_preset"], PRESETS)
         for name, choices in (("attn_scale", SCALES), ("attn_draw", DRAWS), ("attn_head_score", HEAD_SCORES)):
             if name in given:
-                fields[name] = _choice(name, given[name], choices)
+                fields[name] = choice(name, given[name], choices)
         fields["stats"] = _parse_stats(given)
         spec = cls(**fields)
         spec._check_combination()
@@ -446,7 +320,8 @@ class InterventionSpec:
             raise
         heads = self.attn_heads or (parse_heads(preset.heads) if use_paper else HeadSelection("all"))
         if heads.kind == "indices" and heads.indices[-1] >= num_heads:
-            raise _fail("attn_heads", heads.describe(), f"head indices 0-{num_heads - 1} (this model has {num_heads})")
+            accepted = f"head indices 0-{num_heads - 1} (this model has {num_heads})"
+            raise refusal("attn_heads", heads.describe(), accepted)
         if heads.kind == "indices" and heads.indices == tuple(range(num_heads)):
             heads = HeadSelection("all")  # the same edit, recorded and hashed one way
         low, high = heads.band
@@ -457,7 +332,7 @@ class InterventionSpec:
                     f"lostattn: attn_preset=paper selects heads {heads.describe()} for this family, but none of "
                     f"{where}; pass attn_heads explicitly"
                 )
-            raise _fail("attn_heads", heads.describe(), f"a band holding at least one head ({where})")
+            raise refusal("attn_heads", heads.describe(), f"a band holding at least one head ({where})")
         if self.attn_head_score is not None and heads.kind != "band":
             raise SpecError(
                 f"lostattn: attn_head_score={self.attn_head_score} ranks heads for a pA-B band, but the heads are "
@@ -504,20 +379,20 @@ def _default_space(mode: str) -> str:
 
 
 def _parse_stats(given: Mapping[str, object]) -> StatsConfig:
-    kind = _choice("stats", given.get("stats", "none"), STATS)
-    groups_text = _list_text(given.get("stats_groups", "all")).lower()
+    kind = choice("stats", given.get("stats", "none"), STATS)
+    groups_text = list_text(given.get("stats_groups", "all")).lower()
     groups = tuple(dict.fromkeys(groups_text.split(","))) if groups_text else ()
     if not groups or any(group not in STATS_GROUPS for group in groups):
-        raise _fail("stats_groups", given.get("stats_groups"), "a list drawn from all, image, text (e.g. all,image)")
-    max_tokens = _number("stats_max_tokens", given.get("stats_max_tokens", 1024), int, "an integer >= 2")
+        raise refusal("stats_groups", given.get("stats_groups"), "a list drawn from all, image, text (e.g. all,image)")
+    max_tokens = number_value("stats_max_tokens", given.get("stats_max_tokens", 1024), int, "an integer >= 2")
     if max_tokens < 2:
-        raise _fail("stats_max_tokens", max_tokens, "an integer >= 2")
+        raise refusal("stats_max_tokens", max_tokens, "an integer >= 2")
     options = ("stats_groups", "stats_max_tokens", "stats_reference", "stats_combine")
     if kind == "none" and any(name in given for name in options):
         raise SpecError(f"lostattn: {'/'.join(options)} have no effect with stats=none; set stats=paper|released|all")
     released = kind == "released"  # the authors' released building blocks: the layer's input, l2
-    reference = _choice(
+    reference = choice(
         "stats_reference", given.get("stats_reference", "layer" if released else "module"), STATS_REFERENCES
     )
-    combine = _choice("stats_combine", given.get("stats_combine", "l2" if released else "mean"), STATS_COMBINES)
+    combine = choice("stats_combine", given.get("stats_combine", "l2" if released else "mean"), STATS_COMBINES)
     return StatsConfig(kind=kind, groups=groups, max_tokens=max_tokens, reference=reference, combine=combine)

@@ -20,7 +20,8 @@ from PIL import Image
 from torch import nn
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, PretrainedConfig
 
-from lmms_lostattn.config.spec import Intervention, InterventionSpec, SpecError, parse_layers
+from lmms_lostattn.config.spec import Intervention, InterventionSpec, SpecError
+from lmms_lostattn.config.values import parse_layers
 from lmms_lostattn.families import FamilyAdapter, UnsupportedFamilyError, adapter_for, adapters
 from lmms_lostattn.intervention.attention import EditedAttention
 from lmms_lostattn.intervention.scope import Scope, intervene

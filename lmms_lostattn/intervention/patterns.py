@@ -31,7 +31,8 @@ from typing import Any
 
 import torch
 
-from lmms_lostattn.config.spec import PRIOR_MODES, Intervention, rank_quantile
+from lmms_lostattn.config.spec import PRIOR_MODES, Intervention
+from lmms_lostattn.config.values import rank_quantile
 from lmms_lostattn.intervention import rng
 
 _NEG = torch.finfo(torch.float32).min

@@ -28,9 +28,9 @@ from lmms_lostattn.config.spec import (
     InterventionSpec,
     SpecError,
     StatsConfig,
-    check_ascii,
     spec_hash,
 )
+from lmms_lostattn.config.values import check_ascii
 from lmms_lostattn.families import FamilyAdapter, adapter_for
 from lmms_lostattn.intervention.kernel import ROUTABLE
 from lmms_lostattn.intervention.scope import Scope, intervene
