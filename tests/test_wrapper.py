@@ -161,6 +161,23 @@ def test_bad_arguments_fail_before_the_model_loads(
         LostAttnLlavaChat(pretrained=str(tiny_llava), **CPU, **args)
 
 
+@pytest.mark.parametrize("args", [{"stats": "paper"}, {"attn": "uniform", "attn_keys": "all"}, {}])
+def test_a_text_model_is_refused_before_an_lmms_eval_class_loads_it(tiny_model, monkeypatch, args: dict) -> None:
+    """lmms-eval's classes load vision-language checkpoints: a text LLM would load into the wrong architecture (a
+    Qwen2.5-VL with its vision tower missing) and fail far from the cause."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from lmms_lostattn.families import UnsupportedFamilyError
+    from lmms_lostattn.model_wrappers.lmms_eval.wrappers import LostAttnQwen2_5_VLChat
+
+    def no_load(*_: object, **__: object) -> None:
+        raise AssertionError("the model was loaded before the checkpoint was checked")
+
+    monkeypatch.setattr(Qwen2_5_VLForConditionalGeneration, "from_pretrained", no_load)
+    with pytest.raises(UnsupportedFamilyError, match=r"is a text model \(family 'llama'\).*lostattn-lm-eval"):
+        LostAttnQwen2_5_VLChat(pretrained=str(tiny_model("llama")), **CPU, **args)
+
+
 def test_a_base_class_defaulting_to_an_implementation_edits_cannot_run_on_is_refused() -> None:
     """lmms-eval's idefics2 defaults to flash-attention where it is installed; edits need sdpa or eager."""
     base_args = inspect.signature(lambda attn_implementation="flash_attention_2": None).parameters
