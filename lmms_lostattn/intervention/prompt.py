@@ -208,10 +208,11 @@ class PromptTracker:
                     "positions) padding mask. Generate with the default dynamic cache (or 'hybrid')."
                 )
             if not bool(attention_mask[:, -1].all()):
+                alone = " or batch size 1" if batch > 1 else ""  # a processor may pad one prompt (to a multiple of 8)
                 raise InterventionError(
                     "lostattn needs left padding (padding_side='left'); the batch is right-padded. Generation with a "
                     "decoder-only model needs left padding with or without the plugin: use a tokenizer that pads "
-                    "left (tokenizer.padding_side='left') or batch size 1"
+                    f"left (tokenizer.padding_side='left'){alone}"
                 )
             first_real = attention_mask.long().argmax(dim=1)
         rows = self.sample_ids(batch) if callable(self.sample_ids) else None
