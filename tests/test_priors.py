@@ -158,7 +158,7 @@ def test_cached_decoding_and_batches_agree(tiny, mode: str) -> None:
     with torch.no_grad():
         plain = model(**batch).logits[:, -1]
         with intervene(model, edit, adapter_for(model.config), image_mean_std=_mean_std(processor)):
-            assert not torch.allclose(model(**batch).logits[:, -1], plain)
+            assert (model(**batch).logits[:, -1] - plain).abs().max() > 1e-3  # beyond an unedited path's float noise
 
 
 def test_complexity_without_the_normalisation_is_an_error(tiny) -> None:

@@ -71,9 +71,20 @@ def logits(model, inputs, **args: object) -> torch.Tensor:
 
 
 def generate(model, inputs, use_cache: bool = True, **args: object) -> torch.Tensor:
-    kwargs = {"max_new_tokens": 4, "do_sample": False, "use_cache": use_cache, "pad_token_id": 3}
-    with torch.no_grad(), intervene(model, resolve(model, **args), adapter_for(model.config)):
-        return model.generate(**inputs, **kwargs)[:, inputs["input_ids"].shape[1] :]
+    return generate_with_logits(model, inputs, use_cache, **args)[0]
+
+
+def generate_with_logits(model, inputs, use_cache: bool = True, **args: object) -> tuple[torch.Tensor, torch.Tensor]:
+    """The generated tokens and each step's logits ``(B, steps, V)``; unedited without ``args``."""
+    kwargs = {"max_new_tokens": 4, "do_sample": False, "use_cache": use_cache, "pad_token_id": 3,
+              "output_logits": True, "return_dict_in_generate": True}
+    scope = intervene(model, resolve(model, **args), adapter_for(model.config)) if args else contextlib.nullcontext()
+    with torch.no_grad(), scope:
+        run = model.generate(**inputs, **kwargs)
+    return run.sequences[:, inputs["input_ids"].shape[1] :], torch.stack(run.logits, dim=1)
+
+
+EDITED = 1e-4  # an edit moves some logit by more than this; float noise of an unedited path stays far below it
 
 
 @pytest.fixture(scope="module")
@@ -226,8 +237,14 @@ CASES = [{"attn": mode} for mode in MODES] + [
 
 @pytest.mark.parametrize("args", CASES, ids=lambda args: "-".join(map(str, args.values())))
 def test_cached_decoding_equals_recomputation(model, batch, args: dict) -> None:
-    with_cache = generate(model, batch, **args)
-    assert torch.equal(with_cache, generate(model, batch, use_cache=False, **args))
+    """Every step's logits, not only the tokens (an edit may not change a greedy token): cached decoding edits what
+    recomputing the whole sequence edits, and the edit moves the logits."""
+    tokens, with_cache = generate_with_logits(model, batch, **args)
+    recomputed_tokens, recomputed = generate_with_logits(model, batch, use_cache=False, **args)
+    assert torch.equal(tokens, recomputed_tokens)
+    torch.testing.assert_close(with_cache, recomputed, atol=1e-5, rtol=0)
+    _, unedited = generate_with_logits(model, batch)
+    assert (with_cache[:, 1:] - unedited[:, 1:]).abs().max() > EDITED  # the decoding steps' rows are edited too
 
 
 @pytest.mark.parametrize("extension", [1, 4], ids=["one-token-longer", "four-tokens-longer"])
@@ -245,6 +262,7 @@ def test_a_forward_extending_the_last_prompt_is_a_new_prompt(model, singles, ext
             model(**shorter)
             after_shorter = model(**longer).logits
     assert torch.equal(after_shorter, alone)
+    assert (alone - logits(model, longer)).abs().max() > EDITED
 
 
 @pytest.mark.parametrize("args", CASES, ids=lambda args: "-".join(map(str, args.values())))
@@ -252,6 +270,7 @@ def test_batch_of_two_equals_two_batches_of_one(model, batch, singles, args: dic
     together = logits(model, batch, **args)[:, -1]
     alone = torch.cat([logits(model, single, **args)[:, -1] for single in singles])
     torch.testing.assert_close(together, alone, atol=1e-4, rtol=0)
+    assert (together - logits(model, batch)[:, -1]).abs().max() > EDITED
     tokens = generate(model, batch, **args)
     for row, single in enumerate(singles):
         assert torch.equal(tokens[row], generate(model, single, **args)[0])

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import pathlib
-import shutil
 import sys
 
 import pytest
@@ -134,25 +133,17 @@ def test_stats_none_answers_exactly_like_stats_paper(runs: pathlib.Path, one_ran
 
 
 def test_cached_answers_are_counted_not_crashed_on(tiny_llava: pathlib.Path, tmp_path: pathlib.Path) -> None:
-    cache = tmp_path / "cache"
-    args = (
-        "--model",
-        "lostattn_llava",
-        "--model_args",
-        model_args(tiny_llava, stats="paper"),
-        "--tasks",
-        TASKS[0],
-        "--use_cache",
-        str(cache),
-    )
-    run_cli(*args, output=tmp_path / "first", limit=3)
-    run_cli(*args, output=tmp_path / "second", limit=3)
+    cache = ("--use_cache", str(tmp_path / "cache"))
+    argv = model_args(tiny_llava, stats="paper")
+    runs = [lmms_eval_argv("lostattn_llava", argv, tmp_path / name, *cache, tasks=TASKS[0], limit=3)
+            for name in ("first", "second")]  # one after the other, in one process
+    run_cli_batch(runs, tmp_path)
+    assert not run_error(tmp_path / "first") and not run_error(tmp_path / "second")
     first = results_of(tmp_path / "first")["results"][TASKS[0]]
     second = results_of(tmp_path / "second")["results"][TASKS[0]]
     assert first["lostattn_samples,none"] == 3 and second["lostattn_samples,none"] == 0
     assert "lostattn_rid_attn,none" not in second
     assert second["pope_accuracy,none"] == first["pope_accuracy,none"]
-    shutil.rmtree(cache, ignore_errors=True)
 
 
 def test_released_definitions_name_their_rows(runs: pathlib.Path) -> None:
