@@ -4,15 +4,16 @@ the documents it served."""
 from __future__ import annotations
 
 import copy
-from collections import defaultdict
 from collections.abc import Callable
 from types import SimpleNamespace
 
 import pytest
 from lmms_eval.api.instance import Instance
 
+from lmms_lostattn.config.spec import Intervention, StatsConfig
 from lmms_lostattn.intervention.prompt import InterventionError, RowLayout
 from lmms_lostattn.model_wrappers.common.batches import HostBatches
+from lmms_lostattn.model_wrappers.common.plugin import RunRecords
 from lmms_lostattn.model_wrappers.lmms_eval.base import is_padding, request_name
 
 _PROGRESS = SimpleNamespace(update=lambda n: None)
@@ -23,8 +24,8 @@ def _request(doc_id: int, **metadata: object) -> Instance:
     return Instance("generate_until", ("q", {}, None, doc_id, "toy", "test"), 0, meta)
 
 
-def _rows(requests: list, collector: object = None) -> tuple[HostBatches, SimpleNamespace]:
-    run = SimpleNamespace(records=defaultdict(list))
+def _rows(requests: list, collector: object = None) -> tuple[HostBatches, RunRecords]:
+    run = RunRecords(model="tiny", host="lmms_eval", intervention=Intervention(mode="none"), stats=StatsConfig())
     rows = HostBatches(
         [(request.args, request) for request in requests],
         "LostAttnX",
@@ -92,7 +93,7 @@ def test_a_shared_row_gives_its_record_to_each_request_it_serves() -> None:
     sharing; another document's row gives its own."""
     choices = [SimpleNamespace(task_name="mc", doc_id=7, key=("ctx", f" {c}")) for c in "ABC"]
     other = SimpleNamespace(task_name="mc", doc_id=8, key=("ctx2", " A"))
-    run = SimpleNamespace(records=defaultdict(list))
+    run = RunRecords(model="tiny", host="lm_eval", intervention=Intervention(mode="none"), stats=StatsConfig())
     updates: list[int] = []
     rows = HostBatches(
         [(request.key, request) for request in [*choices, other]],

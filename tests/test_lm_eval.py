@@ -572,7 +572,7 @@ def test_a_response_cache_of_another_intervention_is_refused(tmp_path: pathlib.P
 
     from lmms_lostattn.config.spec import StatsConfig
     from lmms_lostattn.model_wrappers.common.plugin import RunRecords
-    from lmms_lostattn.model_wrappers.lm_eval.reporting import check_response_cache
+    from lmms_lostattn.model_wrappers.lm_eval.reporting import _evaluate, check_response_cache
 
     class Unwrapped:
         def set_cache_hook(self, hook: object) -> None:
@@ -598,6 +598,13 @@ def test_a_response_cache_of_another_intervention_is_refused(tmp_path: pathlib.P
     check_response_cache(plain, run(attn="none"))
     with pytest.raises(SpecError, match="computed under the intervention"):
         check_response_cache(cache("plain.db"), run(**uniform))
+    # a model without lostattn (plain hf, under lostattn-lm-eval) reuses the unedited model's cache, not an edited one
+    def evaluate(lm: object, samples: object = None) -> dict:  # lm-eval's evaluate, as the launcher wraps it
+        return {}
+
+    assert _evaluate(evaluate, cache("plain.db")) == {}
+    with pytest.raises(SpecError, match=r"new\.db holds responses computed under .* this model runs without lostattn"):
+        _evaluate(evaluate, cache("new.db"))
 
 
 def test_every_text_family_has_a_tiny_builder_and_a_readme_entry() -> None:
@@ -748,6 +755,33 @@ def test_a_model_evaluated_twice_reports_each_evaluations_documents_only(
     second = rows(reused, 2)
     assert second[f"lostattn_samples,{FILTER}"] == 2
     assert second == pytest.approx(rows(LostAttnHFLM(**arguments), 2))
+
+
+def test_documents_selected_with_samples_get_their_own_draws_and_statistics(
+    tiny_model: Callable[[str], pathlib.Path],
+) -> None:
+    """``--samples`` (``samples=`` of the Python API) runs chosen documents, whose requests count positions in the
+    choice: each chosen document's draws, loglikelihoods and statistics are those it gets in a run of every
+    document, under its own id."""
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=str(tasks_path(host="lm_eval")), include_defaults=False)
+    task, chosen = "lostattn_shapes_text_mc", [2, 7, 11]
+    model = LostAttnHFLM(pretrained=str(tiny_model("llama")), attn="gaussian", attn_keys="all", stats="paper",
+                         batch_size=4, **_CPU)
+
+    def samples(**selection: Any) -> dict[int, dict[str, Any]]:
+        logged = simple_evaluate(model=model, tasks=[task], task_manager=manager, log_samples=True, **selection)
+        return {sample["doc_id"]: sample for sample in logged["samples"][task]}
+
+    some, every = samples(samples={task: chosen}), samples(limit=12)
+    assert sorted(some) == chosen
+    for doc in chosen:
+        assert some[doc]["lostattn_samples"] == 1
+        assert some[doc]["lostattn_rid_attn"] == pytest.approx(every[doc]["lostattn_rid_attn"], abs=1e-6)
+        ours = [float(resp[0][0]) for resp in some[doc]["resps"]]
+        assert ours == pytest.approx([float(resp[0][0]) for resp in every[doc]["resps"]], abs=1e-5)
 
 
 def test_a_loaded_model_and_a_checkpoint_in_a_subfolder_are_taken_as_hf_takes_them(

@@ -119,7 +119,8 @@ class HostBatches:
         for row, requests in enumerate(served):
             for request in requests:
                 if not self._is_padding(request):
-                    self._run.records[request.task_name, request.doc_id].append(records[row * repeats])
+                    document = self._run.document_id(request.task_name, request.doc_id)
+                    self._run.records[request.task_name, document].append(records[row * repeats])
 
     def _advance(self, requests: int) -> None:
         if self._progress is not None:

@@ -32,8 +32,11 @@ def swapped(owners: Iterable[Any], name: str, replacement: Callable[[Any], Any])
 
 
 def argument(function: Callable[..., Any], name: str, args: tuple, kwargs: dict[str, Any]) -> Any:
-    """What a call ``function(*args, **kwargs)`` passes its parameter ``name``."""
-    return inspect.signature(function).bind(*args, **kwargs).arguments[name]
+    """What a call ``function(*args, **kwargs)`` passes its parameter ``name`` (its default where the call leaves it
+    out)."""
+    bound = inspect.signature(function).bind(*args, **kwargs)
+    bound.apply_defaults()
+    return bound.arguments[name]
 
 
 def wrap_once(module: str, name: str, wrapper: Callable[..., Any]) -> None:

@@ -139,6 +139,13 @@ class RunRecords:
     stats: StatsConfig
     records: dict[tuple[str, Any], list[dict[str, Any]]] = field(default_factory=lambda: defaultdict(list))
     kernels: dict[str, Any] | None = None  # the hub kernels the loaded model runs (compat.kernels.kernels_record)
+    # per task, the documents an evaluation selected (lm-eval's --samples), whose requests count positions in it
+    selected: dict[str, list[int]] = field(default_factory=dict)
+
+    def document_id(self, task: str, doc_id: Any) -> Any:
+        """The document a request's ``doc_id`` names: its position in the task's selection, where there is one."""
+        chosen = self.selected.get(task)
+        return chosen[doc_id] if chosen else doc_id
 
     def describe(self) -> dict[str, Any]:
         settings = {

@@ -67,6 +67,9 @@ def _evaluate() -> None:
     expect("results = evaluate(" in source, "simple_evaluate no longer calls the module's evaluate")
     evaluate = internal("lm_eval.evaluator", "evaluate")
     expect("lm" in inspect.signature(evaluate).parameters, "evaluate no longer takes the model as lm")
+    expect("samples" in inspect.signature(evaluate).parameters, "evaluate no longer takes --samples as samples")
+    source = inspect.getsource(evaluate)
+    expect("doc_id_true = indices[doc_id]" in source, "evaluate no longer logs a selected document by its position")
     source = inspect.getsource(internal("lm_eval.api.task", "Task").build_all_requests)
     expect("rank=rank" in source and "world_size=world_size" in source, "documents are no longer split by rank")
 

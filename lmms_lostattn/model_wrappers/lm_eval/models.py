@@ -36,15 +36,15 @@ from lmms_lostattn.config.spec import SpecError
 from lmms_lostattn.intervention.scope import InterventionError, Scope
 from lmms_lostattn.model_wrappers.common.batches import HostBatches
 from lmms_lostattn.model_wrappers.common.patching import swapped
-from lmms_lostattn.model_wrappers.common.plugin import Plugin
+from lmms_lostattn.model_wrappers.common.plugin import Plugin, RunRecords
 from lmms_lostattn.model_wrappers.lm_eval.reporting import install
 
 Window = tuple[Any, list[int], list[int]]  # lm-eval's scoring request: (strings or None, context, continuation)
 
 
-def request_name(request: Instance) -> str:
-    """A request's row name for the draws: ``task/doc_id``."""
-    return f"{request.task_name}/{request.doc_id}"
+def request_name(request: Instance, run: RunRecords) -> str:
+    """A request's row name for the draws: ``task/doc_id`` (the document's id, also under ``--samples``)."""
+    return f"{request.task_name}/{run.document_id(request.task_name, request.doc_id)}"
 
 
 class LostAttnLMMixin:
@@ -125,9 +125,11 @@ class LostAttnLMMixin:
     def _scope(self, keyed: list[tuple[object, Instance]], scoring: bool) -> Iterator[None]:
         """One intervention scope around one call of the base class, following its ``Collator`` batches."""
         with self.lostattn.scope(self.model) as (scope, collector):
-            rows = HostBatches(keyed, type(self).__name__, self.lostattn.run, collector, None, name=request_name,
+            run = self.lostattn.run
+            rows = HostBatches(keyed, type(self).__name__, run, collector, None,
+                               name=lambda request: request_name(request, run),
                                is_padding=lambda request: id(request) in self._padding)
-            documents = {id(key): request_name(request) for key, request in reversed(keyed)}
+            documents = {id(key): request_name(request, run) for key, request in reversed(keyed)}
             with _following_batches(rows, scope, self.max_length if scoring else None, documents):
                 yield
             scope.raise_pending()

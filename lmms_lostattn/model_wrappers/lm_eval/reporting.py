@@ -139,6 +139,18 @@ def check_response_cache(lm: Any, run: RunRecords) -> None:
         database.commit()
 
 
+def refuse_edited_cache(lm: Any) -> None:
+    """A model without lostattn (plain ``hf``) under ``lostattn-lm-eval``: refuse a ``--use_cache`` database marked
+    with an intervention that edits attention, whose responses would answer as the model's own."""
+    marked = lm.dbdict.get(CACHE_MARK) if isinstance(lm, CachingLM) else None
+    if marked is not None and marked.get("mode") != "none":
+        raise SpecError(
+            f"lostattn: --use_cache {lm.cache_db} holds responses computed under the intervention {marked}, and this "
+            "model runs without lostattn; lm-eval keys cached responses by request only, so they would answer as "
+            "the model's own: give each intervention its own --use_cache path"
+        )
+
+
 def _warn_uncovered(results: dict[str, Any]) -> None:
     """Say which tasks have documents without statistics (answered from ``--use_cache``, or too short in the table's
     token group); inert on results without statistics rows."""
@@ -156,9 +168,11 @@ def _evaluate(original: Any, *args: Any, **kwargs: Any) -> Any:
     lm = argument(original, "lm", args, kwargs)
     run = run_of(lm.lm if isinstance(lm, CachingLM) else lm)  # the model inside lm-eval's response cache
     if run is None:
+        refuse_edited_cache(lm)
         return original(*args, **kwargs)
     check_response_cache(lm, run)
     run.records.clear()  # a model object may serve several evaluations (lm-eval's Python API)
+    run.selected = dict(argument(original, "samples", args, kwargs) or {})
     results = original(*args, **kwargs)
     if run.stats.kind != "none":
         gather_records(run, lm.world_size)
