@@ -775,6 +775,9 @@ def test_documents_selected_with_samples_get_their_own_draws_and_statistics(
         logged = simple_evaluate(model=model, tasks=[task], task_manager=manager, log_samples=True, **selection)
         return {sample["doc_id"]: sample for sample in logged["samples"][task]}
 
+    for unordered in ([11, 2, 7], [2, 2, 7]):  # lm-eval would run them in document order, named by list place
+        with pytest.raises(SpecError, match=r"give them in increasing order without repeats \(\[2, 7(, 11)?\]\)"):
+            samples(samples={task: unordered})
     some, every = samples(samples={task: chosen}), samples(limit=12)
     assert sorted(some) == chosen
     for doc in chosen:

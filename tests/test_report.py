@@ -125,14 +125,16 @@ def test_module_table_shows_the_ffn_under_both_references_where_both_were_measur
 
 def test_markdown_shows_every_text_as_written() -> None:
     names = ["a|b", "<i>1", "**best**", "__cand__", "run_2 [x] `y` ~z~ \\"]
-    table = Table(["task", "em|strict", "c", "d", "e"], [[text_cell(name) for name in names]],
-                  ["<b>run</b>: p < 0.05", "* marked"])
-    header, separator, row, _, note, marked = markdown(table).splitlines()
+    notes = ["<b>run</b>: p < 0.05", "* marked", "1. uniform: versions differ", "# sweep: x", "- a", "> b", "==="]
+    table = Table(["task", "em|strict", "c", "d", "e"], [[text_cell(name) for name in names]], notes)
+    header, separator, row, _, note, marked, *blocks = markdown(table).splitlines()
     assert header == "| task | em\\|strict | c | d | e |" and separator == "|---|---|---|---|---|"
     assert row == ("| a\\|b | \\<i>1 | \\*\\*best\\*\\* | \\_\\_cand\\_\\_ | "
                    "run_2 \\[x\\] \\`y\\` \\~z\\~ \\\\ |")
     assert note == "\\<b>run\\</b>: p < 0.05  "  # shown as written, not as HTML
     assert marked == "\\* marked  "  # not a list item
+    # nor a list, a heading, a quote or a heading's underline: a note may start with a run's folder name
+    assert blocks == ["1\\. uniform: versions differ  ", "\\# sweep: x  ", "\\- a  ", "\\> b  ", "\\===  "]
 
 
 def test_accuracy_table_puts_vanilla_first_with_each_tasks_headline_metric(report_dir: pathlib.Path) -> None:

@@ -258,6 +258,21 @@ def test_doctor_on_an_untested_version_says_what_to_install_or_that_it_runs_unte
         assert lines[-1].startswith("NOT supported: 1 problem(s) above. Install the tested versions: pip install")
 
 
+def test_doctor_counts_a_missing_dependency_even_when_untested_versions_are_allowed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """LOSTATTN_ALLOW_UNTESTED=1 allows a version outside its range, not a package that is not there (a
+    ``pip install --no-deps .``): that stays a problem, with what to install."""
+    real = versions.installed
+    monkeypatch.setattr(versions, "installed", lambda name: None if name == "decord" else real(name))
+    monkeypatch.setattr("lmms_lostattn.cli.doctor.installed", versions.installed)
+    monkeypatch.setenv(versions.ALLOW_UNTESTED, "1")
+    lines: list[str] = []
+    assert doctor(echo=lines.append) == 1
+    assert any(line.startswith("  FAILED   decord is not installed") for line in lines), lines
+    assert lines[-1].startswith("NOT supported: 1 problem(s) above. Install the tested versions: pip install")
+
+
 def test_doctor_on_an_offline_gpu_says_only_cached_kernels_load(monkeypatch: pytest.MonkeyPatch, tiny) -> None:
     monkeypatch.setattr("lmms_lostattn.cli.doctor.accelerator_load", lambda: "cuda")
     monkeypatch.setattr("lmms_lostattn.cli.doctor.kernels_by_default", lambda: True)

@@ -180,6 +180,14 @@ def _literal(text: str) -> str:
     return _MARKUP.sub(lambda found: "\\" + found.group(0), text)
 
 
+def _paragraph_line(text: str) -> str:
+    """A note as a line of a paragraph, as written: a leading heading, quote, list or underline marker escaped (a
+    note may start with a run's folder name: ``# sweep``, ``1. uniform``)."""
+    line = _literal(text)
+    line = re.sub(r"^(\s*\d{1,9})([.)])", r"\1\\\2", line)  # an ordered list's delimiter
+    return re.sub(r"^(\s*)([#>+=-])", r"\1\\\2", line)
+
+
 def markdown(table: Table) -> str:
     """The table as GitHub Markdown, notes below it, every text shown as written."""
     def row(texts: Sequence[str]) -> str:
@@ -187,7 +195,7 @@ def markdown(table: Table) -> str:
 
     lines = [row(table.header), "|" + "---|" * len(table.header)]
     lines += [row([cell.text for cell in cells]) for cells in table.rows]
-    return "\n".join(lines + [""] + [f"{_literal(note)}  " for note in table.notes]) + "\n"
+    return "\n".join(lines + [""] + [f"{_paragraph_line(note)}  " for note in table.notes]) + "\n"
 
 
 def csv_text(table: Table) -> str:

@@ -6,16 +6,17 @@ lm-eval's response cache around one). On the results it returns
 (rank 0, after every rank's statistics records are gathered there), it adds, for every task and group:
 
 * the rows ``lostattn_{rid,mixig}_{attn,ffn}`` with their ``_stderr`` (the mean over documents of each document's
-  layer mean, stderr of that mean) and ``lostattn_samples`` (documents with statistics: fewer than the task's when
-  ``--use_cache`` answered some), under lm-eval's ``none`` filter, so its table prints them and its results JSON
-  holds them;
+  layer mean, stderr of that mean) and ``lostattn_samples`` (documents the rows cover: fewer than the task's when
+  ``--use_cache`` answered some, or a document has fewer than two tokens of the rows' group), under lm-eval's
+  ``none`` filter, so its table prints them and its results JSON holds them;
 * each document's values in its ``--log_samples`` record;
 * ``results["lostattn"]``: the intervention, its hash, the statistics settings, versions, and per task the
   per-layer means and stderrs (what lmms-eval runs write to the sidecar); a run without statistics gets this block
   too, with no tasks, so that every result carries its spec hash.
 
 Before the requests run it checks the ``--use_cache`` database, if any (:func:`check_response_cache`): lm-eval keys
-cached responses by request only, so a cache written under another intervention would answer this run's requests.
+cached responses by request only, so a cache written under another intervention would answer this run's requests;
+and it reads ``--samples`` (:func:`selection`), by which the requests of chosen documents are numbered.
 """
 
 from __future__ import annotations
@@ -139,6 +140,20 @@ def check_response_cache(lm: Any, run: RunRecords) -> None:
         database.commit()
 
 
+def selection(samples: dict[str, list[int]] | None) -> dict[str, list[int]]:
+    """``--samples`` per task, each list sorted without repeats, else a :class:`SpecError`: lm-eval runs the chosen
+    documents in document order but names each by its place in the list as given (its samples log too), so another
+    order or a repeat would name documents wrongly."""
+    for task, ids in (samples or {}).items():
+        if list(ids) != sorted(set(ids)):
+            raise SpecError(
+                f"lostattn: --samples gives {task} the documents {list(ids)}; give them in increasing order without "
+                f"repeats ({sorted(set(ids))}): lm-eval runs them in document order but names each by its place in "
+                "the list, so its samples log, the draws and the statistics would name other documents"
+            )
+    return dict(samples or {})
+
+
 def refuse_edited_cache(lm: Any) -> None:
     """A model without lostattn (plain ``hf``) under ``lostattn-lm-eval``: refuse a ``--use_cache`` database marked
     with an intervention that edits attention, whose responses would answer as the model's own."""
@@ -172,7 +187,7 @@ def _evaluate(original: Any, *args: Any, **kwargs: Any) -> Any:
         return original(*args, **kwargs)
     check_response_cache(lm, run)
     run.records.clear()  # a model object may serve several evaluations (lm-eval's Python API)
-    run.selected = dict(argument(original, "samples", args, kwargs) or {})
+    run.selected = selection(argument(original, "samples", args, kwargs))
     results = original(*args, **kwargs)
     if run.stats.kind != "none":
         gather_records(run, lm.world_size)

@@ -15,8 +15,8 @@ through unless their arguments carry a lostattn model or its results:
 
 Rows per task: ``lostattn_{rid,mixig}_{attn,ffn}`` (mean over samples of each sample's layer mean; RID rows named
 by their definition where it is not the paper's, see :func:`lmms_lostattn.statistics.collector.table_row`) and
-``lostattn_samples`` (documents with statistics; fewer than the task's when ``--use_cache`` answered some), under
-the ``none`` filter whatever filters the task has.
+``lostattn_samples`` (documents the rows cover; fewer than the task's when ``--use_cache`` answered some, or a
+document has fewer than two tokens of the rows' group), under the ``none`` filter whatever filters the task has.
 """
 
 from __future__ import annotations
