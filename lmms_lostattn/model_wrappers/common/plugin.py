@@ -23,15 +23,9 @@ from transformers import AutoConfig, AutoImageProcessor
 
 from lmms_lostattn.compat.kernels import kernels_record, require_reachable_kernels
 from lmms_lostattn.compat.versions import require_tested_versions
-from lmms_lostattn.config.spec import (
-    Intervention,
-    InterventionSpec,
-    SpecError,
-    StatsConfig,
-    spec_hash,
-)
+from lmms_lostattn.config.spec import Intervention, InterventionSpec, SpecError, StatsConfig, spec_hash
 from lmms_lostattn.config.values import check_ascii
-from lmms_lostattn.families import FamilyAdapter, adapter_for
+from lmms_lostattn.families import FamilyAdapter, UnsupportedFamilyError, adapter_for, adapters
 from lmms_lostattn.intervention.kernel import ROUTABLE
 from lmms_lostattn.intervention.scope import Scope, intervene
 from lmms_lostattn.statistics.collector import StatsCollector
@@ -42,6 +36,7 @@ _PLUGIN_PREFIXES = ("attn", "stats")
 # (lm-eval's HFLM) takes them without naming them in its signature
 LOADING_ARGS = frozenset({"attn_implementation"})
 FORWARDS_LOADING_ARGS = frozenset({"lm_eval"})  # hosts whose model classes pass such arguments to from_pretrained
+VISION_LANGUAGE_HOSTS = frozenset({"lmms_eval"})  # hosts whose model classes load vision-language checkpoints only
 # where in a checkpoint its config is (lm-eval's HFLM arguments, passed on to ``from_pretrained``)
 CHECKPOINT_ARGS = ("subfolder", "gguf_file")
 NEAR_MISS = 0.8  # difflib's similarity from which a name the base class does not take is a misspelt plugin argument
@@ -97,6 +92,18 @@ def is_plugin_arg(key: str, base_args: Mapping[str, Any]) -> bool:
     """The plugin's own arguments, and names the base class does not take that look like ours
     (:func:`looks_like_plugin_arg`), which the spec then refuses by name with the closest argument."""
     return key in InterventionSpec.ARGS or key not in base_args and looks_like_plugin_arg(key)
+
+
+def refuse_text_model(adapter: FamilyAdapter) -> None:
+    """A host whose classes load vision-language checkpoints (lmms-eval) would load a text model's into the wrong
+    architecture and fail later, far from the cause."""
+    if not adapter.images:
+        families = ", ".join(a.family for a in adapters() if a.images)
+        raise UnsupportedFamilyError(
+            f"lostattn: the checkpoint is a text model (family {adapter.family!r}); lmms-eval's model classes load "
+            f"vision-language checkpoints (families {families}). Run it under lm-eval: lostattn-lm-eval --model "
+            "lostattn-hf (README: With lm-evaluation-harness)."
+        )
 
 
 def config_overrides(plugin_args: dict[str, Any], pretrained: Any, hub: dict[str, Any]) -> dict[str, Any]:
@@ -202,6 +209,8 @@ class Plugin:
         else:
             config = AutoConfig.from_pretrained(pretrained, **hub, **overrides)
         adapter = adapter_for(config)
+        if host in VISION_LANGUAGE_HOSTS:
+            refuse_text_model(adapter)
         intervention = adapter.resolve(config, spec)
         check_implementation(kwargs, base_args, intervention)
         image_mean_std = None

@@ -19,7 +19,6 @@ from lmms_eval.api.instance import Instance
 from tqdm import tqdm
 
 from lmms_lostattn.compat.internals import internal
-from lmms_lostattn.families import FamilyAdapter, UnsupportedFamilyError, adapters
 from lmms_lostattn.model_wrappers.common.batches import HostBatches
 from lmms_lostattn.model_wrappers.common.exits import REFUSALS, exit_refused
 from lmms_lostattn.model_wrappers.common.patching import swapped, wrap_once
@@ -94,18 +93,6 @@ def as_base_model(original: Callable[..., Any], task: Any, *args: Any, **kwargs:
     return original(task, *args, **kwargs)
 
 
-def refuse_text_model(adapter: FamilyAdapter) -> None:
-    """lmms-eval's classes load vision-language checkpoints: a text model's would load into the wrong architecture
-    and fail later, far from the cause."""
-    if not adapter.images:
-        families = ", ".join(a.family for a in adapters() if a.images)
-        raise UnsupportedFamilyError(
-            f"lostattn: the checkpoint is a text model (family {adapter.family!r}); lmms-eval's model classes load "
-            f"vision-language checkpoints (families {families}). Run it under lm-eval: lostattn-lm-eval --model "
-            "lostattn-hf (README: With lm-evaluation-harness)."
-        )
-
-
 class LostAttnMixin:
     """Adds the intervention arguments of SPEC §2 to an lmms-eval model class; everything else is the base class."""
 
@@ -134,7 +121,6 @@ class LostAttnMixin:
         base_args = inspect.signature(super().__init__).parameters
         try:
             self.lostattn = Plugin.from_model_kwargs(kwargs, base_args, "lmms_eval")
-            refuse_text_model(self.lostattn.adapter)
         except REFUSALS as error:
             if running_cli():
                 exit_refused(error)
