@@ -146,7 +146,8 @@ def test_bad_arguments_fail_before_the_model_loads(
         LostAttnLlavaChat(pretrained=str(tiny_llava), **CPU, **args)
 
 
-@pytest.mark.parametrize("args", [{"stats": "paper"}, {"attn": "uniform", "attn_keys": "all"}, {"attn": "gaussian"}, {}])
+@pytest.mark.parametrize("args", [{"stats": "paper"}, {"attn": "uniform", "attn_keys": "all"}, {"attn": "gaussian"},
+                                  {}])
 def test_a_text_model_is_refused_before_an_lmms_eval_class_loads_it(tiny_model, monkeypatch, args: dict) -> None:
     """lmms-eval's classes load vision-language checkpoints: a text LLM would load into the wrong architecture (a
     Qwen2.5-VL with its vision tower missing) and fail far from the cause."""
