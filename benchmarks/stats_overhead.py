@@ -138,10 +138,11 @@ def main(argv: list[str] | None = None) -> None:
         met = row["ratio"] <= TARGET_RATIO and (row["added_gib"] is None or row["added_gib"] <= TARGET_GIB)
         print(f"- {length} image tokens: {row['ratio']:.3f}x, {memory}: {'met' if met else 'NOT met'}")
     wall, load = time.perf_counter() - started, {"before": load_before, "after": os.getloadavg()}
-    print(f"\nwall {wall:.0f} s; load averages (1, 5, 15 min) {load}; {versions(cfg.device)}")
+    releases = versions(cfg.device)
+    print(f"\nwall {wall:.0f} s; load averages (1, 5, 15 min) {load}; {releases}")
     if args.json:
         args.json.write_text(json.dumps({
-            "config": cfg.name, "rounds": args.rounds, "new_tokens": args.new_tokens, "versions": versions(cfg.device),
+            "config": cfg.name, "rounds": args.rounds, "new_tokens": args.new_tokens, "versions": releases,
             "wall_s": wall, "load_average_1_5_15": load, "results": results,
         }, indent=2))
 
