@@ -247,6 +247,37 @@ def test_cached_decoding_equals_recomputation(model, batch, args: dict) -> None:
     assert (with_cache[:, 1:] - unedited[:, 1:]).abs().max() > EDITED  # the decoding steps' rows are edited too
 
 
+class ForceFirstToken:
+    """A logits processor that makes ``token`` the first generated token."""
+
+    def __init__(self, prompt_length: int, token: int) -> None:
+        self.prompt_length, self.token = prompt_length, token
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if input_ids.shape[1] == self.prompt_length:
+            scores = torch.full_like(scores, -torch.inf)
+            scores[:, self.token] = 0.0
+        return scores
+
+
+@pytest.mark.parametrize("use_cache", [True, False], ids=["cached", "recomputed"])
+def test_a_generated_image_token_is_not_an_image_key(model, processor, batch, use_cache: bool) -> None:
+    """A generated token whose id is the image token's is embedded as a token: attn_keys=image must not edit it.
+    HF's LLaVA refuses to recompute an image prompt grown by an image token, so that case runs on a text prompt."""
+    inputs = batch if use_cache else processor(text=[prompt(processor, QUESTIONS[0], image=False)], return_tensors="pt")
+    image_token, prompt_length = model.config.image_token_id, inputs["input_ids"].shape[1]
+    kwargs = {"max_new_tokens": 3, "do_sample": False, "use_cache": use_cache, "pad_token_id": 3,
+              "logits_processor": [ForceFirstToken(prompt_length, image_token)]}
+    args = {"attn": "gaussian"} if use_cache else {"attn": "gaussian", "attn_keys": "all"}
+    with torch.no_grad(), intervene(model, resolve(model, **args), adapter_for(model.config)) as scope:
+        generated = model.generate(**inputs, **kwargs)[:, prompt_length:]
+        tracked = scope.state.is_visual
+    assert (generated[:, 0] == image_token).all()
+    assert tracked.shape[1] == prompt_length + 2  # the last generated token is never fed back
+    assert torch.equal(tracked[:, :prompt_length], inputs["input_ids"] == image_token)
+    assert not tracked[:, prompt_length:].any()
+
+
 @pytest.mark.parametrize("extension", [1, 4], ids=["one-token-longer", "four-tokens-longer"])
 def test_a_forward_extending_the_last_prompt_is_a_new_prompt(model, singles, extension: int) -> None:
     """Scoring a longer option right after a shorter one in the same scope (the direct API, no ``set_samples``)

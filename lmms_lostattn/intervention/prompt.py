@@ -4,7 +4,9 @@ sample's identity for the random draws, through prefill and cached decoding.
 A :class:`PromptTracker` sees every top-level forward (its :meth:`~PromptTracker.track` runs in a forward pre-hook):
 a forward without a KV cache starts a new prompt (or, without a cache, recomputes the last one grown by the
 generated tokens); a cached decoding step grows the tracked prompt by its new positions. The cache is read through
-:func:`lmms_lostattn.compat.internals.forward_cache`; a decoding step it cannot place is an error.
+:func:`lmms_lostattn.compat.internals.forward_cache`; a decoding step it cannot place is an error. A generated token
+(a one-position decoding step, or the token a recomputation adds) is text even where its id is an image token's: the
+model embeds it as a token, with no image behind it.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ class PromptState:
     """What the tracker knows about the prompt being processed (batch of B samples, T positions so far)."""
 
     prompt_ids: torch.Tensor  # (B, P) the prompt as first seen, left-padded
-    is_visual: torch.Tensor  # (B, T) bool, grows by one column per decoding step
+    is_visual: torch.Tensor  # (B, T) bool, grows by one column (False: generated) per decoding step
     first_real: torch.Tensor  # (B,) index of each sample's first non-padding token
     real_end: torch.Tensor  # (B,) end (exclusive) of each sample's real tokens; NO_END where it is not right-padded
     sample_key: torch.Tensor  # (B,) int64 keys from (seed, sample identity)
@@ -146,7 +148,6 @@ class PromptTracker:
             raise InterventionError(
                 "lostattn needs input_ids to find the image tokens; inputs_embeds-only calls are not supported"
             )
-        is_visual = torch.isin(input_ids, self.visual_ids.to(input_ids.device))
         cache = internals.forward_cache(kwargs)
         cached = cache.get_seq_length() if cache is not None else 0
         state = self.state
@@ -161,13 +162,27 @@ class PromptTracker:
                     "the KV cache given to a decoding step",
                     f"it to hold the {state.length} positions the scope has seen, it holds {cached}",
                 )
-            state.is_visual = torch.cat([state.is_visual, is_visual], dim=1)
+            if input_ids.shape[1] == 1:  # a decoding step: the token was generated
+                state.is_visual = self._generated(state, 1)
+            else:  # more of a prompt (a chunked prefill): its image tokens are the image's
+                state.is_visual = torch.cat([state.is_visual, self._visual(input_ids)], dim=1)
         elif cache is None and state is not None and self._recomputes(state, input_ids, kwargs):
-            state.is_visual = is_visual
+            state.is_visual = self._generated(state, 1)
         else:
             refuse_hidden_cache(kwargs.get("position_ids"))
-            self.state = self._new_prompt(input_ids, is_visual, kwargs.get("attention_mask"), kwargs.get("labels"))
+            self.state = self._new_prompt(
+                input_ids, self._visual(input_ids), kwargs.get("attention_mask"), kwargs.get("labels")
+            )
             self.prefill = True
+
+    def _visual(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return torch.isin(input_ids, self.visual_ids.to(input_ids.device))
+
+    @staticmethod
+    def _generated(state: PromptState, count: int) -> torch.Tensor:
+        """The visual flags grown by ``count`` generated positions, none of them visual."""
+        new = torch.zeros(state.is_visual.shape[0], count, dtype=torch.bool, device=state.is_visual.device)
+        return torch.cat([state.is_visual, new], dim=1)
 
     @staticmethod
     def _recomputes(state: PromptState, input_ids: torch.Tensor, kwargs: dict[str, Any]) -> bool:
