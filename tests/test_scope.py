@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, Auto
 
 from lmms_lostattn.config.spec import InterventionSpec
 from lmms_lostattn.families import adapter_for
+from lmms_lostattn.intervention import rng
 from lmms_lostattn.intervention.kernel import EDIT_ATTRIBUTE
 from lmms_lostattn.intervention.scope import InterventionError, intervene
 
@@ -399,6 +400,15 @@ def test_noise_delta_keeps_the_per_token_rms(model, batch) -> None:
     noise = seen[0]
     torch.testing.assert_close(noise.pow(2).mean(-1).sqrt()[real], base.pow(2).mean(-1).sqrt()[real])
     assert (noise - base).abs()[real].max() > 1e-3
+
+
+def test_noise_delta_draws_noise_for_the_edited_rows_only(model, batch, monkeypatch) -> None:
+    """attn_rows=last on a long prompt: the noise covers the last row, not every position of the prompt."""
+    drawn: list[torch.Size] = []
+    normal = rng.normal
+    monkeypatch.setattr(rng, "normal", lambda *args: drawn.append((noise := normal(*args)).shape) or noise)
+    logits(model, batch, attn="noise_delta", attn_rows="last", attn_layers="1")
+    assert drawn == [torch.Size([batch["input_ids"].shape[0], 1, model.config.get_text_config().hidden_size])]
 
 
 @pytest.mark.parametrize("variant", ["llama", "olmo2", "gemma3_text"])

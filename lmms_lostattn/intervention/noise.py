@@ -15,6 +15,7 @@ from torch import nn
 from lmms_lostattn.config.spec import Intervention
 from lmms_lostattn.families.base import FamilyAdapter
 from lmms_lostattn.intervention import rng
+from lmms_lostattn.intervention.attention import rows_of, set_rows
 from lmms_lostattn.intervention.prompt import PromptTracker
 from lmms_lostattn.intervention.selection import Selector
 
@@ -26,21 +27,31 @@ def noise_delta_hook(
     selector: Selector,
     recording_errors: Callable[[], AbstractContextManager[None]],
 ) -> Callable[..., Any]:
-    """Forward hook replacing the attention update of edited rows by Gaussian noise with the same per-token RMS."""
+    """Forward hook replacing the attention update of edited rows by Gaussian noise with the same per-token RMS; the
+    noise is drawn for the rows the step's selection computes only (``attn_rows=last``: the last rows)."""
 
     def hook(module: nn.Module, args: tuple, output: Any) -> Any:
         with recording_errors():
             state = prompts.state
             delta = output[0] if isinstance(output, tuple) else output
             device = delta.device  # the layer's, which may not be the prompt state's
-            positions = state.positions(delta.shape[1])
-            rows = selector.edited_rows(positions).to(device)
-            relative = (positions[None, :] - state.first_real[:, None]).to(device)[:, :, None]
+            selection = selector.selection(delta.shape[1], state.length, device)
+            if selection is None:  # no row of this step is edited
+                return output
+            block = delta[:, None]  # (B, 1, Q, D): the selection's rows along dim 2
+            learned = block if selection.needed is None else rows_of(block, selection.needed)
+            relative = (selection.query_abs - state.first_real.to(device)[:, None])[:, :, None]  # (B, Qs, 1)
             units = torch.arange(delta.shape[-1], device=device).view(1, 1, -1)
-            noise = rng.normal(state.sample_key.to(device).view(-1, 1, 1), layer, relative, units, 4)
-            rms = delta.float().pow(2).mean(dim=-1, keepdim=True).sqrt()
+            noise = rng.normal(state.sample_key.to(device).view(-1, 1, 1), layer, relative, units, 4)[:, None]
+            rms = learned.float().pow(2).mean(dim=-1, keepdim=True).sqrt()
             noise = noise * (sigma * rms / noise.pow(2).mean(dim=-1, keepdim=True).sqrt())
-            replaced = torch.where(rows[:, :, None], noise.to(delta.dtype), delta)
+            rows = torch.where(selection.rows[:, None, :, None], noise.to(delta.dtype), learned)
+            if selection.needed is None:
+                replaced = rows
+            else:
+                replaced = block.clone()
+                set_rows(replaced, selection.needed, rows)
+            replaced = replaced[:, 0]
             return (replaced, *output[1:]) if isinstance(output, tuple) else replaced
 
     return hook
