@@ -320,16 +320,20 @@ def test_its_modes_run_through_the_lmms_eval_cli_and_edits_move_the_statistics(
 
 @pytest.mark.parametrize("model_id", ["lostattn_qwen2_5_vl", "lostattn_hf"])
 @pytest.mark.parametrize(
-    ("config_class", "reason"),
-    [("MllamaConfig", r"gated cross-attention"), ("BertConfig", r"'bert' is not supported\.")],
-    ids=["mllama", "unknown"],
+    ("config", "reason"),
+    [
+        (lambda transformers: transformers.MllamaConfig(), r"gated cross-attention"),
+        (lambda transformers: transformers.BertConfig(), r"'bert' is not supported\."),
+        (lambda transformers: transformers.LlavaConfig(text_config=transformers.GptOssConfig()), r"learned sinks"),
+    ],
+    ids=["mllama", "unknown", "llava-on-gpt-oss"],
 )
 def test_unsupported_models_are_refused_before_loading(
-    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, config_class: str, reason: str, model_id: str
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, config: Callable, reason: str, model_id: str
 ) -> None:
     import transformers
 
-    getattr(transformers, config_class)().save_pretrained(tmp_path)
+    config(transformers).save_pretrained(tmp_path)
 
     def no_load(*_: object, **__: object) -> None:
         raise AssertionError("the model was loaded before the architecture was checked")

@@ -18,7 +18,7 @@ from lmms_lostattn.config.spec import InterventionSpec
 from lmms_lostattn.families import adapter_for
 from lmms_lostattn.intervention.kernel import sdpa_attention_forward
 from lmms_lostattn.intervention.patterns import Coordinates
-from lmms_lostattn.intervention.prompt import NO_END, PromptState
+from lmms_lostattn.intervention.prompt import NO_END, InterventionError, PromptState
 from lmms_lostattn.intervention.scope import Scope
 from lmms_lostattn.testing import make_tiny_model
 
@@ -163,3 +163,19 @@ def test_noise_delta_on_another_device(model) -> None:
     delta = torch.empty(2, PROMPT, 16, device="meta")
     replaced = scope.noise_delta_hook(1)(nn.Module(), (), (delta, None))
     assert replaced[0].device.type == "meta" and replaced[0].shape == delta.shape
+
+
+def test_an_attention_call_with_learned_sinks_is_refused(model) -> None:
+    """gpt-oss passes its attention sinks as ``s_aux``: weights rebuilt from q.k alone would drop them."""
+    intervention = InterventionSpec.from_model_args({"attn": "uniform", "attn_layers": "all"}).resolve(4, HEADS)
+    scope = Scope(model, intervention, adapter_for(model.config))
+    scope.prompts.state = _prompt_state(2, PROMPT)
+    q = torch.randn(2, HEADS, PROMPT, DIM)
+    k, v = (torch.randn(2, 2, PROMPT, DIM) for _ in range(2))
+    module = nn.Module()
+    module.is_causal, module.num_key_value_groups = True, HEADS // 2
+    sinks = {"s_aux": torch.zeros(HEADS)}
+    with pytest.raises(InterventionError, match=r"Module passes s_aux to its attention function"):
+        scope.attend(sdpa_attention_forward, module, 1, q, k, v, None, 0.0, DIM**-0.5, sinks)
+    out, _ = scope.attend(sdpa_attention_forward, module, 1, q, k, v, None, 0.0, DIM**-0.5, {})
+    assert out.shape == (2, PROMPT, HEADS, DIM)

@@ -21,6 +21,7 @@ UNFIT: dict[str, str] = {
     "mllama": "its gated cross-attention layers attend to vision states, not to image tokens of the sequence",
     "aya_vision": "its Cohere decoder's parallel attention+MLP blocks are not mapped yet (see gpt_neox.py for how)",
     "cohere2_vision": "its Cohere decoder's parallel attention+MLP blocks are not mapped yet (see gpt_neox.py for how)",
+    "gpt_oss": "its attention adds learned sinks (s_aux) to every softmax, which the edited path does not model",
 }
 
 
@@ -68,11 +69,16 @@ class FamilyRegistry:
         for adapter in self.adapters():
             if config.model_type in adapter.model_types:
                 return self._on_backbone(adapter, config)
+        raise self._unsupported(f"model_type {config.model_type!r}", config.model_type)
+
+    def _unsupported(self, what: str, model_type: str) -> UnsupportedFamilyError:
+        """The refusal of ``what``, with the :data:`UNFIT` reason of ``model_type``, what is supported and how to add
+        a family."""
         listed = sorted(self.adapters(), key=lambda adapter: not adapter.images)  # vision-language families first
         supported = ", ".join(f"{a.family} ({'/'.join(a.model_types)})" for a in listed)
-        why = f" ({UNFIT[config.model_type]})" if config.model_type in UNFIT else ""
-        raise UnsupportedFamilyError(
-            f"lostattn: model_type {config.model_type!r} is not supported{why}. Supported: {supported}. "
+        why = f" ({UNFIT[model_type]})" if model_type in UNFIT else ""
+        return UnsupportedFamilyError(
+            f"lostattn: {what} is not supported{why}. Supported: {supported}. "
             "To add a family, write an adapter file in lmms_lostattn/families/ (see qwen.py); lmms-eval runs it "
             "with lostattn_hf, or add one row to lmms_lostattn/model_wrappers/lmms_eval/wrappers.py for a "
             "dedicated model id (README: 'Adding a family')."
@@ -81,8 +87,11 @@ class FamilyRegistry:
     def _on_backbone(self, adapter: FamilyAdapter, config: PretrainedConfig) -> FamilyAdapter:
         """``adapter`` with the decoder-layer description (:data:`DECODER_FIELDS`) of the family that claims the
         config's language model, where that differs (a LLaVA built on Gemma 2's sandwich-norm layers, or on Phi-3's
-        fused q/k/v projection): the statistics, ``noise_delta`` and ``noise_qkv`` read the layers the model has."""
+        fused q/k/v projection): the statistics, ``noise_delta`` and ``noise_qkv`` read the layers the model has. A
+        language model of an :data:`UNFIT` family is refused."""
         text_type = config.get_text_config().model_type
+        if text_type in UNFIT:
+            raise self._unsupported(f"model_type {config.model_type!r} with a {text_type!r} language model", text_type)
         backbone = next((other for other in self.adapters() if text_type in other.model_types), None)
         if backbone is None or backbone is adapter:
             return adapter

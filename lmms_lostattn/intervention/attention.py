@@ -27,6 +27,10 @@ from lmms_lostattn.intervention.prior_hooks import prior_at
 from lmms_lostattn.intervention.prompt import InterventionError, PromptTracker
 from lmms_lostattn.intervention.selection import Selection, Selector
 
+# Attention-function arguments that change the weights in ways the edited path does not rebuild from q.k (softcap it
+# does): learned sinks (gpt-oss's s_aux), relative position biases, sparse key indices. A call passing one is refused.
+UNMODELLED_ARGUMENTS = ("s_aux", "sinks", "position_bias", "indices", "block_indices")
+
 
 def rows_of(block: torch.Tensor, needed: torch.Tensor) -> torch.Tensor:
     """Rows ``needed`` (``(Qs,)``, or ``(B, Qs)`` per sample) of a ``(B|1, H|1, Q, ...)`` block, along dim 2."""
@@ -88,6 +92,13 @@ class EditedAttention:
         selection = self.selector.selection(query.shape[2], key.shape[2], query.device)
         if selection is None:
             return passthrough(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        unmodelled = [name for name in UNMODELLED_ARGUMENTS if kwargs.get(name) is not None]
+        if unmodelled:
+            raise InterventionError(
+                f"lostattn: {type(module).__name__} passes {', '.join(unmodelled)} to its attention function, which "
+                "changes the attention weights beyond q.k (e.g. learned attention sinks); the edited path does not "
+                "model it. Use attn=noise_delta or attn=noise_qkv, or attn=none with the statistics."
+            )
         needed, out, every_row = selection.needed, None, query
         if needed is not None:
             out, base_weights = passthrough(
