@@ -176,6 +176,16 @@ def test_families_without_one_token_per_patch_are_refused(model_type: str) -> No
     adapter_for(config).check_mode(config, "gaussian")
 
 
+def test_a_llava_with_a_pixtral_tower_is_refused_the_priors() -> None:
+    """Pixtral reads images at native resolution and puts a break token after each row of patches: not one token
+    per patch of a fixed grid, though the model type is llava."""
+    config = AutoConfig.for_model("llava", vision_config={"model_type": "pixtral"})
+    with pytest.raises(SpecError, match=r"attn=complexity .* one token per patch .*llava with a pixtral tower"):
+        adapter_for(config).check_mode(config, "complexity")
+    plain = AutoConfig.for_model("llava")
+    adapter_for(plain).check_mode(plain, "complexity")  # CLIP: one token per patch
+
+
 @pytest.mark.parametrize("mode", ["vision_attention", "complexity"])
 @pytest.mark.parametrize("strategy", ["full", "default"])
 def test_a_tower_without_a_class_token_gives_every_patch_the_model_sees_its_prior(strategy: str, mode: str) -> None:

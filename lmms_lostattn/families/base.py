@@ -20,6 +20,8 @@ from lmms_lostattn.config.spec import (
 
 _VISUAL_TOKEN_ATTRS = ("image_token_id", "image_token_index", "video_token_id", "video_token_index")
 LAYER_STYLES = ("pre_norm", "sandwich", "parallel")
+#: The vision towers whose output is one token per patch of a fixed grid (the image priors' layout)
+PATCH_TOWERS = ("clip_vision_model", "siglip_vision_model")
 #: The fields that describe a decoder layer; a vision-language model takes them from its language model's family
 DECODER_FIELDS = ("layer_style", "layers", "attention", "mlp", "qkv")
 
@@ -35,8 +37,9 @@ class FamilyAdapter:
     FFN update on X + dA -> Y). ``images``: whether the family's prompts hold image tokens (False for text LLMs,
     where every token is text). ``layers``: the decoder's attribute holding its layers; ``qkv``: the query, key and
     value projections, or one fused projection (``noise_qkv`` needs them separate).
-    ``patch_prior_types``: the model types whose image tokens are one per vision patch, in the patch grid's
-    row-major order (the class token first where the config keeps it), so the image priors of
+    ``patch_prior_types``: the model types whose image tokens are one per vision patch (with a tower of
+    :data:`PATCH_TOWERS`), in the patch grid's row-major order (the class token first where the config keeps it), so
+    the image priors of
     :mod:`lmms_lostattn.intervention.priors` map onto them; ``vision_tower`` and ``vision_layers`` locate the tower
     and its encoder layers (CLIP/SigLIP-style attention).
     """
@@ -87,12 +90,16 @@ class FamilyAdapter:
                 f"lostattn: attn={mode} lays a prior over the image on the image tokens, and {config.model_type} is "
                 "a text model without them; use an attention-weight mode with attn_keys=text|all (e.g. attn=uniform)"
             )
-        if mode in PRIOR_MODES and config.model_type not in self.patch_prior_types:
+        if mode not in PRIOR_MODES:
+            return
+        tower = getattr(getattr(config, "vision_config", None), "model_type", None)
+        if config.model_type not in self.patch_prior_types or tower not in PATCH_TOWERS:
             supported = ", ".join(self.patch_prior_types) or "none in this family"
             raise SpecError(
                 f"lostattn: attn={mode} maps a prior over the vision patches onto the image tokens, which needs one "
-                f"token per patch (model types: {supported}); {config.model_type} produces its image tokens "
-                "otherwise (merged patches, tiles or pooling). Use attn=gaussian or another mode."
+                f"token per patch (model types: {supported}, with a vision tower of type {' or '.join(PATCH_TOWERS)}); "
+                f"{config.model_type} with a {tower} tower produces its image tokens otherwise (merged patches, tiles, "
+                "pooling or native resolution with row breaks). Use attn=gaussian or another mode."
             )
 
     def resolve(self, config: PretrainedConfig, spec: InterventionSpec) -> Intervention:
