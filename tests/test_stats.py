@@ -94,9 +94,11 @@ def test_noise_delta_is_measured_by_the_same_recorder(model, batch) -> None:
     torch.testing.assert_close(noisy[1][2].pow(2).mean(-1).sqrt()[real], vanilla[1][2].pow(2).mean(-1).sqrt()[real])
 
 
-@pytest.mark.parametrize("kind", ["paper", "all"])
-def test_collector_measures_each_sample_on_its_own_tokens(model, batch, kind: str) -> None:
-    config = StatsConfig(kind=kind, groups=("all", "image", "text"), max_tokens=1024)
+@pytest.mark.parametrize(("kind", "max_tokens"), [("paper", 1024), ("all", 1024), ("paper", 4)])
+def test_collector_measures_each_sample_on_its_own_tokens(model, batch, kind: str, max_tokens: int) -> None:
+    """Every layer, module and token group against :func:`module_stats` on the sample's own rows (4 tokens: the
+    cap picks the rows, below every group's count)."""
+    config = StatsConfig(kind=kind, groups=("all", "image", "text"), max_tokens=max_tokens)
     collector = StatsCollector(config, num_layers=4)
     with torch.no_grad(), intervene(model, resolve(model), adapter_for(model.config), on_layer=collector):
         model(**batch)
@@ -112,7 +114,8 @@ def test_collector_measures_each_sample_on_its_own_tokens(model, batch, kind: st
         for layer, x, d_attn, d_ffn, _ in calls:
             for module, (before, update) in {"attn": (x, d_attn), "ffn": (x + d_attn, d_ffn)}.items():
                 for group, index in rows.items():
-                    expected = module_stats(before[sample, index], update[sample, index], kind=kind)
+                    expected = module_stats(before[sample, index], update[sample, index], kind=kind,
+                                            max_tokens=max_tokens)
                     got = {m: rec["values"][module][group][m][layer] for m in expected}
                     assert got == pytest.approx(expected, rel=1e-5, abs=1e-6)
     assert set(records[0]["values"]["attn"]["all"]) == (
@@ -125,6 +128,25 @@ def test_collector_measures_each_sample_on_its_own_tokens(model, batch, kind: st
             "rid_layer",
             "delta_d_layer",
         }
+
+
+def test_stats_all_under_the_layer_reference_gives_the_ffn_against_its_own_input_too(model, batch) -> None:
+    """``stats_reference=layer`` makes the FFN's ``rid`` the layer-referenced one; ``stats=all`` then adds the RID
+    against the FFN's own input (``rid_module``), not the layer-referenced one a second time."""
+    config = StatsConfig(kind="all", groups=("all",), max_tokens=1024, reference="layer")
+    collector = StatsCollector(config, num_layers=4)
+    with torch.no_grad(), intervene(model, resolve(model), adapter_for(model.config), on_layer=collector):
+        model(**batch)
+    record_ = collector.take()[0]["values"]["ffn"]["all"]
+    assert {"rid_module", "delta_d_module"} <= set(record_) and "rid_layer" not in record_
+    first = int(batch["attention_mask"][0].argmax())
+    for layer, x, d_attn, d_ffn, _ in record(model, batch):
+        x, d_attn, d_ffn = x[0, first:], d_attn[0, first:], d_ffn[0, first:]
+        own = module_stats(x + d_attn, d_ffn, kind="all")
+        assert record_["rid_module"][layer] == pytest.approx(own["rid"], rel=1e-5, abs=1e-6)
+        assert record_["delta_d_module"][layer] == pytest.approx(own["delta_d"], rel=1e-5, abs=1e-6)
+        against_layer = rid(x, x + d_attn + d_ffn)
+        assert record_["rid"][layer] == pytest.approx(against_layer, rel=1e-5, abs=1e-6)
 
 
 def test_a_prefill_that_stopped_partway_gives_no_statistics(model, batch) -> None:

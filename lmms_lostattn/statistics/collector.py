@@ -100,8 +100,9 @@ class StatsCollector:
         kind = "all" if config.kind == "all" else "paper"  # stats=released: the paper's metrics, other definitions
         ffn_reference = before if config.reference == "layer" else None
         ffn = update_stats(after_attn, after_ffn, kind=kind, combine=config.combine, reference=ffn_reference)
-        if kind == "all":  # the FFN against the layer's input too, from the decompositions already made
-            ffn["rid_layer"], _, ffn["delta_d_layer"] = innovation(before, after_ffn, combine=config.combine)
+        if kind == "all":  # the FFN against the other reference too, from the decompositions already made
+            other, name = (after_attn, "module") if config.reference == "layer" else (before, "layer")
+            ffn[f"rid_{name}"], _, ffn[f"delta_d_{name}"] = innovation(other, after_ffn, combine=config.combine)
         return {"attn": update_stats(before, after_attn, kind=kind, combine=config.combine), "ffn": ffn}
 
     def _empty(self) -> dict[str, Any]:
