@@ -431,6 +431,15 @@ def test_tme_identical_rows_is_one(agg: str) -> None:
         assert tme(x, alpha=alpha, agg=agg) == pytest.approx(1.0, abs=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_tme_of_uniform_similarities_stays_within_one(dtype: torch.dtype) -> None:
+    """Identical rows give a uniform row of P, whose entropy / log S rounds to just above 1 for some S."""
+    for n_tokens in range(2, 40):
+        for agg in ("last", "mean"):
+            value = tme(torch.ones(n_tokens, 4, dtype=dtype), agg=agg)
+            assert 1.0 - 1e-6 < value <= 1.0, (n_tokens, agg, value)
+
+
 @pytest.mark.parametrize(("dtype", "scales"), [(torch.float32, (1e-9, 1e4, 1e-30)), (torch.float64, (1e-13, 1e200))])
 @pytest.mark.parametrize("agg", ["last", "mean"])
 def test_tme_depends_on_each_rows_direction_only(dtype: torch.dtype, scales: tuple[float, ...], agg: str) -> None:
