@@ -81,7 +81,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     repro.add_argument("-o", "--output", type=pathlib.Path, default=pathlib.Path("lostattn-reproduce"),
                        help="the runs, tables and plots (default: lostattn-reproduce); finished runs are kept")
     run = commands.add_parser("demo", help="learned vs. edited attention on the shipped trained model, with RID/MixIG")
-    run.add_argument("--output", type=pathlib.Path, default=None, help="where lmms-eval writes (default: a temp dir)")
+    run.add_argument("--output", type=pathlib.Path, default=None,
+                     help="where lmms-eval writes (default: a temp dir); a rerun redoes the run folders there")
     run.add_argument("--limit", type=_positive_int, default=None, help="documents per task and run (default: all)")
     rep = commands.add_parser(
         "report", help="per-layer plots and the paper's tables from lmms-eval or lm-eval output folders"

@@ -292,9 +292,11 @@ class InterventionSpec:
                 f"attn_keys=all (got attn_keys={self.attn_keys})"
             )
         if self.attn_scale == "scores" and (self.attn_space or _default_space(self.attn)) != "logits":
+            space = (f"got attn_space={self.attn_space}" if self.attn_space is not None
+                     else f"attn={self.attn} is in probs space unless attn_space=logits")
             raise SpecError(
                 "lostattn: attn_scale=scores rescales p to the pre-softmax scores before the blend; it needs "
-                f"attn_space=logits (attn={self.attn} is in probs space unless attn_space=logits)"
+                f"attn_space=logits ({space})"
             )
         if self.attn == "gaussian" and self.attn_sigma is not None and self.attn_dist != "normal":
             raise SpecError(
