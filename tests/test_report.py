@@ -181,6 +181,14 @@ def test_nothing_is_overwritten_without_force(capsys: pytest.CaptureFixture[str]
     assert (target / "modules.md").read_text() != "mine"
 
 
+def test_compare_refused_to_overwrite_prints_no_leaderboard(capsys: pytest.CaptureFixture[str],
+                                                            tmp_path: pathlib.Path) -> None:
+    runs = (RUNS / "none", RUNS / "gaussian")
+    assert lostattn(capsys, "compare", *runs, "-o", tmp_path)[0] == 0
+    code, out, err = lostattn(capsys, "compare", *runs, "-o", tmp_path)
+    assert code == 2 and "already exists" in err and out == ""
+
+
 # --- paired tests ------------------------------------------------------------------------------------------------
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pathlib
 from collections.abc import Sequence
 
-from lmms_lostattn.cli.outputs import table_files, write_files
+from lmms_lostattn.cli.outputs import refuse_existing, table_files, write_files
 from lmms_lostattn.reporting.html import page
 from lmms_lostattn.reporting.plots import layer_images
 from lmms_lostattn.reporting.runs import find_results, load_runs
@@ -24,7 +24,9 @@ def compare(
     base = runs[0] if baseline is not None else next((r for r in runs if r.mode == "none"), runs[0])
     table = leaderboard(runs, base)
     images = {task: pngs["png"] for task, pngs in layer_images(runs).items()}
+    files = {**table_files(output / "leaderboard", table),
+             output / "leaderboard.html": page("lostattn leaderboard", table, base, images)}
+    refuse_existing(files, force)  # before the table is printed: a refused run prints its refusal alone
     if echo:
         print(markdown(table))
-    write_files({**table_files(output / "leaderboard", table),
-            output / "leaderboard.html": page("lostattn leaderboard", table, base, images)}, force)
+    write_files(files, force)
