@@ -345,6 +345,23 @@ def test_unsupported_models_are_refused_before_loading(
         get_model(model_id)(pretrained=str(tmp_path), **_CPU, attn="gaussian")
 
 
+def test_an_adapter_registered_for_an_unfit_family_is_used() -> None:
+    """UNFIT explains why no shipped adapter claims a model type; an adapter registered for it (a third party's) wins,
+    as for a model of its own type; the language model of a vision-language model is still checked."""
+    import transformers
+
+    from lmms_lostattn.families import FAMILIES, FamilyAdapter, UnsupportedFamilyError, adapter_for
+
+    mine = FamilyAdapter(family="mine", model_types=("gpt_oss",), images=False)
+    FAMILIES.register(mine)
+    try:
+        assert adapter_for(transformers.GptOssConfig()) is mine
+    finally:
+        FAMILIES.unregister(mine)
+    with pytest.raises(UnsupportedFamilyError, match=r"'gpt_oss' is not supported \(its attention adds learned sinks"):
+        adapter_for(transformers.GptOssConfig())
+
+
 def test_lmms_eval_huggingface_fails_on_transformers_5_as_lostattn_hf_says(
     tiny_model: Callable[[str], pathlib.Path],
 ) -> None:

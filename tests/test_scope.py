@@ -279,6 +279,18 @@ def test_a_generated_image_token_is_not_an_image_key(model, processor, batch, us
     assert not tracked[:, prompt_length:].any()
 
 
+def test_a_cached_forward_of_several_positions_is_refused(model, singles) -> None:
+    """Assisted decoding (and a prompt fed in chunks) continues a cache with several positions at once: it cannot be
+    told apart from more prompt, so it is refused instead of guessed."""
+    inputs = singles[0]
+    with torch.no_grad(), intervene(model, resolve(model, attn="gaussian"), adapter_for(model.config)):
+        cache = model(**inputs, use_cache=True).past_key_values
+        more = torch.full((1, 2), model.config.image_token_id)
+        mask = torch.ones(1, inputs["input_ids"].shape[1] + 2, dtype=torch.long)
+        with pytest.raises(InterventionError, match=r"cached forward of 2 new positions.*assisted decoding"):
+            model(input_ids=more, attention_mask=mask, past_key_values=cache, use_cache=True)
+
+
 @pytest.mark.parametrize("extension", [1, 4], ids=["one-token-longer", "four-tokens-longer"])
 def test_a_forward_extending_the_last_prompt_is_a_new_prompt(model, singles, extension: int) -> None:
     """Scoring a longer option right after a shorter one in the same scope (the direct API, no ``set_samples``)

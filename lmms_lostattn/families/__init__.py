@@ -90,7 +90,7 @@ class FamilyRegistry:
         fused q/k/v projection): the statistics, ``noise_delta`` and ``noise_qkv`` read the layers the model has. A
         language model of an :data:`UNFIT` family is refused."""
         text_type = config.get_text_config().model_type
-        if text_type in UNFIT:
+        if text_type in UNFIT and text_type != config.model_type:
             raise self._unsupported(f"model_type {config.model_type!r} with a {text_type!r} language model", text_type)
         backbone = next((other for other in self.adapters() if text_type in other.model_types), None)
         if backbone is None or backbone is adapter:

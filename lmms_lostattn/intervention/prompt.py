@@ -4,9 +4,9 @@ sample's identity for the random draws, through prefill and cached decoding.
 A :class:`PromptTracker` sees every top-level forward (its :meth:`~PromptTracker.track` runs in a forward pre-hook):
 a forward without a KV cache starts a new prompt (or, without a cache, recomputes the last one grown by the
 generated tokens); a cached decoding step grows the tracked prompt by its new positions. The cache is read through
-:func:`lmms_lostattn.compat.internals.forward_cache`; a decoding step it cannot place is an error. A generated token
-(a one-position decoding step, or the token a recomputation adds) is text even where its id is an image token's: the
-model embeds it as a token, with no image behind it.
+:func:`lmms_lostattn.compat.internals.forward_cache`; a decoding step it cannot place is an error, and so is a cached
+forward of several positions (a prompt in chunks, assisted decoding). A generated token is text even where its id is
+an image token's: the model embeds it as a token, with no image behind it.
 """
 
 from __future__ import annotations
@@ -162,10 +162,13 @@ class PromptTracker:
                     "the KV cache given to a decoding step",
                     f"it to hold the {state.length} positions the scope has seen, it holds {cached}",
                 )
-            if input_ids.shape[1] == 1:  # a decoding step: the token was generated
-                state.is_visual = self._generated(state, 1)
-            else:  # more of a prompt (a chunked prefill): its image tokens are the image's
-                state.is_visual = torch.cat([state.is_visual, self._visual(input_ids)], dim=1)
+            if input_ids.shape[1] != 1:
+                raise InterventionError(
+                    f"lostattn: a cached forward of {input_ids.shape[1]} new positions (a prompt fed in chunks, e.g. "
+                    "prefill_chunk_size, or assisted decoding: prompt_lookup_num_tokens, assistant_model) is not "
+                    "supported; the plugin tracks one forward of the whole prompt, then one generated token per step"
+                )
+            state.is_visual = self._generated(state, 1)
         elif cache is None and state is not None and self._recomputes(state, input_ids, kwargs):
             state.is_visual = self._generated(state, 1)
         else:
