@@ -652,6 +652,71 @@ def test_groups_pool_their_tasks_documents_and_uncovered_documents_are_counted()
     assert results["lostattn"]["tasks"]["t1"]["samples"] == 2
 
 
+class _Scorer:
+    """The least an lm-eval model needs under ``CachingLM``: a cache hook and ``loglikelihood``."""
+
+    world_size = 1
+
+    def set_cache_hook(self, hook: object) -> None:
+        self.hook = hook
+
+    def loglikelihood(self, requests: list) -> list[tuple[float, bool]]:
+        return [(-1.0, False)] * len(requests)
+
+    loglikelihood_rolling = generate_until = loglikelihood
+
+
+def _caching_run(tmp_path: pathlib.Path, mode: str):
+    from lm_eval.api.model import CachingLM
+
+    from lmms_lostattn.config.spec import Intervention, StatsConfig
+    from lmms_lostattn.model_wrappers.common.plugin import RunRecords
+
+    return CachingLM(_Scorer(), str(tmp_path / "cache.db")), RunRecords("m", "lm_eval", Intervention(mode),
+                                                                         StatsConfig(kind="paper"))
+
+
+@pytest.mark.parametrize("mode", ["gaussian", "shuffle", "noise_delta"])
+def test_use_cache_is_refused_where_draws_are_keyed_by_the_document(tmp_path: pathlib.Path, mode: str) -> None:
+    """lm-eval keys a cached response by the request alone: two documents sending one request would share it."""
+    from lmms_lostattn.config.spec import SpecError
+    from lmms_lostattn.model_wrappers.lm_eval.reporting import check_response_cache
+
+    caching, run = _caching_run(tmp_path, mode)
+    with pytest.raises(SpecError, match=rf"--use_cache with attn={mode}.*keyed by the document"):
+        check_response_cache(caching, run)
+    caching, run = _caching_run(tmp_path / "fixed", "uniform")
+    check_response_cache(caching, run)  # a pattern that is the same for every document may reuse responses
+
+
+def test_a_document_answered_from_the_cache_in_part_gets_no_statistics(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An interrupted run resumed with ``--use_cache``: one of document 0's two options was cached, so the rows the
+    model ran cover half of it; document 1 ran whole and keeps its statistics."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.api.model import hash_args
+
+    from lmms_lostattn.model_wrappers.lm_eval import reporting
+
+    caching, run = _caching_run(tmp_path, "none")
+    requests = [Instance("loglikelihood", {}, (f"context {doc_id}", f" option {index}"), index, ("t", doc_id, 1))
+                for doc_id in (0, 1) for index in (0, 1)]
+    caching.dbdict[hash_args("loglikelihood", requests[1].args)] = (-2.0, True)
+
+    def evaluate(lm, samples=None):
+        answers = lm.loglikelihood(requests)
+        for doc_id in (0, 1):  # what the model records for the rows it runs
+            run.records["t", doc_id].append(_record([0.5]))
+        return {"results": {"t": {}}, "answers": answers}
+
+    monkeypatch.setattr(reporting, "run_of", lambda model: run if isinstance(model, _Scorer) else None)
+    results = reporting._evaluate(evaluate, caching)
+    assert results["answers"][1] == (-2.0, True) and results["answers"][0] == (-1.0, False)
+    assert set(run.records) == {("t", 1)} and results["results"]["t"]["lostattn_samples,none"] == 1
+    assert "loglikelihood" not in vars(caching)  # the cache's own method again
+
+
 COLOR_LIMIT = 40  # lostattn_shapes_color rows: five colours, chance 0.2
 
 

@@ -107,6 +107,12 @@ class Intervention:
         return self.mode in WEIGHT_MODES
 
     @property
+    def draws_per_document(self) -> bool:
+        """Whether a request's outcome depends on its document's identity, not only on its text: the random draws
+        (Gaussian patterns, shuffles, noise updates) are keyed by the document."""
+        return self.mode in ("gaussian", "shuffle", "noise_delta")
+
+    @property
     def edits_rows(self) -> bool:
         """Whether the mode edits the query rows ``attn_rows`` picks (the attention-weight modes and noise_delta)."""
         return "attn_rows" in _USES[self.mode]

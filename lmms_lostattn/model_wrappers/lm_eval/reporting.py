@@ -15,19 +15,22 @@ lm-eval's response cache around one). On the results it returns
   too, with no tasks, so that every result carries its spec hash.
 
 Before the requests run it checks the ``--use_cache`` database, if any (:func:`check_response_cache`): lm-eval keys
-cached responses by request only, so a cache written under another intervention would answer this run's requests;
-and it reads ``--samples`` (:func:`selection`), by which the requests of chosen documents are numbered.
+cached responses by request only, so a cache written under another intervention would answer this run's requests,
+and one written under draws keyed by the document would answer a document with another's response; and it reads
+``--samples`` (:func:`selection`), by which the requests of chosen documents are numbered. While they run, it notes
+the documents answered from the cache, in part or whole (:func:`cached_documents`): they get no statistics.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from lm_eval.api.metrics import mean, mean_stderr
-from lm_eval.api.model import CachingLM
+from lm_eval.api.model import CachingLM, hash_args
 from loguru import logger
 
 from lmms_lostattn.config.spec import SpecError
@@ -120,6 +123,13 @@ def check_response_cache(lm: Any, run: RunRecords) -> None:
     the unedited model's, which only ``attn=none`` may reuse. A refusal is a :class:`SpecError` (exit 2)."""
     if not isinstance(lm, CachingLM):
         return
+    if run.intervention.draws_per_document:
+        raise SpecError(
+            f"lostattn: --use_cache with attn={run.intervention.mode}: lm-eval keys a cached response by its request "
+            "alone, and this intervention's draws are keyed by the document, so two documents that send the same "
+            "request (a shared context and option) would be answered with one document's response on a rerun. Run "
+            "it without --use_cache"
+        )
     database, wanted = lm.dbdict, run.intervention.to_dict()
     marked = database.get(CACHE_MARK)
     if marked is None and len(database) and run.intervention.mode != "none":
@@ -138,6 +148,40 @@ def check_response_cache(lm: Any, run: RunRecords) -> None:
     if marked is None:
         database[CACHE_MARK] = wanted
         database.commit()
+
+
+REQUEST_METHODS = ("loglikelihood", "loglikelihood_rolling", "generate_until")  # what CachingLM answers from its table
+
+
+@contextmanager
+def cached_documents(lm: Any, run: RunRecords) -> Iterator[set[tuple[str, Any]]]:
+    """The documents of which ``lm`` (lm-eval's :class:`CachingLM`, else nothing is found) answers at least one
+    request from its table, filled while the block runs. Such a document's statistics, where some of its requests ran,
+    cover only those: the caller drops them (an interrupted run resumed from the cache leaves documents half cached)."""
+    found: set[tuple[str, Any]] = set()
+    if not isinstance(lm, CachingLM):
+        yield found
+        return
+
+    def noting(method: str) -> Any:
+        answer = getattr(lm, method)  # CachingLM.__getattr__'s function for it
+
+        def answered(requests: list[Any]) -> Any:
+            for request in requests:
+                sampled = method == "generate_until" and request.args[1].get("do_sample", False)  # never cached
+                if not sampled and hash_args(method, request.args) in lm.dbdict:
+                    found.add((request.task_name, run.document_id(request.task_name, request.doc_id)))
+            return answer(requests)
+
+        return answered
+
+    for method in REQUEST_METHODS:
+        setattr(lm, method, noting(method))
+    try:
+        yield found
+    finally:
+        for method in REQUEST_METHODS:
+            delattr(lm, method)
 
 
 def selection(samples: dict[str, list[int]] | None) -> dict[str, list[int]]:
@@ -188,7 +232,10 @@ def _evaluate(original: Any, *args: Any, **kwargs: Any) -> Any:
     check_response_cache(lm, run)
     run.records.clear()  # a model object may serve several evaluations (lm-eval's Python API)
     run.selected = selection(argument(original, "samples", args, kwargs))
-    results = original(*args, **kwargs)
+    with cached_documents(lm, run) as cached:
+        results = original(*args, **kwargs)
+    for document in cached:  # their statistics would cover only the requests that were not cached
+        run.records.pop(document, None)
     if run.stats.kind != "none":
         gather_records(run, lm.world_size)
     if results is not None:
