@@ -585,16 +585,16 @@ def test_a_response_cache_of_another_intervention_is_refused(tmp_path: pathlib.P
         intervention = InterventionSpec.from_model_args(args).resolve(4, 4)
         return RunRecords("m", "lm_eval", intervention, StatsConfig(kind="paper"))
 
-    uniform, gaussian = {"attn": "uniform", "attn_keys": "all"}, {"attn": "gaussian", "attn_keys": "all"}
+    uniform, knockout = {"attn": "uniform", "attn_keys": "all"}, {"attn": "knockout", "attn_keys": "all"}
     check_response_cache(cache("new.db"), run(**uniform))
     check_response_cache(cache("new.db"), run(**uniform))
-    for other in ({"attn": "none"}, gaussian, {**uniform, "attn_layers": "1"}):
+    for other in ({"attn": "none"}, knockout, {**uniform, "attn_layers": "1"}):
         with pytest.raises(SpecError, match=r"new\.db holds responses computed under the intervention"):
             check_response_cache(cache("new.db"), run(**other))
     plain = cache("plain.db")
     plain.dbdict["0" * 64] = (-1.5, True)  # a response plain hf cached
-    with pytest.raises(SpecError, match=r"1 responses written without lostattn .*attn=gaussian"):
-        check_response_cache(plain, run(**gaussian))
+    with pytest.raises(SpecError, match=r"1 responses written without lostattn .*attn=knockout"):
+        check_response_cache(plain, run(**knockout))
     check_response_cache(plain, run(attn="none"))
     with pytest.raises(SpecError, match="computed under the intervention"):
         check_response_cache(cache("plain.db"), run(**uniform))
