@@ -574,12 +574,8 @@ def test_a_response_cache_of_another_intervention_is_refused(tmp_path: pathlib.P
     from lmms_lostattn.model_wrappers.common.plugin import RunRecords
     from lmms_lostattn.model_wrappers.lm_eval.reporting import _evaluate, check_response_cache
 
-    class Unwrapped:
-        def set_cache_hook(self, hook: object) -> None:
-            pass
-
     def cache(name: str) -> CachingLM:
-        return CachingLM(Unwrapped(), str(tmp_path / name))  # type: ignore[arg-type]
+        return CachingLM(_Scorer(), str(tmp_path / name))  # type: ignore[arg-type]
 
     def run(**args: str) -> RunRecords:
         intervention = InterventionSpec.from_model_args(args).resolve(4, 4)
@@ -653,7 +649,7 @@ def test_groups_pool_their_tasks_documents_and_uncovered_documents_are_counted()
 
 
 class _Scorer:
-    """The least an lm-eval model needs under ``CachingLM``: a cache hook and ``loglikelihood``."""
+    """The least an lm-eval model needs under ``CachingLM``: a cache hook and the request methods."""
 
     world_size = 1
 

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 from lm_eval.api.metrics import mean, mean_stderr
-from lm_eval.api.model import CachingLM, hash_args
+from lm_eval.api.model import CachingLM
 from loguru import logger
 
 from lmms_lostattn.config.spec import SpecError
@@ -156,32 +156,36 @@ REQUEST_METHODS = ("loglikelihood", "loglikelihood_rolling", "generate_until")  
 @contextmanager
 def cached_documents(lm: Any, run: RunRecords) -> Iterator[set[tuple[str, Any]]]:
     """The documents of which ``lm`` (lm-eval's :class:`CachingLM`, else nothing is found) answers at least one
-    request from its table, filled while the block runs. Such a document's statistics, where some of its requests ran,
-    cover only those: the caller drops them (an interrupted run resumed from the cache leaves documents half cached)."""
+    request from its table, found once the block has run: the requests it was asked that never reached the model
+    inside it. Such a document's statistics, where some of its requests ran, cover only those: the caller drops them
+    (an interrupted run resumed from the cache leaves documents half cached)."""
     found: set[tuple[str, Any]] = set()
     if not isinstance(lm, CachingLM):
         yield found
         return
+    asked: dict[int, Any] = {}
+    ran: set[int] = set()
 
-    def noting(method: str) -> Any:
-        answer = getattr(lm, method)  # CachingLM.__getattr__'s function for it
+    def noting(owner: Any, method: str, seen: Any) -> None:
+        answer = getattr(owner, method)  # for the cache, CachingLM.__getattr__'s function for it
 
         def answered(requests: list[Any]) -> Any:
-            for request in requests:
-                sampled = method == "generate_until" and request.args[1].get("do_sample", False)  # never cached
-                if not sampled and hash_args(method, request.args) in lm.dbdict:
-                    found.add((request.task_name, run.document_id(request.task_name, request.doc_id)))
+            seen(requests)
             return answer(requests)
 
-        return answered
+        setattr(owner, method, answered)
 
     for method in REQUEST_METHODS:
-        setattr(lm, method, noting(method))
+        noting(lm.lm, method, lambda requests: ran.update(map(id, requests)))
+        noting(lm, method, lambda requests: asked.update((id(request), request) for request in requests))
     try:
         yield found
     finally:
         for method in REQUEST_METHODS:
             delattr(lm, method)
+            delattr(lm.lm, method)
+    found.update((request.task_name, run.document_id(request.task_name, request.doc_id))
+                 for key, request in asked.items() if key not in ran)
 
 
 def selection(samples: dict[str, list[int]] | None) -> dict[str, list[int]]:
