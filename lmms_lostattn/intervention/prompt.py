@@ -168,23 +168,19 @@ class PromptTracker:
                     "prefill_chunk_size, or assisted decoding: prompt_lookup_num_tokens, assistant_model) is not "
                     "supported; the plugin tracks one forward of the whole prompt, then one generated token per step"
                 )
-            state.is_visual = self._generated(state, 1)
+            state.is_visual = self._generated(state)
         elif cache is None and state is not None and self._recomputes(state, input_ids, kwargs):
-            state.is_visual = self._generated(state, 1)
+            state.is_visual = self._generated(state)
         else:
             refuse_hidden_cache(kwargs.get("position_ids"))
-            self.state = self._new_prompt(
-                input_ids, self._visual(input_ids), kwargs.get("attention_mask"), kwargs.get("labels")
-            )
+            is_visual = torch.isin(input_ids, self.visual_ids.to(input_ids.device))
+            self.state = self._new_prompt(input_ids, is_visual, kwargs.get("attention_mask"), kwargs.get("labels"))
             self.prefill = True
 
-    def _visual(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return torch.isin(input_ids, self.visual_ids.to(input_ids.device))
-
     @staticmethod
-    def _generated(state: PromptState, count: int) -> torch.Tensor:
-        """The visual flags grown by ``count`` generated positions, none of them visual."""
-        new = torch.zeros(state.is_visual.shape[0], count, dtype=torch.bool, device=state.is_visual.device)
+    def _generated(state: PromptState) -> torch.Tensor:
+        """The visual flags grown by one generated position, which is not visual."""
+        new = torch.zeros(state.is_visual.shape[0], 1, dtype=torch.bool, device=state.is_visual.device)
         return torch.cat([state.is_visual, new], dim=1)
 
     @staticmethod
